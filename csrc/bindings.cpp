@@ -1,0 +1,342 @@
+// The only C++ file that sees torch: checks tensors, turns them into pointers, sizes and
+// strides, calls the torch-free kernels (csrc/core, csrc/cpu, csrc/kernels, csrc/comm).
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "core/error.h"
+#include "core/layout.h"
+#include "core/row_format.h"
+#include "cpu/token_ops.h"
+#if defined(MOE_COMM_WITH_CUDA)
+#include "kernels/launchers.h"
+#endif
+#if defined(MOE_COMM_WITH_NCCL)
+#include "comm/nccl_info.h"
+#endif
+
+namespace py = pybind11;
+using torch::Tensor;
+
+namespace moe_comm {
+namespace {
+
+DType to_dtype(c10::ScalarType t, const char* name) {
+  switch (t) {
+    case torch::kFloat32: return DType::kFloat32;
+    case torch::kBFloat16: return DType::kBFloat16;
+    case torch::kFloat16: return DType::kFloat16;
+    default: break;
+  }
+  MOE_HOST_ASSERT(false, name << " must be float32, bfloat16 or float16, got " << t);
+  return DType::kFloat32;  // unreachable
+}
+
+void expect_cpu(const Tensor& t, const char* name) {
+  MOE_HOST_ASSERT(t.device().is_cpu(), name << " must be a CPU tensor, got " << t.device());
+}
+
+void expect(const Tensor& t, const char* name, c10::ScalarType dtype, int64_t dim) {
+  expect_cpu(t, name);
+  MOE_HOST_ASSERT(t.scalar_type() == dtype, name << " must be " << dtype << ", got " << t.scalar_type());
+  MOE_HOST_ASSERT(t.dim() == dim, name << " must have " << dim << " dims, got " << t.dim());
+  MOE_HOST_ASSERT(t.is_contiguous(), name << " must be contiguous");
+}
+
+// A 2-D row view: unit stride inside a row, any stride between rows (a view into packed rows).
+struct RowView {
+  uint8_t* data;
+  int64_t stride_bytes;
+  int64_t rows;
+  int64_t cols;
+  DType dtype;
+};
+
+RowView row_view(const Tensor& t, const char* name) {
+  expect_cpu(t, name);
+  MOE_HOST_ASSERT(t.dim() == 2, name << " must be 2-D, got " << t.dim() << " dims");
+  MOE_HOST_ASSERT(t.size(1) <= 1 || t.stride(1) == 1, name << " rows must be contiguous");
+  return {static_cast<uint8_t*>(t.data_ptr()), t.stride(0) * int64_t(t.element_size()), t.size(0),
+          t.size(1), to_dtype(t.scalar_type(), name)};
+}
+
+Routing routing_of(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks) {
+  expect(topk_idx, "topk_idx", torch::kInt64, 2);
+  MOE_HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0,
+                  "num_experts " << num_experts << " must be divisible by the group size " << num_ranks);
+  Routing r;
+  r.topk_idx = topk_idx.data_ptr<int64_t>();
+  r.num_tokens = topk_idx.size(0);
+  r.topk = topk_idx.size(1);
+  r.num_experts = num_experts;
+  r.num_ranks = num_ranks;
+  return r;
+}
+
+const float* optional_weights(const std::optional<Tensor>& w, int64_t rows, int64_t topk, const char* name) {
+  if (!w) return nullptr;
+  expect(*w, name, torch::kFloat32, 2);
+  MOE_HOST_ASSERT(w->size(0) == rows && w->size(1) == topk,
+                  name << " must be [" << rows << ", " << topk << "], got " << w->sizes());
+  return w->data_ptr<float>();
+}
+
+py::tuple row_format(int64_t hidden, int64_t elem_size, int64_t topk, int64_t meta_bytes_per_slot) {
+  const RowFormat f = make_row_format(hidden, elem_size, topk, meta_bytes_per_slot);
+  return py::make_tuple(f.payload_bytes, f.meta_offset, f.meta_bytes, f.row_bytes);
+}
+
+py::tuple check_routing(const Tensor& topk_idx, int64_t num_experts) {
+  const RoutingProblem p = find_routing_problem(routing_of(topk_idx, num_experts, 1));
+  return py::make_tuple(static_cast<int>(p.kind), p.token, p.slot, p.value);
+}
+
+// -> tokens_per_rank [W], pairs_per_expert [E], send_offsets [W + 1], send_token [n_send],
+//    pair_slot [T, K], first_slot [T, K]
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> plan_send(const Tensor& topk_idx,
+                                                                     int64_t num_experts,
+                                                                     int64_t num_ranks) {
+  const Routing r = routing_of(topk_idx, num_experts, num_ranks);
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  Tensor tokens_per_rank = torch::empty({num_ranks}, i64);
+  Tensor pairs_per_expert = torch::empty({num_experts}, i64);
+  count_layout(r, tokens_per_rank.data_ptr<int64_t>(), pairs_per_expert.data_ptr<int64_t>());
+  Tensor send_offsets = torch::zeros({num_ranks + 1}, i64);
+  send_offsets.slice(0, 1).copy_(tokens_per_rank.cumsum(0));
+  const int64_t num_send = send_offsets[num_ranks].item<int64_t>();
+  Tensor send_token = torch::empty({num_send}, i64);
+  Tensor pair_slot = torch::empty({r.num_tokens, r.topk}, i64);
+  Tensor first_slot = torch::empty({r.num_tokens, r.topk}, i64);
+  fill_send_plan(r, send_offsets.data_ptr<int64_t>(), send_token.data_ptr<int64_t>(),
+                 pair_slot.data_ptr<int64_t>(), first_slot.data_ptr<int64_t>());
+  return {tokens_per_rank, pairs_per_expert, send_offsets, send_token, pair_slot, first_slot};
+}
+
+// Packs src rows (one per send slot) into a uint8 [n_send, row_bytes] buffer; with topk_idx
+// the dispatch SlotMeta block follows each payload.
+Tensor pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
+                 const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
+                 int64_t experts_per_rank) {
+  const RowView in = row_view(src, "src");
+  expect(send_token, "send_token", torch::kInt64, 1);
+  expect(send_offsets, "send_offsets", torch::kInt64, 1);
+  const int64_t num_ranks = send_offsets.size(0) - 1;
+  const int64_t num_rows = send_token.size(0);
+  MOE_HOST_ASSERT(send_offsets[num_ranks].item<int64_t>() == num_rows,
+                  "send_offsets end at " << send_offsets[num_ranks].item<int64_t>() << ", not " << num_rows);
+  cpu::PackParams p;
+  if (topk_idx) {
+    expect(*topk_idx, "topk_idx", torch::kInt64, 2);
+    MOE_HOST_ASSERT(topk_idx->size(0) == in.rows, "topk_idx has " << topk_idx->size(0)
+                                                      << " rows, src has " << in.rows);
+    p.topk_idx = topk_idx->data_ptr<int64_t>();
+    p.topk = topk_idx->size(1);
+    p.topk_weights = optional_weights(topk_weights, in.rows, p.topk, "topk_weights");
+  }
+  p.fmt = make_row_format(in.cols, dtype_size(in.dtype), p.topk, sizeof(SlotMeta));
+  Tensor out = torch::empty({num_rows, p.fmt.row_bytes}, torch::TensorOptions().dtype(torch::kUInt8));
+  p.src = in.data;
+  p.src_stride = in.stride_bytes;
+  p.send_token = send_token.data_ptr<int64_t>();
+  p.send_offsets = send_offsets.data_ptr<int64_t>();
+  p.num_ranks = num_ranks;
+  p.dst = out.data_ptr<uint8_t>();
+  p.experts_per_rank = experts_per_rank;
+  for (int64_t j = 0; j < num_rows; ++j) {
+    MOE_HOST_ASSERT(p.send_token[j] >= 0 && p.send_token[j] < in.rows, "send_token[" << j << "] out of range");
+  }
+  cpu::pack_rows(p);
+  return out;
+}
+
+// Receiver side of dispatch: -> recv_x [R, H], recv_weights [R], tokens_per_expert [E_local],
+//    row_map [N, K], slot_weights [N, K]
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows(const Tensor& rows, int64_t hidden,
+                                                              c10::ScalarType dtype, int64_t topk,
+                                                              int64_t experts_per_rank) {
+  expect(rows, "rows", torch::kUInt8, 2);
+  const DType dt = to_dtype(dtype, "dtype");
+  cpu::ExpandPlanParams plan;
+  plan.fmt = make_row_format(hidden, dtype_size(dt), topk, sizeof(SlotMeta));
+  MOE_HOST_ASSERT(rows.size(1) == plan.fmt.row_bytes,
+                  "rows are " << rows.size(1) << " bytes wide, expected " << plan.fmt.row_bytes);
+  plan.rows = rows.data_ptr<uint8_t>();
+  plan.num_rows = rows.size(0);
+  plan.topk = topk;
+  plan.experts_per_rank = experts_per_rank;
+
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  Tensor tokens_per_expert = torch::empty({experts_per_rank}, i64);
+  cpu::count_recv_experts(plan, tokens_per_expert.data_ptr<int64_t>());
+  Tensor expert_offsets = torch::zeros({experts_per_rank + 1}, i64);
+  expert_offsets.slice(0, 1).copy_(tokens_per_expert.cumsum(0));
+  const int64_t total = expert_offsets[experts_per_rank].item<int64_t>();
+
+  Tensor recv_x = torch::empty({total, hidden}, torch::TensorOptions().dtype(dtype));
+  Tensor recv_weights = torch::empty({total}, torch::TensorOptions().dtype(torch::kFloat32));
+  Tensor row_map = torch::empty({plan.num_rows, topk}, i64);
+  Tensor slot_weights = torch::empty({plan.num_rows, topk}, torch::TensorOptions().dtype(torch::kFloat32));
+  cpu::fill_expand_plan(plan, expert_offsets.data_ptr<int64_t>(), row_map.data_ptr<int64_t>(),
+                        slot_weights.data_ptr<float>(), recv_weights.data_ptr<float>());
+
+  cpu::ScatterParams s;
+  s.src = plan.rows;
+  s.src_stride = plan.fmt.row_bytes;
+  s.num_src = plan.num_rows;
+  s.row_map = row_map.data_ptr<int64_t>();
+  s.topk = topk;
+  s.hidden = hidden;
+  s.dtype = dt;
+  s.dst = static_cast<uint8_t*>(recv_x.data_ptr());
+  s.dst_stride = hidden * dtype_size(dt);
+  cpu::scatter_rows(s);
+  return {recv_x, recv_weights, tokens_per_expert, row_map, slot_weights};
+}
+
+void check_map(const Tensor& map, int64_t rows, const char* name) {
+  expect(map, name, torch::kInt64, 2);
+  MOE_HOST_ASSERT(map.size(0) == rows, name << " has " << map.size(0) << " rows, expected " << rows);
+}
+
+void check_map_targets(const Tensor& map, int64_t target_rows, const char* name) {
+  if (map.numel() == 0) return;
+  MOE_HOST_ASSERT(map.max().item<int64_t>() < target_rows,
+                  name << " points past the " << target_rows << " rows it indexes");
+}
+
+// dst[row_map[i, k]] = weights[i, k] * src[i]   (dst: [R, H], every row written once)
+void scatter_rows(const Tensor& src, const Tensor& row_map, const std::optional<Tensor>& weights,
+                  const Tensor& dst) {
+  const RowView in = row_view(src, "src");
+  const RowView out = row_view(dst, "dst");
+  check_map(row_map, in.rows, "row_map");
+  check_map_targets(row_map, out.rows, "row_map");
+  MOE_HOST_ASSERT(in.dtype == out.dtype && in.cols == out.cols, "src and dst rows must match");
+  cpu::ScatterParams p;
+  p.src = in.data;
+  p.src_stride = in.stride_bytes;
+  p.num_src = in.rows;
+  p.row_map = row_map.data_ptr<int64_t>();
+  p.topk = row_map.size(1);
+  p.weights = optional_weights(weights, in.rows, p.topk, "weights");
+  p.hidden = in.cols;
+  p.dtype = in.dtype;
+  p.dst = out.data;
+  p.dst_stride = out.stride_bytes;
+  cpu::scatter_rows(p);
+}
+
+// dst[i] = sum_k weights[i, k] * src[map[i, k]]   (float32 accumulation)
+void reduce_rows(const Tensor& src, const Tensor& map, const std::optional<Tensor>& weights,
+                 const Tensor& dst) {
+  const RowView in = row_view(src, "src");
+  const RowView out = row_view(dst, "dst");
+  check_map(map, out.rows, "map");
+  check_map_targets(map, in.rows, "map");
+  MOE_HOST_ASSERT(in.cols == out.cols, "src has " << in.cols << " columns, dst " << out.cols);
+  cpu::ReduceParams p;
+  p.src = in.data;
+  p.src_stride = in.stride_bytes;
+  p.src_dtype = in.dtype;
+  p.map = map.data_ptr<int64_t>();
+  p.num_out = out.rows;
+  p.topk = map.size(1);
+  p.weights = optional_weights(weights, out.rows, p.topk, "weights");
+  p.hidden = in.cols;
+  p.dst = out.data;
+  p.dst_stride = out.stride_bytes;
+  p.dst_dtype = out.dtype;
+  cpu::reduce_rows(p);
+}
+
+// -> [N, K] float32: dot(a[i], b[map[i, k]])
+Tensor row_dots(const Tensor& a, const Tensor& b, const Tensor& map) {
+  const RowView va = row_view(a, "a");
+  const RowView vb = row_view(b, "b");
+  check_map(map, va.rows, "map");
+  check_map_targets(map, vb.rows, "map");
+  MOE_HOST_ASSERT(va.cols == vb.cols, "a has " << va.cols << " columns, b " << vb.cols);
+  Tensor out = torch::empty({va.rows, map.size(1)}, torch::TensorOptions().dtype(torch::kFloat32));
+  cpu::DotParams p;
+  p.a = va.data;
+  p.a_stride = va.stride_bytes;
+  p.a_dtype = va.dtype;
+  p.b = vb.data;
+  p.b_stride = vb.stride_bytes;
+  p.b_dtype = vb.dtype;
+  p.map = map.data_ptr<int64_t>();
+  p.num_rows = va.rows;
+  p.topk = map.size(1);
+  p.hidden = va.cols;
+  p.out = out.data_ptr<float>();
+  cpu::row_dots(p);
+  return out;
+}
+
+#if defined(MOE_COMM_WITH_CUDA)
+// -> tokens_per_rank [W], pairs_per_expert [E], token_in_rank [T, W] bool, on topk_idx's device
+std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int64_t num_experts,
+                                                     int64_t num_ranks, int64_t stream) {
+  MOE_HOST_ASSERT(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor, got " << topk_idx.device());
+  MOE_HOST_ASSERT(topk_idx.scalar_type() == torch::kInt64 && topk_idx.dim() == 2 && topk_idx.is_contiguous(),
+                  "topk_idx must be a contiguous 2-D int64 tensor");
+  MOE_HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0,
+                  "num_experts " << num_experts << " must be divisible by the group size " << num_ranks);
+  auto on = topk_idx.options();
+  Tensor tokens_per_rank = torch::empty({num_ranks}, on);
+  Tensor pairs_per_expert = torch::empty({num_experts}, on);
+  Tensor token_in_rank = torch::empty({topk_idx.size(0), num_ranks}, on.dtype(torch::kBool));
+  cuda::LayoutKernelParams p;
+  p.topk_idx = topk_idx.data_ptr<int64_t>();
+  p.num_tokens = topk_idx.size(0);
+  p.topk = topk_idx.size(1);
+  p.num_experts = num_experts;
+  p.num_ranks = num_ranks;
+  p.tokens_per_rank = tokens_per_rank.data_ptr<int64_t>();
+  p.pairs_per_expert = pairs_per_expert.data_ptr<int64_t>();
+  p.token_in_rank = token_in_rank.data_ptr<bool>();
+  MOE_CUDA_CHECK(cuda::launch_count_layout(p, reinterpret_cast<cudaStream_t>(stream)));
+  return {tokens_per_rank, pairs_per_expert, token_in_rank};
+}
+#endif
+
+py::dict native_build_info() {
+  py::dict info;
+#if defined(MOE_COMM_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_archs_compiled"] = std::string(MOE_COMM_CUDA_ARCHS);
+  info["cuda_runtime"] = cuda::runtime_version();
+#else
+  info["cuda"] = false;
+  info["cuda_archs_compiled"] = std::string();
+  info["cuda_runtime"] = py::none();
+#endif
+#if defined(MOE_COMM_WITH_NCCL)
+  info["nccl"] = comm::nccl_version_string();
+#else
+  info["nccl"] = py::none();
+#endif
+  return info;
+}
+
+}  // namespace
+}  // namespace moe_comm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace moe_comm;
+  py::register_exception<Error>(m, "NativeError", PyExc_RuntimeError);
+  m.def("native_build_info", &native_build_info);
+  m.def("row_format", &row_format, "(payload_bytes, meta_offset, meta_bytes, row_bytes)");
+  m.def("check_routing", &check_routing);
+  m.def("plan_send", &plan_send);
+  m.def("pack_rows", &pack_rows);
+  m.def("expand_rows", &expand_rows);
+  m.def("scatter_rows", &scatter_rows);
+  m.def("reduce_rows", &reduce_rows);
+  m.def("row_dots", &row_dots);
+#if defined(MOE_COMM_WITH_CUDA)
+  m.def("count_layout_cuda", &count_layout_cuda);
+#endif
+}

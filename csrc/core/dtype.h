@@ -1,0 +1,87 @@
+// Element types the token kernels handle, and exact float <-> bf16/fp16 conversion on the host
+// (round to nearest even, as torch does), so the CPU path needs no torch headers.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace moe_comm {
+
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+inline int64_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  if (mant == 0) return bits_float(sign);
+  // Subnormal: value = mant * 2^-24, exact in float.
+  const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+  return sign ? -v : v;
+}
+
+inline uint16_t float_to_fp16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                        // below 2^-14: subnormal or zero
+    // Scale so that one fp16 subnormal ulp (2^-24) becomes 1.0, then round to nearest even
+    // with the float unit (exact: the scaled value has far fewer than 24 significant bits
+    // above the rounding point).
+    const float scaled = bits_float(abs) * 16777216.0f;  // 2^24
+    uint32_t m = static_cast<uint32_t>(scaled);
+    const float rem = scaled - static_cast<float>(m);
+    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
+    return sign | static_cast<uint16_t>(m);
+  }
+  // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
+  uint32_t v = abs - (112u << 23);
+  v += 0xfffu + ((v >> 13) & 1u);
+  return sign | static_cast<uint16_t>(v >> 13);
+}
+
+// Typed load/store of one element as float.
+template <DType T> struct Elem;
+template <> struct Elem<DType::kFloat32> {
+  using Storage = float;
+  static float load(Storage v) { return v; }
+  static Storage store(float f) { return f; }
+};
+template <> struct Elem<DType::kBFloat16> {
+  using Storage = uint16_t;
+  static float load(Storage v) { return bf16_to_float(v); }
+  static Storage store(float f) { return float_to_bf16(f); }
+};
+template <> struct Elem<DType::kFloat16> {
+  using Storage = uint16_t;
+  static float load(Storage v) { return fp16_to_float(v); }
+  static Storage store(float f) { return float_to_fp16(f); }
+};
+
+}  // namespace moe_comm
