@@ -1,0 +1,62 @@
+"""Buffer: the expert-parallel group, its expert placement, topology and transport."""
+
+import datetime
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .topology import Topology, resolve_topology
+
+
+class Buffer:
+    """Binds dispatch/combine to a torch.distributed group.
+
+    Rank r owns global experts [r * E_local, (r + 1) * E_local), E_local = num_experts / W.
+    Collective: every rank of the group constructs its Buffer with the same arguments.
+    """
+
+    def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
+                 hierarchical="auto", timeout: Optional[float] = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("moe_comm.Buffer needs torch.distributed to be initialised "
+                               "(dist.init_process_group) before it is created")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if hierarchical not in ("auto", True, False):
+            raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+        base = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(base)
+        self.rank = dist.get_rank(base)
+        if num_experts % self.world_size != 0:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the group size "
+                             f"{self.world_size} (experts are split evenly across ranks)")
+        self.num_experts = num_experts
+        self.experts_per_rank = num_experts // self.world_size
+        self.timeout = timeout
+        self.group = base
+        if timeout is not None:
+            # A private group carries our own deadline; creating it is collective over the group.
+            ranks = dist.get_process_group_ranks(base) if group is not None else list(range(self.world_size))
+            self.group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout),
+                                        backend=dist.get_backend(base))
+        self.backend = dist.get_backend(self.group)
+        self.topology: Topology = resolve_topology(self.group, self.world_size, self.rank, ranks_per_node)
+        if hierarchical is True:
+            # Two-stage forwarding is its own capability; refuse instead of silently going flat.
+            raise NotImplementedError("hierarchical=True: two-stage forwarding is not built yet; "
+                                      "use hierarchical='auto' or False (flat all-to-all)")
+        self.hierarchical = False
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        t = self.topology
+        return (f"moe_comm.Buffer(rank={self.rank}, world_size={self.world_size}, "
+                f"num_experts={self.num_experts}, nodes={t.num_nodes}x{t.ranks_per_node}, "
+                f"backend={self.backend}, hierarchical={self.hierarchical})")

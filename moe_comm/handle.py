@@ -1,0 +1,44 @@
+"""DispatchHandle: the layout of one dispatch, reused by combine and by both backwards."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class DispatchHandle:
+    """Opaque to users. Rows: N received token rows (one per (source token, this rank)),
+    R expanded expert rows, T local tokens, K top-k slots."""
+
+    buffer: object
+    num_tokens: int                 # T
+    hidden: int                     # H
+    topk: int                       # K
+    dtype: torch.dtype
+    send_token: torch.Tensor        # [n_send] int64: source token of each send slot (rank-major)
+    send_offsets: torch.Tensor      # [W + 1] int64
+    send_splits: List[int]          # rows sent to each rank
+    recv_splits: List[int]          # rows received from each rank
+    pair_slot: torch.Tensor         # [T, K] int64: send slot of (t, k), -1 masked
+    first_slot: torch.Tensor        # [T, K] int64: send slot on each rank's first slot only
+    row_map: torch.Tensor           # [N, K] int64: expert-major row of (received row, k), -1 masked
+    slot_weights: torch.Tensor      # [N, K] float32: dispatch router weights at the receiver
+    tokens_per_expert: torch.Tensor  # [E_local] int64
+    dispatch_weights: Optional[torch.Tensor] = None  # the topk_weights given to dispatch
+    dispatch_weights_version: int = -1
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_recv_rows(self) -> int:  # R
+        return int(self.tokens_per_expert.sum())
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def same_weights_as_dispatch(self, topk_weights: Optional[torch.Tensor]) -> bool:
+        """True when combine gets the very tensor dispatch got, unmodified: the receivers then
+        already hold its values and no weight exchange is needed."""
+        return (topk_weights is not None and topk_weights is self.dispatch_weights
+                and topk_weights._version == self.dispatch_weights_version)

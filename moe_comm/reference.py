@@ -1,0 +1,112 @@
+"""The oracle: a pure-torch, obviously correct implementation of the API.md contract.
+
+It sees every rank's inputs at once (lists indexed by rank) and computes densely, in plain
+loops over experts and ranks. It is differentiable, so one process can compute the gradients
+of a whole expert-parallel step. Never used by the fast paths.
+
+`dispatch`/`combine` wrap it with the same signatures as moe_comm's, gathering all ranks'
+tensors with torch.distributed object collectives (slow; for tests and debugging).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _owner_layout(topk_idxs: Sequence[torch.Tensor], num_experts: int, world_size: int):
+    """For every rank d and local expert, in API order: (source rank, token ids, slot ids).
+    -> layout[d] = list over local experts of list of (src, tokens[n], slots[n])."""
+    per_rank = num_experts // world_size
+    layout = []
+    for d in range(world_size):
+        experts = []
+        for local in range(per_rank):
+            e = d * per_rank + local
+            blocks = []
+            for src, idx in enumerate(topk_idxs):
+                hit = idx.to(torch.int64) == e           # [T, K], at most one True per row
+                tokens = hit.any(dim=1).nonzero().flatten()
+                slots = hit[tokens].to(torch.int64).argmax(dim=1)
+                blocks.append((src, tokens, slots))
+            experts.append(blocks)
+        layout.append(experts)
+    return layout
+
+
+def dispatch_all(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
+                 topk_weights: Sequence[Optional[torch.Tensor]], num_experts: int):
+    """-> list over ranks of (recv_x [R, H], recv_weights [R] float32, tokens_per_expert [E_local])."""
+    world_size = len(xs)
+    out = []
+    for experts in _owner_layout(topk_idxs, num_experts, world_size):
+        rows, weights, counts = [], [], []
+        for blocks in experts:
+            n = 0
+            for src, tokens, slots in blocks:
+                rows.append(xs[src][tokens])
+                w = topk_weights[src]
+                weights.append(w[tokens, slots] if w is not None else torch.ones(len(tokens)))
+                n += len(tokens)
+            counts.append(n)
+        hidden = xs[0].shape[1]
+        recv_x = torch.cat(rows) if rows else xs[0].new_zeros((0, hidden))
+        recv_w = torch.cat(weights).float() if weights else torch.zeros(0)
+        out.append((recv_x, recv_w, torch.tensor(counts, dtype=torch.int64)))
+    return out
+
+
+def combine_all(expert_ys: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
+                topk_weights: Sequence[Optional[torch.Tensor]], num_experts: int,
+                num_tokens: Sequence[int], out_dtype: torch.dtype) -> List[torch.Tensor]:
+    """y[s][t] = sum_k w[s][t, k] * expert_ys[owner][row(s, t, k)], float32 accumulation."""
+    world_size = len(expert_ys)
+    hidden = expert_ys[0].shape[1]
+    acc = [torch.zeros((n, hidden), dtype=torch.float32) for n in num_tokens]
+    for d, experts in enumerate(_owner_layout(topk_idxs, num_experts, world_size)):
+        row = 0
+        for blocks in experts:
+            for src, tokens, slots in blocks:
+                part = expert_ys[d][row:row + len(tokens)].float()
+                w = topk_weights[src]
+                if w is not None:
+                    part = part * w[tokens, slots].unsqueeze(1)
+                acc[src] = acc[src].index_add(0, tokens, part)
+                row += len(tokens)
+        assert row == expert_ys[d].shape[0], f"expert_ys[{d}] has {expert_ys[d].shape[0]} rows, layout {row}"
+    return [a.to(out_dtype) for a in acc]
+
+
+@dataclass
+class ReferenceHandle:
+    topk_idxs: list
+    num_experts: int
+    num_tokens: list
+    dtype: torch.dtype
+    group: object
+
+
+def _gather(obj, group):
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def dispatch(x, topk_idx, topk_weights, buffer):
+    """Same contract as moe_comm.dispatch, computed by the oracle (no autograd across ranks)."""
+    group = buffer.group
+    xs = _gather(x.detach(), group)
+    idxs = _gather(topk_idx, group)
+    ws = _gather(topk_weights.detach() if topk_weights is not None else None, group)
+    recv_x, recv_w, counts = dispatch_all(xs, idxs, ws, buffer.num_experts)[buffer.rank]
+    handle = ReferenceHandle(idxs, buffer.num_experts, [t.shape[0] for t in xs], x.dtype, group)
+    return recv_x, recv_w, counts, handle
+
+
+def combine(expert_y, handle: ReferenceHandle, topk_weights=None):
+    """Same contract as moe_comm.combine, computed by the oracle."""
+    ys = _gather(expert_y.detach(), handle.group)
+    ws = _gather(topk_weights.detach() if topk_weights is not None else None, handle.group)
+    rank = dist.get_rank(handle.group)
+    return combine_all(ys, handle.topk_idxs, ws, handle.num_experts, handle.num_tokens, handle.dtype)[rank]

@@ -1,0 +1,116 @@
+"""Input checks run on the calling rank before any token moves.
+
+Each check returns None or an exception naming the argument and the rule it broke; dispatch
+still joins the first (fixed-size) exchange carrying an error code, so that every rank raises
+instead of some ranks waiting for a peer that gave up.
+"""
+
+from typing import Optional
+
+import torch
+
+from ._native import C
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Codes carried in the header exchange: which argument a rank rejected.
+ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights"}
+CODE_OF = {name: code for code, name in ARGUMENT_CODES.items() if name}
+
+
+class InputError(Exception):
+    """A rejected argument: `argument` is its name, `error` the exception to raise."""
+
+    def __init__(self, argument: str, error: Exception):
+        super().__init__(str(error))
+        self.argument = argument
+        self.error = error
+
+
+def _type_error(argument: str, msg: str) -> InputError:
+    return InputError(argument, TypeError(f"{argument}: {msg}"))
+
+
+def _value_error(argument: str, msg: str) -> InputError:
+    return InputError(argument, ValueError(f"{argument}: {msg}"))
+
+
+def _check_device(argument: str, t: torch.Tensor, device: torch.device) -> Optional[InputError]:
+    if t.device != device:
+        hint = " (the CUDA path is not built yet: pass CPU tensors over gloo)" if t.is_cuda else ""
+        return _value_error(argument, f"must be on {device}, got {t.device}{hint}")
+    return None
+
+
+def check_dispatch_inputs(x, topk_idx, topk_weights, num_experts: int,
+                          device: torch.device) -> Optional[InputError]:
+    if not isinstance(x, torch.Tensor):
+        return _type_error("x", f"must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        return _type_error("x", f"dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() != 2:
+        return _value_error("x", f"must be 2-D [tokens, hidden], got shape {tuple(x.shape)}")
+    problem = _check_device("x", x, device)
+    if problem:
+        return problem
+    if not isinstance(topk_idx, torch.Tensor):
+        return _type_error("topk_idx", f"must be a torch.Tensor, got {type(topk_idx).__name__}")
+    if topk_idx.dtype not in (torch.int64, torch.int32):
+        return _type_error("topk_idx", f"dtype must be int64 or int32, got {topk_idx.dtype}")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+        return _value_error("topk_idx", f"must be [tokens, k] = [{x.shape[0]}, k], "
+                                        f"got shape {tuple(topk_idx.shape)}")
+    problem = _check_device("topk_idx", topk_idx, device)
+    if problem:
+        return problem
+    if topk_weights is not None:
+        if not isinstance(topk_weights, torch.Tensor):
+            return _type_error("topk_weights", f"must be a torch.Tensor, got {type(topk_weights).__name__}")
+        if topk_weights.dtype != torch.float32:
+            return _type_error("topk_weights", f"dtype must be float32, got {topk_weights.dtype}")
+        if tuple(topk_weights.shape) != tuple(topk_idx.shape):
+            return _value_error("topk_weights", f"must have the shape of topk_idx {tuple(topk_idx.shape)}, "
+                                                f"got {tuple(topk_weights.shape)}")
+        problem = _check_device("topk_weights", topk_weights, device)
+        if problem:
+            return problem
+    return check_routing(topk_idx.to(torch.int64).contiguous(), num_experts)
+
+
+def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputError]:
+    kind, token, slot, value = C.check_routing(topk_idx64, num_experts)
+    if kind == 1:
+        return _value_error("topk_idx", f"topk_idx[{token}, {slot}] = {value} is out of range "
+                                        f"[-1, {num_experts}) (num_experts = {num_experts})")
+    if kind == 2:
+        return _value_error("topk_idx", f"expert {value} appears twice in row {token} "
+                                        f"(again at slot {slot}); an expert may not repeat in a row")
+    return None
+
+
+def check_combine_inputs(expert_y, topk_weights, handle) -> Optional[InputError]:
+    if not isinstance(expert_y, torch.Tensor):
+        return _type_error("expert_y", f"must be a torch.Tensor, got {type(expert_y).__name__}")
+    if expert_y.dtype != handle.dtype:
+        return _type_error("expert_y", f"dtype must match the dispatched x ({handle.dtype}), "
+                                       f"got {expert_y.dtype}")
+    expected = (handle.num_recv_rows, handle.hidden)
+    if tuple(expert_y.shape) != expected:
+        return _value_error("expert_y", f"must be [R, H] = {list(expected)} in the row order of recv_x, "
+                                        f"got shape {tuple(expert_y.shape)}")
+    problem = _check_device("expert_y", expert_y, handle.device)
+    if problem:
+        return problem
+    if topk_weights is not None:
+        if not isinstance(topk_weights, torch.Tensor):
+            return _type_error("topk_weights", f"must be a torch.Tensor or None, got {type(topk_weights).__name__}")
+        if topk_weights.dtype != torch.float32:
+            return _type_error("topk_weights", f"dtype must be float32, got {topk_weights.dtype}")
+        expected = (handle.num_tokens, handle.topk)
+        if tuple(topk_weights.shape) != expected:
+            return _value_error("topk_weights", f"must be [T, K] = {list(expected)} as at dispatch, "
+                                                f"got {tuple(topk_weights.shape)}")
+        problem = _check_device("topk_weights", topk_weights, handle.device)
+        if problem:
+            return problem
+    return None

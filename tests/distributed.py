@@ -1,0 +1,83 @@
+"""run_distributed: runs a function on N gloo processes and returns every rank's result.
+
+Rendezvous is a fresh file per run (no ports to collide). A rank's exception comes back with
+its traceback; a rank that hangs or dies is reported by rank after `timeout` seconds.
+"""
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import traceback
+from typing import Any, Callable, List, TypeVar
+
+R = TypeVar("R")
+
+
+def _worker(fn, rank: int, world_size: int, init_file: str, results, args, kwargs) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=120))
+        try:
+            value = fn(rank, world_size, *args, **kwargs)
+            results.put((rank, "ok", value))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        results.close()
+        results.join_thread()
+        # torch 2.13's gloo teardown can abort at interpreter exit; the work is done.
+        os._exit(0)
+
+
+class DistributedFailure(AssertionError):
+    pass
+
+
+def run_distributed(world_size: int, fn: Callable[..., R], *args: Any, timeout: float = 300,
+                    **kwargs: Any) -> List[R]:
+    """Runs fn(rank, world_size, *args, **kwargs) on world_size gloo ranks (spawned, so fn
+    must be importable). -> results ordered by rank. Raises DistributedFailure with every
+    failing rank's traceback."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, results, args, kwargs),
+                             daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        outcome = {}
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        try:
+            while len(outcome) < world_size:
+                left = (deadline - datetime.datetime.now()).total_seconds()
+                if left <= 0:
+                    break
+                try:
+                    rank, status, value = results.get(timeout=min(left, 1.0))
+                    outcome[rank] = (status, value)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
+                    if dead and all(not p.is_alive() for p in procs):
+                        break
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+    missing = [r for r in range(world_size) if r not in outcome]
+    errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]
+    if missing:
+        errors.append(f"ranks {missing} returned nothing within {timeout}s (hung or died)")
+    if errors:
+        raise DistributedFailure(f"{fn.__name__} on {world_size} ranks failed:\n" + "\n".join(errors))
+    return [outcome[r][1] for r in range(world_size)]
