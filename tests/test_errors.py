@@ -1,0 +1,115 @@
+"""Bad input gets an error naming the argument on the rank that passed it, and the peers learn
+which rank rejected what instead of hanging; the Buffer keeps working afterwards."""
+
+import time
+
+import pytest
+import torch
+
+import moe_comm
+from tests.distributed import run_distributed
+
+
+def _good(rank, H=4, T=5, K=2, E=4):
+    gen = torch.Generator().manual_seed(rank)
+    idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].contiguous()
+    return torch.randn(T, H, generator=gen), idx, torch.rand(T, K, generator=gen)
+
+
+def _expect(fn, exc_type, match):
+    with pytest.raises(exc_type, match=match):
+        fn()
+
+
+BAD_INPUTS = {
+    # name: (transform of (x, idx, w) on the bad rank, error type there, message there, argument)
+    "x dtype": (lambda x, i, w: (x.double(), i, w), TypeError, r"^x: dtype must be", "x"),
+    "x dims": (lambda x, i, w: (x[0], i, w), ValueError, r"^x: must be 2-D", "x"),
+    "x device": (lambda x, i, w: (x.to("meta"), i, w), ValueError, r"^x: must be on cpu", "x"),
+    "idx dtype": (lambda x, i, w: (x, i.float(), w), TypeError, r"^topk_idx: dtype", "topk_idx"),
+    "idx rows": (lambda x, i, w: (x, i[1:], w), ValueError, r"^topk_idx: must be \[tokens, k\]", "topk_idx"),
+    "idx range": (lambda x, i, w: (x, i.index_fill(0, torch.tensor([2]), 4), w), ValueError,
+                  r"topk_idx\[2, 0\] = 4 is out of range \[-1, 4\)", "topk_idx"),
+    "idx below -1": (lambda x, i, w: (x, i.index_fill(0, torch.tensor([1]), -2), w), ValueError,
+                     r"topk_idx\[1, 0\] = -2 is out of range", "topk_idx"),
+    "idx duplicate": (lambda x, i, w: (x, torch.cat([i[:, :1], i[:, :1]], 1), w), ValueError,
+                      r"expert \d+ appears twice in row 0", "topk_idx"),
+    "weights dtype": (lambda x, i, w: (x, i, w.half()), TypeError, r"^topk_weights: dtype must be float32", "topk_weights"),
+    "weights shape": (lambda x, i, w: (x, i, w[:, :1]), ValueError, r"^topk_weights: must have the shape", "topk_weights"),
+}
+
+
+def _bad_input_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size)
+    bad_rank = 1
+    for name, (transform, exc_type, match, argument) in BAD_INPUTS.items():
+        x, idx, w = _good(rank)
+        if rank == bad_rank:
+            x, idx, w = transform(x, idx, w)
+            _expect(lambda: moe_comm.dispatch(x, idx, w, buf), exc_type, match)
+        else:
+            _expect(lambda: moe_comm.dispatch(x, idx, w, buf), RuntimeError,
+                    rf"rank {bad_rank} rejected its argument '{argument}'")
+        # The Buffer still works for the next call.
+        x, idx, w = _good(rank)
+        recv_x, _, counts, handle = moe_comm.dispatch(x, idx, w, buf)
+        assert moe_comm.combine(recv_x, handle).shape == x.shape, name
+
+    # Ranks that disagree on the call: every rank names the mismatch.
+    x, idx, w = _good(rank, H=4 + rank)
+    _expect(lambda: moe_comm.dispatch(x, idx, w, buf), ValueError, r"x: hidden size is \d on rank \d but \d on rank \d")
+    x, idx, w = _good(rank, K=1 + rank)
+    _expect(lambda: moe_comm.dispatch(x, idx, w, buf), ValueError, r"topk_idx: k is \d on rank")
+    x, idx, w = _good(rank)
+    _expect(lambda: moe_comm.dispatch(x.to([torch.float32, torch.bfloat16][rank]), idx, w, buf), ValueError, "dtype")
+
+    # int32 indices are accepted and give the same result as int64.
+    x, idx, w = _good(rank)
+    a = moe_comm.dispatch(x, idx.int(), w, buf)
+    b = moe_comm.dispatch(x, idx, w, buf)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    # combine checks its inputs locally (every rank passes the same bad thing here).
+    recv_x, recv_w, counts, handle = b
+    _expect(lambda: moe_comm.combine(recv_x[1:], handle), ValueError, r"^expert_y: must be \[R, H\]")
+    _expect(lambda: moe_comm.combine(recv_x.double(), handle), TypeError, r"^expert_y: dtype must match")
+    _expect(lambda: moe_comm.combine(recv_x, handle, w[:, :1]), ValueError, r"^topk_weights: must be \[T, K\]")
+    _expect(lambda: moe_comm.combine(recv_x, "handle"), TypeError, r"^handle: must be the handle")
+    assert moe_comm.combine(recv_x, handle, w).shape == x.shape
+    return True
+
+
+def test_bad_input_raises_on_every_rank_and_buffer_survives():
+    assert run_distributed(2, _bad_input_worker) == [True, True]
+
+
+def _buffer_args_worker(rank, world_size):
+    _expect(lambda: moe_comm.Buffer(num_experts=3), ValueError, r"num_experts=3 must be divisible by the group size 2")
+    _expect(lambda: moe_comm.Buffer(num_experts=0), ValueError, r"num_experts must be a positive int")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, ranks_per_node=3), ValueError, r"ranks_per_node=3 must be positive and divide")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, hierarchical="yes"), ValueError, r"hierarchical must be")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=-1), ValueError, r"timeout must be")
+    buf = moe_comm.Buffer(num_experts=4)
+    assert buf.topology.ranks_per_node == 2  # same host name for both ranks
+    return True
+
+
+def test_buffer_rejects_bad_arguments():
+    assert run_distributed(2, _buffer_args_worker) == [True, True]
+
+
+def _timeout_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=2)
+    if rank == 1:
+        time.sleep(8)  # never joins the dispatch
+        return "absent"
+    x, idx, w = _good(rank)
+    start = time.monotonic()
+    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/header'"):
+        moe_comm.dispatch(x, idx, w, buf)
+    return time.monotonic() - start
+
+
+def test_missing_peer_ends_in_timeout_naming_rank_and_stage():
+    waited, _ = run_distributed(2, _timeout_worker)
+    assert 1.5 < waited < 7.5

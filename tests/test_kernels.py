@@ -1,0 +1,166 @@
+"""The C++ CPU kernels (moe_comm._C) against plain torch and moe_comm.reference, single process."""
+
+import pytest
+import torch
+
+import moe_comm
+from moe_comm import reference
+from moe_comm.ops import SLOT_META_BYTES
+from tests.cases import DTYPES
+
+C = moe_comm.C
+
+
+def _routing(T, K, E, seed, mask=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].contiguous()
+    return idx.masked_fill(torch.rand(T, K, generator=gen) < mask, -1)
+
+
+def _special_floats():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-9, 6, (4000,), generator=gen),
+        # (no -0.0: the accumulator starts at +0.0, so a sum of one -0.0 is +0.0, as in torch.sum)
+        torch.tensor([0.0, 1.0, 65504.0, 65519.0, 65520.0, 70000.0, 6e-8, 3e-8, 2.98e-8,
+                      6.1e-5, 6.0e-5, 1e-40, -1e-40, 3.4e38, float("inf"), float("-inf")]),
+        # exact halfway points between neighbouring bf16 / fp16 values: ties to even
+        torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11]),
+    ])
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float_conversions_round_like_torch(dtype):
+    dt = DTYPES[dtype]
+    x = _special_floats().unsqueeze(1)
+    identity = torch.arange(x.shape[0]).unsqueeze(1)
+    out = torch.empty(x.shape, dtype=dt)
+    C.reduce_rows(x, identity, None, out)  # float32 -> dtype
+    expected = x.to(dt)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    back = torch.empty(x.shape, dtype=torch.float32)
+    C.reduce_rows(expected, identity, None, back)  # dtype -> float32 is exact
+    assert torch.equal(back, expected.float())
+    nan = torch.full((1, 1), float("nan"))
+    C.reduce_rows(nan, torch.zeros(1, 1, dtype=torch.int64), None, out[:1])
+    assert torch.isnan(out[:1].float()).all()
+
+
+@pytest.mark.parametrize("T,K,E,W", [(0, 2, 4, 2), (1, 1, 1, 1), (37, 3, 16, 4), (200, 8, 32, 8), (50, 6, 6, 3)])
+def test_plan_send_matches_python(T, K, E, W):
+    idx = _routing(T, K, E, seed=T + K)
+    tokens_per_rank, pairs_per_expert, offsets, send_token, pair_slot, first_slot = C.plan_send(idx, E, W)
+    per_rank = E // W
+    dest = (idx // per_rank).masked_fill(idx < 0, -1)
+    expected_tokens = [[t for t in range(T) if d in dest[t].tolist()] for d in range(W)]
+    assert tokens_per_rank.tolist() == [len(ts) for ts in expected_tokens]
+    assert pairs_per_expert.tolist() == [int((idx == e).sum()) for e in range(E)]
+    assert offsets.tolist() == [0] + torch.tensor([len(ts) for ts in expected_tokens]).cumsum(0).tolist()
+    assert send_token.tolist() == [t for ts in expected_tokens for t in ts]
+    for t in range(T):
+        seen = set()
+        for k in range(K):
+            d = int(dest[t, k])
+            if d < 0:
+                assert pair_slot[t, k] == -1 and first_slot[t, k] == -1
+                continue
+            slot = int(pair_slot[t, k])
+            assert offsets[d] <= slot < offsets[d + 1] and send_token[slot] == t
+            assert int(first_slot[t, k]) == (slot if d not in seen else -1)
+            seen.add(d)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("W", [1, 3])
+def test_pack_then_expand_equals_reference(dtype, W):
+    T, K, E, H = 41, 3, 6 * W, 13
+    dt = DTYPES[dtype]
+    idx = _routing(T, K, E, seed=W)
+    x = torch.randn(T, H).to(dt)
+    w = torch.rand(T, K)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, W)
+    rows = C.pack_rows(x, send_token, offsets, idx, w, E // W)
+    _, meta_offset, meta_bytes, row_bytes = C.row_format(H, x.element_size(), K, SLOT_META_BYTES)
+    assert rows.shape == (send_token.numel(), row_bytes) and row_bytes % 16 == 0
+    assert torch.equal(rows.view(dt)[:, :H], x[send_token])
+    empty = [x[:0]] * (W - 1)
+    expected = reference.dispatch_all([x] + empty, [idx] + [idx[:0]] * (W - 1), [w] + [w[:0]] * (W - 1), E)
+    for d in range(W):
+        segment = rows[offsets[d]:offsets[d + 1]]
+        recv_x, recv_w, counts, row_map, slot_w = C.expand_rows(segment, H, dt, K, E // W)
+        ref_x, ref_w, ref_counts = expected[d]
+        assert torch.equal(counts, ref_counts) and torch.equal(recv_x, ref_x) and torch.equal(recv_w, ref_w)
+        assert sorted(row_map[row_map >= 0].tolist()) == list(range(recv_x.shape[0]))
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                                 ("float16", "float32"), ("float32", "bfloat16")])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reduce_rows_matches_torch(src_dtype, dst_dtype, weighted):
+    gen = torch.Generator().manual_seed(5)
+    N, K, H, R = 23, 4, 19, 40
+    src = torch.randn(R, H, generator=gen).to(DTYPES[src_dtype])
+    index = torch.randint(0, R, (N, K), generator=gen).masked_fill(torch.rand(N, K, generator=gen) < 0.3, -1)
+    index[0] = -1
+    weights = torch.rand(N, K, generator=gen) if weighted else None
+    dst = torch.full((N, H), float("nan")).to(DTYPES[dst_dtype])
+    C.reduce_rows(src, index, weights, dst)
+    w = weights if weighted else torch.ones(N, K)
+    expected = (src.float()[index.clamp(min=0)] * (w * (index >= 0)).unsqueeze(2)).sum(dim=1)
+    torch.testing.assert_close(dst.float(), expected.to(DTYPES[dst_dtype]).float(), rtol=1e-2, atol=1e-2)
+    assert not dst[0].float().any()
+
+
+def test_reduce_rows_reads_strided_rows():
+    packed = torch.randn(6, 12)
+    src = packed[:, :5]  # rows 48 bytes apart
+    out = torch.empty(6, 5)
+    C.reduce_rows(src, torch.arange(6).unsqueeze(1), None, out)
+    assert torch.equal(out, src)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_scatter_rows_and_row_dots(dtype):
+    gen = torch.Generator().manual_seed(9)
+    dt = DTYPES[dtype]
+    N, K, H = 17, 3, 11
+    perm = torch.randperm(N * K, generator=gen)
+    row_map = perm.view(N, K).clone()
+    row_map[row_map % 4 == 0] = -1
+    valid = row_map[row_map >= 0]
+    remap = torch.full((N * K,), -1, dtype=torch.int64)
+    remap[valid.sort().values] = torch.arange(valid.numel())
+    row_map = torch.where(row_map >= 0, remap[row_map.clamp(min=0)], row_map)
+    R = valid.numel()
+    src = torch.randn(N, H, generator=gen).to(dt)
+    weights = torch.rand(N, K, generator=gen)
+    out = torch.full((R, H), float("nan")).to(dt)
+    C.scatter_rows(src, row_map, weights, out)
+    plain = torch.full((R, H), float("nan")).to(dt)
+    C.scatter_rows(src, row_map, None, plain)
+    other = torch.randn(R, H, generator=gen).to(dt)
+    dots = C.row_dots(src, other, row_map)
+    for i in range(N):
+        for k in range(K):
+            r = int(row_map[i, k])
+            if r < 0:
+                assert dots[i, k] == 0
+                continue
+            assert torch.equal(plain[r], src[i])
+            assert torch.equal(out[r], (src[i].float() * weights[i, k]).to(dt))
+            torch.testing.assert_close(dots[i, k], (src[i].float() * other[r].float()).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_reject_bad_arguments():
+    with pytest.raises(RuntimeError, match="divisible"):
+        C.plan_send(torch.zeros(2, 1, dtype=torch.int64), 5, 2)
+    with pytest.raises(RuntimeError, match="topk_idx must be Long"):
+        C.plan_send(torch.zeros(2, 1, dtype=torch.int32), 4, 2)
+    with pytest.raises(RuntimeError, match="map points past"):
+        C.reduce_rows(torch.zeros(2, 3), torch.tensor([[5]]), None, torch.zeros(1, 3))
+    with pytest.raises(RuntimeError, match="rows are"):
+        C.expand_rows(torch.zeros(1, 8, dtype=torch.uint8), 16, torch.float32, 2, 1)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        C.reduce_rows(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64), None,
+                      torch.zeros(1, 3))
