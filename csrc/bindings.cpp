@@ -114,11 +114,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> plan_send(const Tenso
   return {tokens_per_rank, pairs_per_expert, send_offsets, send_token, pair_slot, first_slot};
 }
 
-// Packs src rows (one per send slot) into a uint8 [n_send, row_bytes] buffer; with topk_idx
-// the dispatch SlotMeta block follows each payload.
-Tensor pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
-                 const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
-                 int64_t experts_per_rank) {
+// Packs src rows (one per send slot) into uint8 rows; with topk_idx the dispatch SlotMeta
+// block follows each payload.
+// `out`: uint8 [n_send, row_bytes] to fill (a reused workspace); the row format comes from
+// src's width and dtype and topk_idx's K.
+void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
+               const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
+               int64_t experts_per_rank, const Tensor& out) {
   const RowView in = row_view(src, "src");
   expect(send_token, "send_token", torch::kInt64, 1);
   expect(send_offsets, "send_offsets", torch::kInt64, 1);
@@ -136,7 +138,9 @@ Tensor pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send
     p.topk_weights = optional_weights(topk_weights, in.rows, p.topk, "topk_weights");
   }
   p.fmt = make_row_format(in.cols, dtype_size(in.dtype), p.topk, sizeof(SlotMeta));
-  Tensor out = torch::empty({num_rows, p.fmt.row_bytes}, torch::TensorOptions().dtype(torch::kUInt8));
+  expect(out, "out", torch::kUInt8, 2);
+  MOE_HOST_ASSERT(out.size(0) == num_rows && out.size(1) == p.fmt.row_bytes,
+                  "out must be [" << num_rows << ", " << p.fmt.row_bytes << "], got " << out.sizes());
   p.src = in.data;
   p.src_stride = in.stride_bytes;
   p.send_token = send_token.data_ptr<int64_t>();
@@ -148,7 +152,6 @@ Tensor pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send
     MOE_HOST_ASSERT(p.send_token[j] >= 0 && p.send_token[j] < in.rows, "send_token[" << j << "] out of range");
   }
   cpu::pack_rows(p);
-  return out;
 }
 
 // Receiver side of dispatch: -> recv_x [R, H], recv_weights [R], tokens_per_expert [E_local],

@@ -50,6 +50,18 @@ class Buffer:
             raise NotImplementedError("hierarchical=True: two-stage forwarding is not built yet; "
                                       "use hierarchical='auto' or False (flat all-to-all)")
         self.hierarchical = False
+        self._workspaces = {}
+
+    def workspace(self, name: str, rows: int, row_bytes: int) -> torch.Tensor:
+        """A uint8 [rows, row_bytes] scratch tensor for wire rows, reused across calls (grow-only):
+        fresh multi-MB allocations page-fault on every call. Each stage uses its own name, and
+        nothing returned to the caller aliases a workspace."""
+        need = rows * row_bytes
+        storage = self._workspaces.get(name)
+        if storage is None or storage.numel() < need:
+            storage = torch.empty(max(need, 1) + need // 4, dtype=torch.uint8)
+            self._workspaces[name] = storage
+        return storage[:need].view(rows, row_bytes)
 
     @property
     def device(self) -> torch.device:

@@ -106,7 +106,9 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer) -> Tuple[torch.Tensor, 
     x_rows = x.detach()
     if x_rows.shape[1] > 1 and x_rows.stride(1) != 1:
         x_rows = x_rows.contiguous()
-    send = C.pack_rows(x_rows, send_token, send_offsets, idx, weights, buffer.experts_per_rank)
+    row_bytes = _row_format(hidden, x.dtype, topk, SLOT_META_BYTES)[3]
+    send = buffer.workspace("dispatch/tokens/send", len(send_token), row_bytes)
+    C.pack_rows(x_rows, send_token, send_offsets, idx, weights, buffer.experts_per_rank, send)
     recv = exchange_rows(buffer, send, send_splits, recv_splits, "dispatch/tokens")
     recv_x, recv_weights, tokens_per_expert, row_map, slot_weights = C.expand_rows(
         recv, hidden, x.dtype, topk, buffer.experts_per_rank)
@@ -128,7 +130,7 @@ def _reduce_back(handle: DispatchHandle, rows: torch.Tensor, slot_weights: Optio
     -> (y [T, H] in rows' dtype, scalars per (t, k) [T, K] or None)"""
     dtype, hidden, topk = rows.dtype, handle.hidden, handle.topk
     _, meta_offset, _, row_bytes = _row_format(hidden, dtype, topk if scalars is not None else 0, SCALAR_BYTES)
-    packed = torch.empty((handle.row_map.shape[0], row_bytes), dtype=torch.uint8)
+    packed = handle.buffer.workspace(stage_name + "/send", handle.row_map.shape[0], row_bytes)
     C.reduce_rows(rows, handle.row_map, slot_weights, _payload(packed, dtype, hidden))
     if scalars is not None:
         _scalars(packed, meta_offset, topk).copy_(scalars)
@@ -145,7 +147,9 @@ def _send_to_experts(handle: DispatchHandle, rows: torch.Tensor, stage_name: str
     """Sends each token's row [T, H'] once to every rank it was dispatched to (cached layout).
     -> [N, H'] view in the order of the received rows."""
     rows = rows.contiguous()
-    send = C.pack_rows(rows, handle.send_token, handle.send_offsets, None, None, 1)
+    row_bytes = _row_format(rows.shape[1], rows.dtype, 0, 0)[3]
+    send = handle.buffer.workspace(stage_name + "/send", len(handle.send_token), row_bytes)
+    C.pack_rows(rows, handle.send_token, handle.send_offsets, None, None, 1, send)
     recv = exchange_rows(handle.buffer, send, handle.send_splits, handle.recv_splits, stage_name)
     return _payload(recv, rows.dtype, rows.shape[1])
 

@@ -45,10 +45,15 @@ def exchange_header(buffer, header: torch.Tensor, stage_name: str) -> torch.Tens
 
 def exchange_rows(buffer, send: torch.Tensor, send_splits: List[int], recv_splits: List[int],
                   stage_name: str) -> torch.Tensor:
-    """Rows [sum(send_splits), ...] out, rows [sum(recv_splits), ...] in, rank-major."""
+    """Rows [sum(send_splits), ...] out, rows [sum(recv_splits), ...] in, rank-major. Packed
+    uint8 rows land in the Buffer's workspace for this stage (valid until the stage runs again)."""
     if buffer.world_size == 1:
         return send
-    recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+    shape = (sum(recv_splits),) + tuple(send.shape[1:])
+    if send.dtype == torch.uint8 and send.dim() == 2:
+        recv = buffer.workspace(stage_name + "/recv", shape[0], shape[1])
+    else:
+        recv = send.new_empty(shape)
     with stage(buffer, stage_name):
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=buffer.group)
     return recv

@@ -80,8 +80,9 @@ def test_pack_then_expand_equals_reference(dtype, W):
     x = torch.randn(T, H).to(dt)
     w = torch.rand(T, K)
     _, _, offsets, send_token, _, _ = C.plan_send(idx, E, W)
-    rows = C.pack_rows(x, send_token, offsets, idx, w, E // W)
     _, meta_offset, meta_bytes, row_bytes = C.row_format(H, x.element_size(), K, SLOT_META_BYTES)
+    rows = torch.full((send_token.numel(), row_bytes), 0xAB, dtype=torch.uint8)  # poisoned
+    C.pack_rows(x, send_token, offsets, idx, w, E // W, rows)
     assert rows.shape == (send_token.numel(), row_bytes) and row_bytes % 16 == 0
     assert torch.equal(rows.view(dt)[:, :H], x[send_token])
     empty = [x[:0]] * (W - 1)

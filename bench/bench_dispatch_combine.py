@@ -1,0 +1,166 @@
+"""Times moe_comm dispatch / combine / forward+backward against the torch-native baseline on
+the same routing in the same run. Launch with torchrun:
+
+    torchrun --standalone --nproc-per-node 4 bench/bench_dispatch_combine.py --preset tiny
+
+CPU tensors over gloo (the path moe_comm has today; CUDA/NCCL comes with the CUDA path).
+Bytes and every column are defined in bench/README.md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baseline  # noqa: E402
+from presets import PRESETS  # noqa: E402
+
+import moe_comm  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--tokens", type=int, help="tokens per rank")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--experts", type=int)
+    p.add_argument("--topk", type=int)
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--skew", type=float, default=0.0, help="0 = uniform routing; larger = hotter low experts")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def make_routing(args, rank):
+    gen = torch.Generator().manual_seed(1234 + rank)
+    scores = torch.rand(args.tokens, args.experts, generator=gen)
+    if args.skew:
+        scores = scores * torch.exp(-args.skew * torch.linspace(0, 1, args.experts))
+    idx = scores.topk(args.topk, dim=1).indices
+    weights = torch.softmax(torch.randn(args.tokens, args.topk, generator=gen), dim=1)
+    x = torch.randn(args.tokens, args.hidden, generator=gen).to(DTYPES[args.dtype])
+    return x, idx, weights
+
+
+def timed(fn, args, group):
+    """Runs fn warmup + iters times with a barrier before each sample. -> per-iteration seconds,
+    the slowest rank's time for each iteration."""
+    for _ in range(args.warmup):
+        fn()
+    samples = []
+    for _ in range(args.iters):
+        dist.barrier(group)
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    t = torch.tensor(samples, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def link_bytes(idx, buf, hidden, elem_size):
+    """DeepEP's definitions, summed over ranks: intra = token rows received from the same node
+    (one per (token, rank)), inter = distinct (token, destination node) pairs off the node."""
+    topo = buf.topology
+    dest_rank = (idx // buf.experts_per_rank).masked_fill(idx < 0, -1)
+    intra = inter = 0
+    for row in dest_rank.tolist():
+        ranks = {d for d in row if d >= 0}
+        intra += sum(1 for d in ranks if topo.node_of(d) == topo.node)
+        inter += len({topo.node_of(d) for d in ranks} - {topo.node})
+    t = torch.tensor([intra, inter], dtype=torch.int64)
+    dist.all_reduce(t, group=buf.group)
+    return int(t[0]) * hidden * elem_size, int(t[1]) * hidden * elem_size
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if args.experts % world:
+        raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
+    buf = moe_comm.Buffer(num_experts=args.experts)
+    x, idx, weights = make_routing(args, rank)
+
+    # Same results first: the baseline is only a baseline if it computes the same thing.
+    ours = moe_comm.dispatch(x, idx, weights, buf)
+    theirs = baseline.dispatch(x, idx, weights, args.experts)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]), "baseline disagrees"
+    y_ours = moe_comm.combine(ours[0], ours[3], weights)
+    y_theirs = baseline.combine(theirs[0], theirs[3])
+    torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=2e-2, atol=2e-2)
+
+    def ours_roundtrip():
+        xg = x.detach().requires_grad_()
+        recv_x, recv_w, counts, handle = moe_comm.dispatch(xg, idx, weights, buf)
+        moe_comm.combine(recv_x * 2, handle, weights).float().sum().backward()
+
+    def theirs_roundtrip():
+        xg = x.detach().requires_grad_()
+        recv_x, recv_w, counts, handle = baseline.dispatch(xg, idx, weights, args.experts, differentiable=True)
+        baseline.combine(recv_x * 2, handle, differentiable=True).float().sum().backward()
+
+    ops = {
+        "moe_comm": {
+            "dispatch": lambda: moe_comm.dispatch(x, idx, weights, buf),
+            "combine": lambda: moe_comm.combine(ours[0], ours[3], weights),
+            "roundtrip": ours_roundtrip,
+        },
+        "torch_baseline": {
+            "dispatch": lambda: baseline.dispatch(x, idx, weights, args.experts),
+            "combine": lambda: baseline.combine(theirs[0], theirs[3]),
+            "roundtrip": theirs_roundtrip,
+        },
+    }
+    intra, inter = link_bytes(idx, buf, args.hidden, x.element_size())
+    records = []
+    for impl, by_op in ops.items():
+        for op, fn in by_op.items():
+            s = sorted(timed(fn, args, buf.group))
+            median = statistics.median(s)
+            records.append(dict(
+                impl=impl, op=op, median_us=median * 1e6, p10_us=s[len(s) // 10] * 1e6,
+                p90_us=s[min(len(s) - 1, (9 * len(s)) // 10)] * 1e6, bytes_intra=intra, bytes_inter=inter,
+                gbps_intra=intra / world / median / 1e9 if op != "roundtrip" else None,
+                world_size=world, preset=args.preset, tokens=args.tokens, hidden=args.hidden,
+                experts=args.experts, topk=args.topk, dtype=args.dtype, backend="gloo", device="cpu"))
+    if rank == 0:
+        print(f"moe_comm {moe_comm.__version__} | {args.preset}: {world} ranks x {args.tokens} tokens, "
+              f"hidden {args.hidden}, {args.experts} experts, top-{args.topk}, {args.dtype}, gloo/CPU, "
+              f"{args.iters} iters (slowest rank per iter)")
+        print(f"{'op':<10} {'impl':<15} {'median us':>11} {'p10 us':>10} {'p90 us':>10} {'GB/s/rank':>10} {'speed-up':>9}")
+        base = {r["op"]: r["median_us"] for r in records if r["impl"] == "torch_baseline"}
+        for r in sorted(records, key=lambda r: (["dispatch", "combine", "roundtrip"].index(r["op"]), r["impl"])):
+            r["speedup_vs_baseline"] = base[r["op"]] / r["median_us"]
+            gbps = f"{r['gbps_intra']:.3f}" if r["gbps_intra"] is not None else "-"
+            print(f"{r['op']:<10} {r['impl']:<15} {r['median_us']:>11.1f} {r['p10_us']:>10.1f} "
+                  f"{r['p90_us']:>10.1f} {gbps:>10} {r['speedup_vs_baseline']:>8.2f}x")
+        print(f"bytes per dispatch, all ranks: intra-node {intra}, inter-node {inter}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+            print(f"wrote {args.json}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    # torch 2.13's gloo can abort during interpreter teardown; all work is done and flushed.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+// Unit tests of the torch-free core (layout plan, row format, dtype conversion) and the CPU
+// token kernels. No framework: each CHECK names what failed; main returns non-zero on failure.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/layout.h"
+#include "core/row_format.h"
+#include "cpu/token_ops.h"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond)                                                  \
+  do {                                                               \
+    if (!(cond)) {                                                   \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                    \
+    }                                                                \
+  } while (0)
+
+using namespace moe_comm;
+
+void test_row_format() {
+  const RowFormat f = make_row_format(7, 2, 3, sizeof(SlotMeta));
+  CHECK(f.payload_bytes == 14);
+  CHECK(f.meta_offset == 16);
+  CHECK(f.meta_bytes == 24);
+  CHECK(f.row_bytes == 48);
+  CHECK(make_row_format(0, 4, 0, 8).row_bytes == kRowAlignBytes);
+}
+
+void test_routing_problems() {
+  const std::vector<int64_t> ok = {0, 3, -1, 2};
+  Routing r{ok.data(), 2, 2, 4, 2};
+  CHECK(find_routing_problem(r).kind == RoutingProblem::kOk);
+  const std::vector<int64_t> out_of_range = {0, 4};
+  r.topk_idx = out_of_range.data();
+  r.num_tokens = 1;
+  const RoutingProblem p = find_routing_problem(r);
+  CHECK(p.kind == RoutingProblem::kOutOfRange && p.token == 0 && p.slot == 1 && p.value == 4);
+  const std::vector<int64_t> duplicate = {2, 2};
+  r.topk_idx = duplicate.data();
+  CHECK(find_routing_problem(r).kind == RoutingProblem::kDuplicate);
+}
+
+void test_layout() {
+  // 4 experts on 2 ranks (2 each). Token 0 -> experts 0, 1 (rank 0 twice), 3 (rank 1).
+  const int64_t T = 3, K = 3, W = 2;
+  const std::vector<int64_t> idx = {0, 1, 3, /**/ -1, -1, -1, /**/ 2, -1, 0};
+  Routing r{idx.data(), T, K, 4, W};
+  std::vector<int64_t> per_rank(W), per_expert(4);
+  count_layout(r, per_rank.data(), per_expert.data());
+  CHECK(per_rank[0] == 2 && per_rank[1] == 2);
+  CHECK(per_expert[0] == 2 && per_expert[1] == 1 && per_expert[2] == 1 && per_expert[3] == 1);
+  const std::vector<int64_t> offsets = {0, 2, 4};
+  std::vector<int64_t> send_token(4), pair_slot(T * K), first_slot(T * K);
+  fill_send_plan(r, offsets.data(), send_token.data(), pair_slot.data(), first_slot.data());
+  CHECK((send_token == std::vector<int64_t>{0, 2, 0, 2}));
+  CHECK((pair_slot == std::vector<int64_t>{0, 0, 2, -1, -1, -1, 3, -1, 1}));
+  CHECK((first_slot == std::vector<int64_t>{0, -1, 2, -1, -1, -1, 3, -1, 1}));
+}
+
+void test_conversions() {
+  CHECK(float_to_bf16(1.0f) == 0x3f80);
+  CHECK(float_to_bf16(1.0f + 1.0f / 256) == 0x3f80);       // tie, to even
+  CHECK(float_to_bf16(1.0f + 3.0f / 256) == 0x3f82);       // tie, to even (up)
+  CHECK(float_to_fp16(1.0f) == 0x3c00);
+  CHECK(float_to_fp16(65504.0f) == 0x7bff);
+  CHECK(float_to_fp16(65520.0f) == 0x7c00);                // rounds to inf
+  CHECK(float_to_fp16(5.9604644775390625e-08f) == 0x0001); // smallest subnormal
+  CHECK(float_to_fp16(2.98e-08f) == 0x0000);               // below half of it
+  CHECK(fp16_to_float(0x0001) == 5.9604644775390625e-08f);
+  CHECK(std::isnan(fp16_to_float(float_to_fp16(std::nanf("")))));
+  for (uint32_t h = 0; h < 0x7c00; ++h) {                  // every finite positive fp16
+    CHECK(float_to_fp16(fp16_to_float(static_cast<uint16_t>(h))) == h);
+    if (failures) break;
+  }
+}
+
+void test_pack_expand_reduce() {
+  // One source, 2 ranks of 2 experts; check the rank-1 segment end to end.
+  const int64_t T = 3, K = 2, H = 3, W = 2;
+  const std::vector<int64_t> idx = {3, 0, /**/ 2, 3, /**/ 1, -1};
+  const std::vector<float> w = {0.5f, 0.25f, 1.0f, 2.0f, 4.0f, 0.0f};
+  const std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  Routing r{idx.data(), T, K, 4, W};
+  std::vector<int64_t> per_rank(W);
+  count_layout(r, per_rank.data(), nullptr);
+  const std::vector<int64_t> offsets = {0, per_rank[0], per_rank[0] + per_rank[1]};
+  std::vector<int64_t> send_token(offsets[2]), pair_slot(T * K), first_slot(T * K);
+  fill_send_plan(r, offsets.data(), send_token.data(), pair_slot.data(), first_slot.data());
+
+  cpu::PackParams pack;
+  pack.fmt = make_row_format(H, 4, K, sizeof(SlotMeta));
+  std::vector<uint8_t> rows(offsets[2] * pack.fmt.row_bytes);
+  pack.src = reinterpret_cast<const uint8_t*>(x.data());
+  pack.src_stride = H * 4;
+  pack.send_token = send_token.data();
+  pack.send_offsets = offsets.data();
+  pack.num_ranks = W;
+  pack.dst = rows.data();
+  pack.topk_idx = idx.data();
+  pack.topk_weights = w.data();
+  pack.topk = K;
+  pack.experts_per_rank = 2;
+  cpu::pack_rows(pack);
+
+  cpu::ExpandPlanParams plan;
+  plan.rows = rows.data() + offsets[1] * pack.fmt.row_bytes;  // rank 1's rows: tokens 0, 1
+  plan.num_rows = per_rank[1];
+  plan.fmt = pack.fmt;
+  plan.topk = K;
+  plan.experts_per_rank = 2;
+  std::vector<int64_t> per_expert(2);
+  cpu::count_recv_experts(plan, per_expert.data());
+  CHECK(per_expert[0] == 1 && per_expert[1] == 2);  // expert 2: token 1; expert 3: tokens 0, 1
+  const std::vector<int64_t> expert_offsets = {0, 1, 3};
+  std::vector<int64_t> row_map(plan.num_rows * K);
+  std::vector<float> slot_w(plan.num_rows * K), recv_w(3);
+  cpu::fill_expand_plan(plan, expert_offsets.data(), row_map.data(), slot_w.data(), recv_w.data());
+  CHECK((row_map == std::vector<int64_t>{1, -1, 0, 2}));
+  CHECK((recv_w == std::vector<float>{1.0f, 0.5f, 2.0f}));
+
+  // Combine on rank 1 with expert_y = recv rows: partial[token 0] = 0.5 * x0,
+  // partial[token 1] = 1 * x1 + 2 * x1.
+  std::vector<float> recv_x(3 * H);
+  cpu::ScatterParams s;
+  s.src = plan.rows;
+  s.src_stride = plan.fmt.row_bytes;
+  s.num_src = plan.num_rows;
+  s.row_map = row_map.data();
+  s.topk = K;
+  s.hidden = H;
+  s.dst = reinterpret_cast<uint8_t*>(recv_x.data());
+  s.dst_stride = H * 4;
+  cpu::scatter_rows(s);
+  CHECK(recv_x[0] == 4 && recv_x[3] == 1 && recv_x[6] == 4);
+  std::vector<float> partial(plan.num_rows * H);
+  cpu::ReduceParams red;
+  red.src = s.dst;
+  red.src_stride = H * 4;
+  red.map = row_map.data();
+  red.weights = slot_w.data();
+  red.num_out = plan.num_rows;
+  red.topk = K;
+  red.hidden = H;
+  red.dst = reinterpret_cast<uint8_t*>(partial.data());
+  red.dst_stride = H * 4;
+  cpu::reduce_rows(red);
+  CHECK(partial[0] == 0.5f && partial[2] == 1.5f);
+  CHECK(partial[3] == 12.0f && partial[5] == 18.0f);
+}
+
+void test_errors_carry_location() {
+  bool thrown = false;
+  try {
+    MOE_HOST_ASSERT(1 == 2, "value " << 7);
+  } catch (const Error& e) {
+    thrown = std::strstr(e.what(), "value 7") && std::strstr(e.what(), "test_core.cpp");
+  }
+  CHECK(thrown);
+}
+
+}  // namespace
+
+int main() {
+  test_row_format();
+  test_routing_problems();
+  test_layout();
+  test_conversions();
+  test_pack_expand_reduce();
+  test_errors_carry_location();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all core checks passed\n");
+  return 0;
+}

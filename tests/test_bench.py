@@ -1,0 +1,25 @@
+"""The benchmark runs under torchrun at a small size and reports every record."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "bench", "bench_dispatch_combine.py"), "--tokens", "33", "--hidden", "24",
+           "--experts", "4", "--topk", "2", "--warmup", "1", "--iters", "3", "--json", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "speed-up" in proc.stdout and "dispatch" in proc.stdout
+    records = json.loads(out.read_text())
+    assert {(r["impl"], r["op"]) for r in records} == {
+        (impl, op) for impl in ("moe_comm", "torch_baseline") for op in ("dispatch", "combine", "roundtrip")}
+    for r in records:
+        assert r["median_us"] > 0 and r["p10_us"] <= r["median_us"] <= r["p90_us"]
+        assert r["world_size"] == 2 and r["bytes_intra"] > 0 and r["bytes_inter"] == 0
