@@ -37,8 +37,9 @@ stamp_file=$ROOT/build/.moe_comm_build_stamp
 stamp=$( (cat setup.py; find csrc -type f | sort | xargs cat; "$PY" -c "import torch; print(torch.__version__)") | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! "$PY" -c "import moe_comm" > /dev/null 2>&1; then
   log "building moe_comm (pip install --no-build-isolation -e .)"
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2> "$ROOT/build.log" || { cat "$ROOT/build.log"; exit 1; }
-  grep '\[moe_comm build\]' "$ROOT/build.log" >&2 || true
+  mkdir -p "$ROOT/build"
+  "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$ROOT/build/build.log" 2>&1 || { tail -n 60 "$ROOT/build/build.log"; exit 1; }
+  grep "\[moe_comm build\]" "$ROOT/build/build.log" >&2 || true
   mkdir -p "$(dirname "$stamp_file")"
   echo "$stamp" > "$stamp_file"
 fi
