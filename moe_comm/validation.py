@@ -42,6 +42,16 @@ def _check_device(argument: str, t: torch.Tensor, device: torch.device) -> Optio
     return None
 
 
+def _check_weights(topk_weights, shape: tuple, device: torch.device, rule: str) -> Optional[InputError]:
+    if not isinstance(topk_weights, torch.Tensor):
+        return _type_error("topk_weights", f"must be a torch.Tensor or None, got {type(topk_weights).__name__}")
+    if topk_weights.dtype != torch.float32:
+        return _type_error("topk_weights", f"dtype must be float32, got {topk_weights.dtype}")
+    if tuple(topk_weights.shape) != shape:
+        return _value_error("topk_weights", f"must be {list(shape)}, {rule}; got {tuple(topk_weights.shape)}")
+    return _check_device("topk_weights", topk_weights, device)
+
+
 def check_dispatch_inputs(x, topk_idx, topk_weights, num_experts: int,
                           device: torch.device) -> Optional[InputError]:
     if not isinstance(x, torch.Tensor):
@@ -64,14 +74,7 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, num_experts: int,
     if problem:
         return problem
     if topk_weights is not None:
-        if not isinstance(topk_weights, torch.Tensor):
-            return _type_error("topk_weights", f"must be a torch.Tensor, got {type(topk_weights).__name__}")
-        if topk_weights.dtype != torch.float32:
-            return _type_error("topk_weights", f"dtype must be float32, got {topk_weights.dtype}")
-        if tuple(topk_weights.shape) != tuple(topk_idx.shape):
-            return _value_error("topk_weights", f"must have the shape of topk_idx {tuple(topk_idx.shape)}, "
-                                                f"got {tuple(topk_weights.shape)}")
-        problem = _check_device("topk_weights", topk_weights, device)
+        problem = _check_weights(topk_weights, tuple(topk_idx.shape), device, "the shape of topk_idx")
         if problem:
             return problem
     return check_routing(topk_idx.to(torch.int64).contiguous(), num_experts)
@@ -102,15 +105,6 @@ def check_combine_inputs(expert_y, topk_weights, handle) -> Optional[InputError]
     if problem:
         return problem
     if topk_weights is not None:
-        if not isinstance(topk_weights, torch.Tensor):
-            return _type_error("topk_weights", f"must be a torch.Tensor or None, got {type(topk_weights).__name__}")
-        if topk_weights.dtype != torch.float32:
-            return _type_error("topk_weights", f"dtype must be float32, got {topk_weights.dtype}")
-        expected = (handle.num_tokens, handle.topk)
-        if tuple(topk_weights.shape) != expected:
-            return _value_error("topk_weights", f"must be [T, K] = {list(expected)} as at dispatch, "
-                                                f"got {tuple(topk_weights.shape)}")
-        problem = _check_device("topk_weights", topk_weights, handle.device)
-        if problem:
-            return problem
+        return _check_weights(topk_weights, (handle.num_tokens, handle.topk), handle.device,
+                              "[T, K] as at dispatch")
     return None

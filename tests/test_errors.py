@@ -35,7 +35,7 @@ BAD_INPUTS = {
     "idx duplicate": (lambda x, i, w: (x, torch.cat([i[:, :1], i[:, :1]], 1), w), ValueError,
                       r"expert \d+ appears twice in row 0", "topk_idx"),
     "weights dtype": (lambda x, i, w: (x, i, w.half()), TypeError, r"^topk_weights: dtype must be float32", "topk_weights"),
-    "weights shape": (lambda x, i, w: (x, i, w[:, :1]), ValueError, r"^topk_weights: must have the shape", "topk_weights"),
+    "weights shape": (lambda x, i, w: (x, i, w[:, :1]), ValueError, r"^topk_weights: must be \[5, 2\], the shape of topk_idx", "topk_weights"),
 }
 
 
@@ -73,7 +73,7 @@ def _bad_input_worker(rank, world_size):
     recv_x, recv_w, counts, handle = b
     _expect(lambda: moe_comm.combine(recv_x[1:], handle), ValueError, r"^expert_y: must be \[R, H\]")
     _expect(lambda: moe_comm.combine(recv_x.double(), handle), TypeError, r"^expert_y: dtype must match")
-    _expect(lambda: moe_comm.combine(recv_x, handle, w[:, :1]), ValueError, r"^topk_weights: must be \[T, K\]")
+    _expect(lambda: moe_comm.combine(recv_x, handle, w[:, :1]), ValueError, r"^topk_weights: must be \[5, 2\], \[T, K\] as at dispatch")
     _expect(lambda: moe_comm.combine(recv_x, "handle"), TypeError, r"^handle: must be the handle")
     assert moe_comm.combine(recv_x, handle, w).shape == x.shape
     return True
