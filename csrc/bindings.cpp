@@ -156,9 +156,11 @@ void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_o
 
 // Receiver side of dispatch: -> recv_x [R, H], recv_weights [R], tokens_per_expert [E_local],
 //    row_map [N, K], slot_weights [N, K]
+//    row_order: optional permutation of the rows giving (source rank, source token) order.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows(const Tensor& rows, int64_t hidden,
                                                               c10::ScalarType dtype, int64_t topk,
-                                                              int64_t experts_per_rank) {
+                                                              int64_t experts_per_rank,
+                                                              const std::optional<Tensor>& row_order) {
   expect(rows, "rows", torch::kUInt8, 2);
   const DType dt = to_dtype(dtype, "dtype");
   cpu::ExpandPlanParams plan;
@@ -169,6 +171,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows(const Tensor& row
   plan.num_rows = rows.size(0);
   plan.topk = topk;
   plan.experts_per_rank = experts_per_rank;
+  if (row_order) {
+    expect(*row_order, "row_order", torch::kInt64, 1);
+    MOE_HOST_ASSERT(row_order->size(0) == plan.num_rows,
+                    "row_order has " << row_order->size(0) << " entries for " << plan.num_rows << " rows");
+    Tensor seen = torch::zeros({plan.num_rows}, torch::TensorOptions().dtype(torch::kInt64));
+    if (plan.num_rows) seen.index_add_(0, *row_order, torch::ones_like(*row_order));
+    MOE_HOST_ASSERT(plan.num_rows == 0 || (seen == 1).all().item<bool>(), "row_order is not a permutation");
+    plan.row_order = row_order->data_ptr<int64_t>();
+  }
 
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   Tensor tokens_per_expert = torch::empty({experts_per_rank}, i64);

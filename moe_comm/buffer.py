@@ -1,11 +1,12 @@
 """Buffer: the expert-parallel group, its expert placement, topology and transport."""
 
 import datetime
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from .stages import Stage, flat_stages, hierarchical_stages
 from .topology import Topology, resolve_topology
 
 
@@ -13,7 +14,12 @@ class Buffer:
     """Binds dispatch/combine to a torch.distributed group.
 
     Rank r owns global experts [r * E_local, (r + 1) * E_local), E_local = num_experts / W.
-    Collective: every rank of the group constructs its Buffer with the same arguments.
+    Collective: every rank of the group constructs its Buffer with the same arguments. With
+    hierarchical forwarding (or a timeout) it creates process groups with new_group, which every
+    rank of the default group must enter: construct Buffers on all ranks, in the same order.
+
+    hierarchical: "auto" forwards through one rank per node when the group spans several
+    nodes; True forces it (on one node it is the same as flat); False always sends directly.
     """
 
     def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
@@ -40,16 +46,20 @@ class Buffer:
         self.group = base
         if timeout is not None:
             # A private group carries our own deadline; creating it is collective over the group.
-            ranks = dist.get_process_group_ranks(base) if group is not None else list(range(self.world_size))
+            ranks = dist.get_process_group_ranks(base)
             self.group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout),
                                         backend=dist.get_backend(base))
         self.backend = dist.get_backend(self.group)
         self.topology: Topology = resolve_topology(self.group, self.world_size, self.rank, ranks_per_node)
-        if hierarchical is True:
-            # Two-stage forwarding is its own capability; refuse instead of silently going flat.
-            raise NotImplementedError("hierarchical=True: two-stage forwarding is not built yet; "
-                                      "use hierarchical='auto' or False (flat all-to-all)")
-        self.hierarchical = False
+        multi_node = self.topology.num_nodes > 1
+        self.hierarchical = multi_node if hierarchical == "auto" else bool(hierarchical)
+        if self.hierarchical and not multi_node:
+            # One node: the node stage alone is the flat exchange; nothing to forward.
+            self.hierarchical = False
+        if self.hierarchical:
+            self.stages: List[Stage] = hierarchical_stages(self.group, self.topology, self.experts_per_rank, timeout)
+        else:
+            self.stages = flat_stages(self.group, self.topology, self.experts_per_rank)
         self._workspaces = {}
 
     def workspace(self, name: str, rows: int, row_bytes: int) -> torch.Tensor:

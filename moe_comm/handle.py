@@ -8,20 +8,16 @@ import torch
 
 @dataclass
 class DispatchHandle:
-    """Opaque to users. Rows: N received token rows (one per (source token, this rank)),
-    R expanded expert rows, T local tokens, K top-k slots."""
+    """Opaque to users. Rows: N token rows received by the final stage (one per (source token,
+    this rank)), R expanded expert rows, T local tokens, K top-k slots. `stats` counts the token
+    rows and bytes this rank sent, by link class."""
 
     buffer: object
     num_tokens: int                 # T
     hidden: int                     # H
     topk: int                       # K
     dtype: torch.dtype
-    send_token: torch.Tensor        # [n_send] int64: source token of each send slot (rank-major)
-    send_offsets: torch.Tensor      # [W + 1] int64
-    send_splits: List[int]          # rows sent to each rank
-    recv_splits: List[int]          # rows received from each rank
-    pair_slot: torch.Tensor         # [T, K] int64: send slot of (t, k), -1 masked
-    first_slot: torch.Tensor        # [T, K] int64: send slot on each rank's first slot only
+    plans: list                     # route.StagePlan per stage: where every row went
     row_map: torch.Tensor           # [N, K] int64: expert-major row of (received row, k), -1 masked
     slot_weights: torch.Tensor      # [N, K] float32: dispatch router weights at the receiver
     tokens_per_expert: torch.Tensor  # [E_local] int64

@@ -1,7 +1,8 @@
-"""The wire on CPU/gloo: one fixed-size header exchange, then variable-size row exchanges.
+"""The wire on CPU/gloo: per stage, one fixed-size header exchange, then variable-size row
+exchanges (torch.distributed all_to_all_single with split sizes).
 
-Every collective runs inside `stage(...)`, so a failure or a timeout names this rank and the
-stage it was in.
+Every collective runs inside `stage_errors(...)`, so a failure or a timeout names this rank and
+the stage it was in.
 """
 
 import contextlib
@@ -10,10 +11,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# One header row per peer: what this rank sends that peer, and how it sees the call.
-HEADER_FIELDS = ("count", "hidden", "dtype", "topk", "num_experts", "status")
-H = {name: i for i, name in enumerate(HEADER_FIELDS)}
+from .stages import Stage
 
 
 class CommError(RuntimeError):
@@ -21,7 +19,7 @@ class CommError(RuntimeError):
 
 
 @contextlib.contextmanager
-def stage(buffer, name: str):
+def stage_errors(buffer, name: str):
     try:
         yield
     except (RuntimeError, dist.DistBackendError) as exc:
@@ -32,28 +30,28 @@ def stage(buffer, name: str):
                         f"'{name}' (a peer may have died or not arrived within {timeout}): {exc}") from exc
 
 
-def exchange_header(buffer, header: torch.Tensor, stage_name: str) -> torch.Tensor:
-    """header: [W, len(HEADER_FIELDS)] int64, row d = what this rank tells rank d.
-    -> [W, len(HEADER_FIELDS)], row s = what rank s told this rank."""
-    if buffer.world_size == 1:
+def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> torch.Tensor:
+    """header: [stage.size, F] int64, row d = what this rank tells destination d.
+    -> [stage.size, F], row s = what sender s told this rank."""
+    if stage.size == 1:
         return header.clone()
     received = torch.empty_like(header)
-    with stage(buffer, stage_name):
-        dist.all_to_all_single(received, header, group=buffer.group)
+    with stage_errors(buffer, name):
+        dist.all_to_all_single(received, header, group=stage.group)
     return received
 
 
-def exchange_rows(buffer, send: torch.Tensor, send_splits: List[int], recv_splits: List[int],
-                  stage_name: str) -> torch.Tensor:
-    """Rows [sum(send_splits), ...] out, rows [sum(recv_splits), ...] in, rank-major. Packed
-    uint8 rows land in the Buffer's workspace for this stage (valid until the stage runs again)."""
-    if buffer.world_size == 1:
+def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[int], recv_splits: List[int],
+                  name: str) -> torch.Tensor:
+    """Rows [sum(send_splits), ...] out, rows [sum(recv_splits), ...] in, destination-major.
+    Packed uint8 rows land in the Buffer's workspace for `name` (valid until it runs again)."""
+    if stage.size == 1:
         return send
     shape = (sum(recv_splits),) + tuple(send.shape[1:])
     if send.dtype == torch.uint8 and send.dim() == 2:
-        recv = buffer.workspace(stage_name + "/recv", shape[0], shape[1])
+        recv = buffer.workspace(name + "/recv", shape[0], shape[1])
     else:
         recv = send.new_empty(shape)
-    with stage(buffer, stage_name):
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=buffer.group)
+    with stage_errors(buffer, name):
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
     return recv

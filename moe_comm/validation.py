@@ -13,7 +13,7 @@ from ._native import C
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Codes carried in the header exchange: which argument a rank rejected.
+# Codes carried in the header exchange: which argument a rank rejected (agreement.py adds 4).
 ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights"}
 CODE_OF = {name: code for code, name in ARGUMENT_CODES.items() if name}
 

@@ -105,7 +105,7 @@ def _timeout_worker(rank, world_size):
         return "absent"
     x, idx, w = _good(rank)
     start = time.monotonic()
-    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/header'"):
+    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/flat/header'"):
         moe_comm.dispatch(x, idx, w, buf)
     return time.monotonic() - start
 

@@ -68,9 +68,10 @@ def dense_gradients(case, mode):
     return [(zero(xs[r]), zero(ws[r]), zero(w2s[r])) for r in range(W)], [zero(p) for p in params]
 
 
-def _grad_worker(rank, world_size, cases):
+def _grad_worker(rank, world_size, cases, ranks_per_node=None, hierarchical="auto"):
     for case in cases:
-        buf = moe_comm.Buffer(num_experts=case.num_experts, ranks_per_node=world_size)
+        buf = moe_comm.Buffer(num_experts=case.num_experts, ranks_per_node=ranks_per_node or world_size,
+                              hierarchical=hierarchical)
         per_rank = case.num_experts // world_size
         for mode in MODES:
             xs, idxs, ws = all_inputs(case)

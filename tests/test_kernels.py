@@ -89,10 +89,27 @@ def test_pack_then_expand_equals_reference(dtype, W):
     expected = reference.dispatch_all([x] + empty, [idx] + [idx[:0]] * (W - 1), [w] + [w[:0]] * (W - 1), E)
     for d in range(W):
         segment = rows[offsets[d]:offsets[d + 1]]
-        recv_x, recv_w, counts, row_map, slot_w = C.expand_rows(segment, H, dt, K, E // W)
+        recv_x, recv_w, counts, row_map, slot_w = C.expand_rows(segment, H, dt, K, E // W, None)
         ref_x, ref_w, ref_counts = expected[d]
         assert torch.equal(counts, ref_counts) and torch.equal(recv_x, ref_x) and torch.equal(recv_w, ref_w)
         assert sorted(row_map[row_map >= 0].tolist()) == list(range(recv_x.shape[0]))
+
+
+def test_expand_follows_row_order():
+    """Rows expand in the given order: the order decides each expert's row sequence, the row
+    map still indexes arrival rows."""
+    T, K, E, H = 9, 2, 2, 5
+    idx = _routing(T, K, E, seed=3, mask=0.2)
+    x = torch.arange(T * H, dtype=torch.float32).view(T, H)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, 1)
+    rows = torch.empty((send_token.numel(), C.row_format(H, 4, K, SLOT_META_BYTES)[3]), dtype=torch.uint8)
+    C.pack_rows(x, send_token, offsets, idx, None, E, rows)
+    order = torch.randperm(send_token.numel(), generator=torch.Generator().manual_seed(1))
+    recv_x, _, counts, row_map, _ = C.expand_rows(rows, H, torch.float32, K, E, order)
+    plain_x, _, plain_counts, _, _ = C.expand_rows(rows[order], H, torch.float32, K, E, None)
+    assert torch.equal(counts, plain_counts) and torch.equal(recv_x, plain_x)
+    valid = row_map >= 0
+    assert torch.equal(recv_x[row_map[valid]], x[send_token].repeat_interleave(valid.sum(1), dim=0))
 
 
 @pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
@@ -161,7 +178,9 @@ def test_kernels_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="map points past"):
         C.reduce_rows(torch.zeros(2, 3), torch.tensor([[5]]), None, torch.zeros(1, 3))
     with pytest.raises(RuntimeError, match="rows are"):
-        C.expand_rows(torch.zeros(1, 8, dtype=torch.uint8), 16, torch.float32, 2, 1)
+        C.expand_rows(torch.zeros(1, 8, dtype=torch.uint8), 16, torch.float32, 2, 1, None)
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        C.expand_rows(torch.zeros(2, 32, dtype=torch.uint8), 4, torch.float32, 1, 1, torch.tensor([1, 1]))
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         C.reduce_rows(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64), None,
                       torch.zeros(1, 3))

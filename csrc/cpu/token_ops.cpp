@@ -86,10 +86,11 @@ void count_recv_experts(const ExpandPlanParams& p, int64_t* tokens_per_expert) {
 
 void fill_expand_plan(const ExpandPlanParams& p, const int64_t* expert_offsets, int64_t* row_map,
                       float* slot_weights, float* recv_weights) {
-  // Received rows are ordered by (source rank, source token); walking them in order and
-  // appending to each expert's segment gives the API order inside every expert.
+  // Walking rows in (source rank, source token) order and appending to each expert's segment
+  // gives the API order inside every expert.
   std::vector<int64_t> cursor(expert_offsets, expert_offsets + p.experts_per_rank);
-  for (int64_t i = 0; i < p.num_rows; ++i) {
+  for (int64_t n = 0; n < p.num_rows; ++n) {
+    const int64_t i = p.row_order ? p.row_order[n] : n;
     for (int64_t k = 0; k < p.topk; ++k) {
       const SlotMeta m = read_meta(p, i, k);
       const int64_t flat = i * p.topk + k;

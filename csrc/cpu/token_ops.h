@@ -35,6 +35,10 @@ struct ExpandPlanParams {
   RowFormat fmt;
   int64_t topk = 0;
   int64_t experts_per_rank = 0;
+  // The order in which rows enter each expert's segment (a permutation of [0, num_rows));
+  // null = arrival order. Hierarchical forwarding delivers rows grouped by forwarding rank,
+  // while the API orders them by source rank.
+  const int64_t* row_order = nullptr;
 };
 // tokens_per_expert[experts_per_rank]; throws if a local expert id is out of range.
 void count_recv_experts(const ExpandPlanParams& p, int64_t* tokens_per_expert);
