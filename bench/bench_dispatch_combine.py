@@ -35,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--skew", type=float, default=0.0, help="0 = uniform routing; larger = hotter low experts")
+    p.add_argument("--max-nodes", type=int, help="node-limited routing: each token's experts on at most this many nodes")
+    p.add_argument("--ranks-per-node", type=int, help="simulate nodes of this many ranks (default: torchrun's)")
+    p.add_argument("--hierarchical", choices=["auto", "on", "off"], default="auto",
+                   help="two-stage forwarding through one rank per node (auto: when there are several nodes)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
@@ -45,13 +49,13 @@ def parse_args(argv=None):
     return args
 
 
-def make_routing(args, rank):
+def make_routing(args, rank, num_nodes):
     gen = torch.Generator().manual_seed(1234 + rank)
-    scores = torch.rand(args.tokens, args.experts, generator=gen)
+    logits = torch.randn(args.tokens, args.experts, generator=gen)
     if args.skew:
-        scores = scores * torch.exp(-args.skew * torch.linspace(0, 1, args.experts))
-    idx = scores.topk(args.topk, dim=1).indices
-    weights = torch.softmax(torch.randn(args.tokens, args.topk, generator=gen), dim=1)
+        logits = logits - args.skew * torch.linspace(0, 1, args.experts)
+    max_nodes = min(args.max_nodes or num_nodes, num_nodes)
+    idx, weights = moe_comm.node_limited_topk(logits, args.topk, num_nodes, max_nodes, score_func="softmax")
     x = torch.randn(args.tokens, args.hidden, generator=gen).to(DTYPES[args.dtype])
     return x, idx, weights
 
@@ -94,8 +98,9 @@ def main(argv=None):
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
-    buf = moe_comm.Buffer(num_experts=args.experts)
-    x, idx, weights = make_routing(args, rank)
+    hierarchical = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
+    buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical)
+    x, idx, weights = make_routing(args, rank, buf.topology.num_nodes)
 
     # Same results first: the baseline is only a baseline if it computes the same thing.
     ours = moe_comm.dispatch(x, idx, weights, buf)
@@ -138,11 +143,15 @@ def main(argv=None):
                 p90_us=s[min(len(s) - 1, (9 * len(s)) // 10)] * 1e6, bytes_intra=intra, bytes_inter=inter,
                 gbps_intra=intra / world / median / 1e9 if op != "roundtrip" else None,
                 world_size=world, preset=args.preset, tokens=args.tokens, hidden=args.hidden,
-                experts=args.experts, topk=args.topk, dtype=args.dtype, backend="gloo", device="cpu"))
+                experts=args.experts, topk=args.topk, dtype=args.dtype, backend="gloo", device="cpu",
+                nodes=buf.topology.num_nodes, ranks_per_node=buf.topology.ranks_per_node,
+                hierarchical=buf.hierarchical, max_nodes=args.max_nodes))
     if rank == 0:
         print(f"moe_comm {moe_comm.__version__} | {args.preset}: {world} ranks x {args.tokens} tokens, "
               f"hidden {args.hidden}, {args.experts} experts, top-{args.topk}, {args.dtype}, gloo/CPU, "
-              f"{args.iters} iters (slowest rank per iter)")
+              f"{buf.topology.num_nodes}x{buf.topology.ranks_per_node} nodes x ranks"
+              f"{', hierarchical' if buf.hierarchical else ''}"
+              f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}, {args.iters} iters (slowest rank per iter)")
         print(f"{'op':<10} {'impl':<15} {'median us':>11} {'p10 us':>10} {'p90 us':>10} {'GB/s/rank':>10} {'speed-up':>9}")
         base = {r["op"]: r["median_us"] for r in records if r["impl"] == "torch_baseline"}
         for r in sorted(records, key=lambda r: (["dispatch", "combine", "roundtrip"].index(r["op"]), r["impl"])):

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/layout.h"
+#include "core/routing.h"
 #include "core/row_format.h"
 #include "cpu/token_ops.h"
 #if defined(MOE_COMM_WITH_CUDA)
@@ -289,6 +290,24 @@ Tensor row_dots(const Tensor& a, const Tensor& b, const Tensor& map) {
   return out;
 }
 
+// -> topk_idx [T, topk] int64: node-limited selection on float32 scores [T, E].
+Tensor node_limited_select_cpu(const Tensor& scores, int64_t topk, int64_t num_nodes, int64_t max_nodes,
+                           int64_t node_score_topk) {
+  expect(scores, "scores", torch::kFloat32, 2);
+  Tensor out = torch::empty({scores.size(0), topk}, torch::TensorOptions().dtype(torch::kInt64));
+  NodeLimitedParams p;
+  p.scores = scores.data_ptr<float>();
+  p.num_tokens = scores.size(0);
+  p.num_experts = scores.size(1);
+  p.num_nodes = num_nodes;
+  p.max_nodes = max_nodes;
+  p.node_score_topk = node_score_topk;
+  p.topk = topk;
+  p.topk_idx = out.data_ptr<int64_t>();
+  node_limited_select(p);
+  return out;
+}
+
 #if defined(MOE_COMM_WITH_CUDA)
 // -> tokens_per_rank [W], pairs_per_expert [E], token_in_rank [T, W] bool, on topk_idx's device
 std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int64_t num_experts,
@@ -350,6 +369,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_rows", &scatter_rows);
   m.def("reduce_rows", &reduce_rows);
   m.def("row_dots", &row_dots);
+  m.def("node_limited_select", &node_limited_select_cpu);
 #if defined(MOE_COMM_WITH_CUDA)
   m.def("count_layout_cuda", &count_layout_cuda);
 #endif

@@ -11,7 +11,8 @@ from .buffer import Buffer
 from .build import build_info
 from .handle import DispatchHandle
 from .ops import combine, dispatch
+from .routing import node_limited_topk
 from .transport import CommError
 
-__all__ = ["Buffer", "CommError", "DispatchHandle", "build_info", "combine", "dispatch", "reference"]
+__all__ = ["Buffer", "CommError", "DispatchHandle", "build_info", "combine", "dispatch", "node_limited_topk", "reference"]
 __version__ = "0.1.0"

@@ -78,6 +78,28 @@ def combine_all(expert_ys: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
     return [a.to(out_dtype) for a in acc]
 
 
+def node_limited_topk(scores, k, num_nodes, max_nodes, *, score_func="sigmoid", bias=None,
+                      normalize=True, scaling_factor=1.0, node_score_topk=None):
+    """The oracle of moe_comm.node_limited_topk: mask every expert outside the chosen nodes,
+    then take the top-k by a stable sort (ties to the lower index)."""
+    T, E = scores.shape
+    per_node = E // num_nodes
+    m = node_score_topk or max(1, min(per_node, k // max_nodes))
+    probs = {"sigmoid": torch.sigmoid, "softmax": lambda s: torch.softmax(s, dim=-1),
+             "none": lambda s: s}[score_func](scores.float())
+    select = probs.detach() + (bias.float() if bias is not None else 0.0)
+    best_in_node = select.view(T, num_nodes, per_node).sort(dim=-1, descending=True, stable=True).values
+    node_score = best_in_node[:, :, :m].double().sum(dim=-1)
+    chosen_nodes = node_score.sort(dim=-1, descending=True, stable=True).indices[:, :max_nodes]
+    allowed = torch.zeros(T, num_nodes, dtype=torch.bool).scatter(1, chosen_nodes, True)
+    masked = select.masked_fill(~allowed.repeat_interleave(per_node, dim=1), float("-inf"))
+    topk_idx = masked.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = probs.gather(1, topk_idx)
+    if normalize:
+        weights = weights / (weights.sum(dim=1, keepdim=True) + 1e-20)
+    return topk_idx, weights * scaling_factor
+
+
 @dataclass
 class ReferenceHandle:
     topk_idxs: list

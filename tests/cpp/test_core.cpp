@@ -8,6 +8,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/layout.h"
+#include "core/routing.h"
 #include "core/row_format.h"
 #include "cpu/token_ops.h"
 
@@ -156,6 +157,30 @@ void test_pack_expand_reduce() {
   CHECK(partial[3] == 12.0f && partial[5] == 18.0f);
 }
 
+void test_node_limited_select() {
+  // 2 nodes x 3 experts. Node 1 holds the single best expert (5: 0.9), node 0 the best pair
+  // (0.8 + 0.7 > 0.9 + 0.1), so with max_nodes = 1 and pairs scoring nodes, node 0 wins.
+  const std::vector<float> scores = {0.8f, 0.7f, 0.0f, 0.1f, 0.0f, 0.9f};
+  std::vector<int64_t> out(2);
+  NodeLimitedParams p;
+  p.scores = scores.data();
+  p.num_tokens = 1;
+  p.num_experts = 6;
+  p.num_nodes = 2;
+  p.max_nodes = 1;
+  p.node_score_topk = 2;
+  p.topk = 2;
+  p.topk_idx = out.data();
+  node_limited_select(p);
+  CHECK((out == std::vector<int64_t>{0, 1}));
+  p.node_score_topk = 1;  // scored by the best expert alone, node 1 wins
+  node_limited_select(p);
+  CHECK((out == std::vector<int64_t>{5, 3}));
+  p.max_nodes = 2;
+  node_limited_select(p);
+  CHECK((out == std::vector<int64_t>{5, 0}));
+}
+
 void test_errors_carry_location() {
   bool thrown = false;
   try {
@@ -174,6 +199,7 @@ int main() {
   test_layout();
   test_conversions();
   test_pack_expand_reduce();
+  test_node_limited_select();
   test_errors_carry_location();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
