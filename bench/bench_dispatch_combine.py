@@ -41,7 +41,9 @@ def parse_args(argv=None):
                    help="two-stage forwarding through one rank per node (auto: when there are several nodes)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--plot", metavar="PATH", help="PNG of latency and bandwidth against tokens per rank")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
@@ -91,16 +93,9 @@ def link_bytes(idx, buf, hidden, elem_size):
     return int(t[0]) * hidden * elem_size, int(t[1]) * hidden * elem_size
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    if args.experts % world:
-        raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
-    hierarchical = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
-    buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical)
-    x, idx, weights = make_routing(args, rank, buf.topology.num_nodes)
+def measure(args, buf, world):
+    """Checks moe_comm against the baseline, then times both. -> records (one per impl x op)."""
+    x, idx, weights = make_routing(args, buf.rank, buf.topology.num_nodes)
 
     # Same results first: the baseline is only a baseline if it computes the same thing.
     ours = moe_comm.dispatch(x, idx, weights, buf)
@@ -146,24 +141,58 @@ def main(argv=None):
                 experts=args.experts, topk=args.topk, dtype=args.dtype, backend="gloo", device="cpu",
                 nodes=buf.topology.num_nodes, ranks_per_node=buf.topology.ranks_per_node,
                 hierarchical=buf.hierarchical, max_nodes=args.max_nodes))
-    if rank == 0:
-        print(f"moe_comm {moe_comm.__version__} | {args.preset}: {world} ranks x {args.tokens} tokens, "
-              f"hidden {args.hidden}, {args.experts} experts, top-{args.topk}, {args.dtype}, gloo/CPU, "
-              f"{buf.topology.num_nodes}x{buf.topology.ranks_per_node} nodes x ranks"
-              f"{', hierarchical' if buf.hierarchical else ''}"
-              f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}, {args.iters} iters (slowest rank per iter)")
-        print(f"{'op':<10} {'impl':<15} {'median us':>11} {'p10 us':>10} {'p90 us':>10} {'GB/s/rank':>10} {'speed-up':>9}")
-        base = {r["op"]: r["median_us"] for r in records if r["impl"] == "torch_baseline"}
-        for r in sorted(records, key=lambda r: (["dispatch", "combine", "roundtrip"].index(r["op"]), r["impl"])):
-            r["speedup_vs_baseline"] = base[r["op"]] / r["median_us"]
-            gbps = f"{r['gbps_intra']:.3f}" if r["gbps_intra"] is not None else "-"
-            print(f"{r['op']:<10} {r['impl']:<15} {r['median_us']:>11.1f} {r['p10_us']:>10.1f} "
-                  f"{r['p90_us']:>10.1f} {gbps:>10} {r['speedup_vs_baseline']:>8.2f}x")
-        print(f"bytes per dispatch, all ranks: intra-node {intra}, inter-node {inter}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
-            print(f"wrote {args.json}")
+    base = {r["op"]: r["median_us"] for r in records if r["impl"] == "torch_baseline"}
+    for r in records:
+        r["speedup_vs_baseline"] = base[r["op"]] / r["median_us"]
+    return records
+
+
+def report(args, buf, world, records):
+    """Prints a table per token count on rank 0 and writes --json."""
+    if buf.rank != 0:
+        return
+    topo = buf.topology
+    print(f"moe_comm {moe_comm.__version__} | {args.preset}: {world} ranks, hidden {args.hidden}, "
+          f"{args.experts} experts, top-{args.topk}, {args.dtype}, gloo/CPU, "
+          f"{topo.num_nodes}x{topo.ranks_per_node} nodes x ranks{', hierarchical' if buf.hierarchical else ''}"
+          f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}, "
+          f"{args.iters} iters (slowest rank per iter)")
+    print(f"{'tokens':>6} {'op':<10} {'impl':<15} {'median us':>11} {'p10 us':>10} {'p90 us':>10} "
+          f"{'GB/s/rank':>10} {'speed-up':>9}")
+    order = ["dispatch", "combine", "roundtrip"]
+    for r in sorted(records, key=lambda r: (r["tokens"], order.index(r["op"]), r["impl"])):
+        gbps = f"{r['gbps_intra']:.3f}" if r["gbps_intra"] is not None else "-"
+        print(f"{r['tokens']:>6} {r['op']:<10} {r['impl']:<15} {r['median_us']:>11.1f} {r['p10_us']:>10.1f} "
+              f"{r['p90_us']:>10.1f} {gbps:>10} {r['speedup_vs_baseline']:>8.2f}x")
+    for tokens in sorted({r["tokens"] for r in records}):
+        r = next(r for r in records if r["tokens"] == tokens)
+        print(f"bytes per dispatch at {tokens} tokens/rank, all ranks: intra-node {r['bytes_intra']}, "
+              f"inter-node {r['bytes_inter']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if args.experts % world:
+        raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
+    hierarchical = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
+    buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical)
+    token_counts = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else [args.tokens]
+    records = []
+    for tokens in token_counts:
+        args.tokens = tokens
+        records += measure(args, buf, world)
+    report(args, buf, world, records)
+    if rank == 0 and args.plot:
+        from plot import plot_records
+        plot_records(records, args.plot)
+        print(f"wrote {args.plot}")
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

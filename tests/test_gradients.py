@@ -109,6 +109,26 @@ def _cases(world_size):
     ]
 
 
+def _empty_rank_worker(rank, world_size):
+    """A rank with no tokens, backward through .sum(): its gradients arrive as expanded
+    zero-size tensors."""
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size)
+    T = 0 if rank == 0 else 5
+    x = torch.randn(T, 6, requires_grad=True)
+    w = torch.rand(T, 2, requires_grad=True)
+    idx = torch.rand(T, 4).argsort(dim=1)[:, :2]
+    recv_x, recv_w, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    (moe_comm.combine(recv_x * 2, handle, w).sum() + recv_w.sum()).backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    if T:
+        torch.testing.assert_close(x.grad, (2 * w.detach().sum(1, keepdim=True)).expand_as(x))
+    return True
+
+
+def test_rank_without_tokens_backward_through_sum():
+    assert run_distributed(2, _empty_rank_worker) == [True, True]
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
 def test_gradients_match_dense_reference(world_size):
     assert run_distributed(world_size, _grad_worker, _cases(world_size)) == [True] * world_size
