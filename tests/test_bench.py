@@ -27,3 +27,15 @@ def test_benchmark_runs_and_reports(tmp_path):
         assert r["world_size"] == 2 and r["bytes_inter"] == 0 and r["speedup_vs_baseline"] > 0
         assert (r["bytes_intra"] > 0) == (r["tokens"] > 0)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_example_runs_and_learns(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "examples", "train_tiny_moe.py"), "--steps", "25", "--tokens", "64",
+           "--log-every", "24", "--ranks-per-node", "1", "--max-nodes", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
+    assert "2x1, hierarchical" in proc.stdout

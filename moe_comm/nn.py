@@ -1,0 +1,105 @@
+"""MoELayer: a router, SwiGLU experts sharded over the Buffer's ranks, dispatch/combine between.
+
+Each rank holds E / W experts and the whole router (replicated: sum its gradients over the
+group, as for any data-parallel parameter; `allreduce_replicated_grads` does it).
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ops import combine, dispatch
+from .routing import node_limited_topk
+
+
+class MoELayer(nn.Module):
+    """y = sum over the token's top-k experts of weight * SwiGLU_e(x).
+
+    hidden, ffn_hidden: model and expert widths; num_experts (global), topk.
+    score_func: "softmax" or "sigmoid"; max_nodes: node-limited routing over the Buffer's nodes
+    (None: plain top-k); normalize / scaling_factor: as in node_limited_topk.
+    aux_loss_coef: Switch-style load-balancing loss E * sum_e f_e * P_e over this rank's tokens,
+    kept in `self.aux_loss` (add it to your loss).
+    bias_update_rate: DeepSeek-V3 bias balancing: after each training forward, every expert's
+    selection bias moves by rate * sign(mean load - its load), loads counted over the group.
+    """
+
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, topk: int, buffer, *,
+                 score_func: str = "softmax", max_nodes: Optional[int] = None, normalize: bool = False,
+                 scaling_factor: float = 1.0, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0):
+        super().__init__()
+        if num_experts != buffer.num_experts:
+            raise ValueError(f"num_experts: {num_experts} but the Buffer was built for {buffer.num_experts}")
+        self.buffer = buffer
+        self.num_experts, self.topk = num_experts, topk
+        self.score_func, self.max_nodes = score_func, max_nodes
+        self.normalize, self.scaling_factor = normalize, scaling_factor
+        self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
+        local = buffer.experts_per_rank
+        self.first_expert = buffer.rank * local
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        scale_in, scale_ffn = hidden ** -0.5, ffn_hidden ** -0.5
+        self.w_gate = nn.Parameter(torch.randn(local, hidden, ffn_hidden) * scale_in)
+        self.w_up = nn.Parameter(torch.randn(local, hidden, ffn_hidden) * scale_in)
+        self.w_down = nn.Parameter(torch.randn(local, ffn_hidden, hidden) * scale_ffn)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.aux_loss = torch.zeros(())
+        self.last_load = torch.zeros(num_experts, dtype=torch.int64)
+
+    def route(self, x: torch.Tensor):
+        """x [T, H] -> topk_idx [T, k], topk_weights [T, k] float32, probabilities [T, E]."""
+        logits = self.router(x).float()
+        nodes = self.buffer.topology.num_nodes if self.max_nodes else 1
+        bias = self.expert_bias if self.bias_update_rate else None
+        idx, weights = node_limited_topk(logits, self.topk, nodes, min(self.max_nodes or 1, nodes),
+                                         score_func=self.score_func, bias=bias, normalize=self.normalize,
+                                         scaling_factor=self.scaling_factor)
+        probs = torch.softmax(logits, -1) if self.score_func == "softmax" else torch.sigmoid(logits)
+        return idx, weights, probs
+
+    def run_experts(self, recv_x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """SwiGLU per local expert over the expert-major rows (a loop: CPU torch has no grouped
+        matmul)."""
+        outs = []
+        for e, rows in enumerate(recv_x.split(tokens_per_expert.tolist())):
+            gate = torch.nn.functional.silu(rows @ self.w_gate[e])
+            outs.append((gate * (rows @ self.w_up[e])) @ self.w_down[e])
+        return torch.cat(outs) if outs else recv_x.new_zeros((0, recv_x.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx, weights, probs = self.route(x)
+        recv_x, _, tokens_per_expert, handle = dispatch(x, idx, weights, self.buffer)
+        y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
+        load = torch.bincount(idx[idx >= 0], minlength=self.num_experts)
+        self.aux_loss = self._aux_loss(load, probs) if self.aux_loss_coef else torch.zeros(())
+        if self.buffer.world_size > 1:
+            dist.all_reduce(load, group=self.buffer.group)
+        self.last_load = load
+        if self.training and self.bias_update_rate:
+            with torch.no_grad():
+                self.expert_bias += self.bias_update_rate * torch.sign(load.float().mean() - load.float())
+        return y.reshape(shape)
+
+    def _aux_loss(self, load: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        tokens = probs.shape[0]
+        if tokens == 0:
+            return probs.sum() * 0.0
+        fraction = load.float() / (tokens * self.topk)
+        return self.aux_loss_coef * self.num_experts * (fraction * probs.mean(0)).sum()
+
+
+def allreduce_replicated_grads(module: nn.Module, group=None, average: bool = False,
+                               sharded=("w_gate", "w_up", "w_down")):
+    """Sums (or, with `average`, averages) over the group the gradients of every parameter
+    replicated across it: all but the sharded experts (parameters named in `sharded`)."""
+    size = dist.get_world_size(group)
+    for name, param in module.named_parameters():
+        if param.grad is None or name.split(".")[-1] in sharded:
+            continue
+        dist.all_reduce(param.grad, group=group)
+        if average:
+            param.grad /= size
