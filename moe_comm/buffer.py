@@ -62,6 +62,11 @@ class Buffer:
             self.stages = flat_stages(self.group, self.topology, self.experts_per_rank)
         self._workspaces = {}
 
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes held by this Buffer's reused wire buffers (see README: Memory)."""
+        return sum(t.numel() for t in self._workspaces.values())
+
     def workspace(self, name: str, rows: int, row_bytes: int) -> torch.Tensor:
         """A uint8 [rows, row_bytes] scratch tensor for wire rows, reused across calls (grow-only):
         fresh multi-MB allocations page-fault on every call. Each stage uses its own name, and

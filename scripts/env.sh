@@ -25,10 +25,10 @@ else
     python3 -m venv "$VENV"
   fi
   PY=$VENV/bin/python
-  if ! "$PY" -c "import torch, pytest, ninja, setuptools, wheel, nvidia.nccl, matplotlib" > /dev/null 2>&1; then
+  if ! "$PY" -c "import torch, pytest, ninja, setuptools, wheel, nvidia.nccl, matplotlib, hypothesis" > /dev/null 2>&1; then
     log "installing ${MOE_COMM_TORCH:-torch==2.13.0}, $(nccl_wheel) and the build/test tools"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "${MOE_COMM_TORCH:-torch==2.13.0}" "$(nccl_wheel)" ninja pytest setuptools wheel numpy matplotlib
+    "$PY" -m pip install -q "${MOE_COMM_TORCH:-torch==2.13.0}" "$(nccl_wheel)" ninja pytest setuptools wheel numpy matplotlib hypothesis
   fi
 fi
 
