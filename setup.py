@@ -127,8 +127,8 @@ class BuildWithNvcc(BuildExtension):
             jobs.append((cmd, obj))
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for (cmd, obj), result in zip(jobs, pool.map(
-                    lambda job: subprocess.run(job[0], capture_output=True, text=True), jobs)):
+            for (cmd, _), result in zip(jobs, pool.map(
+                    lambda job: subprocess.run(job[0], capture_output=True, text=True), jobs), strict=True):
                 if result.returncode != 0:
                     raise RuntimeError(f"nvcc failed on {cmd[2]}:\n{result.stdout}{result.stderr}")
         return [obj for _, obj in jobs]

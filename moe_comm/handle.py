@@ -1,7 +1,7 @@
 """DispatchHandle: the layout of one dispatch, reused by combine and by both backwards."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import torch
 

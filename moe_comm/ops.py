@@ -16,7 +16,7 @@ import torch
 from ._native import C
 from .agreement import DTYPE_CODES, build_header, find_problem, local_problem, received_counts
 from .handle import DispatchHandle
-from .route import (SLOT_META_BYTES, StagePlan, collect_pairs, counts_by_block, gather_masked, payload,
+from .route import (SLOT_META_BYTES, counts_by_block, gather_masked, payload,
                     plan_stage, reduce_back, row_format, send_along, slot_meta, source_order)
 from .transport import exchange_header, exchange_rows
 from .validation import check_combine_inputs, check_dispatch_inputs
@@ -187,4 +187,4 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
     return _Combine.apply(expert_y, topk_weights, handle, reuse)
 
 
-__all__ = ["combine", "dispatch", "StagePlan"]
+__all__ = ["combine", "dispatch"]

@@ -43,15 +43,12 @@ def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> to
 
 def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[int], recv_splits: List[int],
                   name: str) -> torch.Tensor:
-    """Rows [sum(send_splits), ...] out, rows [sum(recv_splits), ...] in, destination-major.
-    Packed uint8 rows land in the Buffer's workspace for `name` (valid until it runs again)."""
+    """Packed uint8 rows [sum(send_splits), row_bytes] out, [sum(recv_splits), row_bytes] in,
+    destination-major. What arrives lives in the Buffer's workspace for `name`: valid until
+    that stage runs again (callers copy out before returning)."""
     if stage.size == 1:
         return send
-    shape = (sum(recv_splits),) + tuple(send.shape[1:])
-    if send.dtype == torch.uint8 and send.dim() == 2:
-        recv = buffer.workspace(name + "/recv", shape[0], shape[1])
-    else:
-        recv = send.new_empty(shape)
+    recv = buffer.workspace(name + "/recv", sum(recv_splits), send.shape[1])
     with stage_errors(buffer, name):
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
     return recv

@@ -5,8 +5,8 @@ Payload columns 0..2 encode (source rank, token // 64, token % 64): exact in eve
 misplaced row names where it came from.
 """
 
-from dataclasses import dataclass, replace
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List
 
 import torch
 
