@@ -81,3 +81,14 @@ def _stats_worker(rank, world_size):
 def test_flat_handle_stats_count_rows_per_link_class():
     stats = run_distributed(4, _stats_worker)
     assert sum(s["rows_sent_inter_node"] for s in stats) > 0
+
+
+def _large_worker(rank, world_size):
+    from tests.cases import Case
+    case = Case(world_size, 16, topk=8, hidden=7168, dtype="bfloat16", pattern="masked", tokens=(4097, 1), seed=3)
+    check_case(rank, case, moe_comm.Buffer(num_experts=16, ranks_per_node=1))  # 2 nodes: both stages
+    return True
+
+
+def test_deepseek_width_and_4097_tokens():
+    assert run_distributed(2, _large_worker) == [True, True]
