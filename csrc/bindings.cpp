@@ -35,12 +35,13 @@ DType to_dtype(c10::ScalarType t, const char* name) {
   return DType::kFloat32;  // unreachable
 }
 
-void expect_cpu(const Tensor& t, const char* name) {
-  MOE_HOST_ASSERT(t.device().is_cpu(), name << " must be a CPU tensor, got " << t.device());
+void expect_device(const Tensor& t, const char* name, const c10::Device& device) {
+  MOE_HOST_ASSERT(t.device() == device, name << " must be on " << device << ", got " << t.device());
 }
 
-void expect(const Tensor& t, const char* name, c10::ScalarType dtype, int64_t dim) {
-  expect_cpu(t, name);
+void expect(const Tensor& t, const char* name, c10::ScalarType dtype, int64_t dim,
+            const c10::Device& device = c10::Device(c10::kCPU)) {
+  expect_device(t, name, device);
   MOE_HOST_ASSERT(t.scalar_type() == dtype, name << " must be " << dtype << ", got " << t.scalar_type());
   MOE_HOST_ASSERT(t.dim() == dim, name << " must have " << dim << " dims, got " << t.dim());
   MOE_HOST_ASSERT(t.is_contiguous(), name << " must be contiguous");
@@ -55,8 +56,8 @@ struct RowView {
   DType dtype;
 };
 
-RowView row_view(const Tensor& t, const char* name) {
-  expect_cpu(t, name);
+RowView row_view(const Tensor& t, const char* name, const c10::Device& device = c10::Device(c10::kCPU)) {
+  expect_device(t, name, device);
   MOE_HOST_ASSERT(t.dim() == 2, name << " must be 2-D, got " << t.dim() << " dims");
   // Empty tensors touch no memory (and keep any strides through .contiguous()).
   MOE_HOST_ASSERT(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, name << " rows must be contiguous");
@@ -77,9 +78,10 @@ Routing routing_of(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   return r;
 }
 
-const float* optional_weights(const std::optional<Tensor>& w, int64_t rows, int64_t topk, const char* name) {
+const float* optional_weights(const std::optional<Tensor>& w, int64_t rows, int64_t topk, const char* name,
+                              const c10::Device& device = c10::Device(c10::kCPU)) {
   if (!w) return nullptr;
-  expect(*w, name, torch::kFloat32, 2);
+  expect(*w, name, torch::kFloat32, 2, device);
   MOE_HOST_ASSERT(w->size(0) == rows && w->size(1) == topk,
                   name << " must be [" << rows << ", " << topk << "], got " << w->sizes());
   return w->data_ptr<float>();
@@ -334,6 +336,119 @@ std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int
   MOE_CUDA_CHECK(cuda::launch_count_layout(p, reinterpret_cast<cudaStream_t>(stream)));
   return {tokens_per_rank, pairs_per_expert, token_in_rank};
 }
+
+cuda::ElemType elem_type(DType t) { return static_cast<cuda::ElemType>(static_cast<int32_t>(t)); }
+cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// The device twins of pack_rows / scatter_rows / reduce_rows / row_dots. Index arrays come from
+// our own plans and are not range-checked here (that would cost a device sync).
+void pack_rows_cuda(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
+                    const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
+                    int64_t experts_per_rank, const Tensor& out, int64_t stream) {
+  const c10::Device dev = out.device();
+  MOE_HOST_ASSERT(dev.is_cuda(), "out must be a CUDA tensor, got " << dev);
+  const RowView in = row_view(src, "src", dev);
+  expect(send_token, "send_token", torch::kInt64, 1, dev);
+  expect(send_offsets, "send_offsets", torch::kInt64, 1, dev);
+  cuda::PackKernelParams p;
+  int64_t topk = 0;
+  if (topk_idx) {
+    expect(*topk_idx, "topk_idx", torch::kInt64, 2, dev);
+    MOE_HOST_ASSERT(topk_idx->size(0) == in.rows, "topk_idx has " << topk_idx->size(0) << " rows, src " << in.rows);
+    topk = topk_idx->size(1);
+    p.topk_idx = topk_idx->data_ptr<int64_t>();
+    p.topk_weights = optional_weights(topk_weights, in.rows, topk, "topk_weights", dev);
+  }
+  const RowFormat f = make_row_format(in.cols, dtype_size(in.dtype), topk, sizeof(SlotMeta));
+  expect(out, "out", torch::kUInt8, 2, dev);
+  MOE_HOST_ASSERT(out.size(0) == send_token.size(0) && out.size(1) == f.row_bytes,
+                  "out must be [" << send_token.size(0) << ", " << f.row_bytes << "], got " << out.sizes());
+  p.src = in.data;
+  p.src_stride = in.stride_bytes;
+  p.payload_bytes = f.payload_bytes;
+  p.meta_offset = f.meta_offset;
+  p.row_bytes = f.row_bytes;
+  p.send_token = send_token.data_ptr<int64_t>();
+  p.send_offsets = send_offsets.data_ptr<int64_t>();
+  p.num_ranks = send_offsets.size(0) - 1;
+  p.num_rows = send_token.size(0);
+  p.dst = out.data_ptr<uint8_t>();
+  p.topk = topk;
+  p.experts_per_rank = experts_per_rank;
+  MOE_CUDA_CHECK(cuda::launch_pack_rows(p, as_stream(stream)));
+}
+
+void scatter_rows_cuda(const Tensor& src, const Tensor& row_map, const std::optional<Tensor>& weights,
+                       const Tensor& dst, int64_t stream) {
+  const c10::Device dev = dst.device();
+  MOE_HOST_ASSERT(dev.is_cuda(), "dst must be a CUDA tensor, got " << dev);
+  const RowView in = row_view(src, "src", dev);
+  const RowView out = row_view(dst, "dst", dev);
+  expect(row_map, "row_map", torch::kInt64, 2, dev);
+  MOE_HOST_ASSERT(row_map.size(0) == in.rows, "row_map has " << row_map.size(0) << " rows, src " << in.rows);
+  MOE_HOST_ASSERT(in.dtype == out.dtype && in.cols == out.cols, "src and dst rows must match");
+  cuda::ScatterKernelParams p;
+  p.src = in.data;
+  p.src_stride = in.stride_bytes;
+  p.num_src = in.rows;
+  p.row_map = row_map.data_ptr<int64_t>();
+  p.topk = row_map.size(1);
+  p.weights = optional_weights(weights, in.rows, p.topk, "weights", dev);
+  p.hidden = in.cols;
+  p.dtype = elem_type(in.dtype);
+  p.dst = out.data;
+  p.dst_stride = out.stride_bytes;
+  MOE_CUDA_CHECK(cuda::launch_scatter_rows(p, as_stream(stream)));
+}
+
+void reduce_rows_cuda(const Tensor& src, const Tensor& map, const std::optional<Tensor>& weights,
+                      const Tensor& dst, int64_t stream) {
+  const c10::Device dev = dst.device();
+  MOE_HOST_ASSERT(dev.is_cuda(), "dst must be a CUDA tensor, got " << dev);
+  const RowView in = row_view(src, "src", dev);
+  const RowView out = row_view(dst, "dst", dev);
+  expect(map, "map", torch::kInt64, 2, dev);
+  MOE_HOST_ASSERT(map.size(0) == out.rows, "map has " << map.size(0) << " rows, dst " << out.rows);
+  MOE_HOST_ASSERT(in.cols == out.cols, "src has " << in.cols << " columns, dst " << out.cols);
+  cuda::ReduceKernelParams p;
+  p.src = in.data;
+  p.src_stride = in.stride_bytes;
+  p.src_dtype = elem_type(in.dtype);
+  p.map = map.data_ptr<int64_t>();
+  p.num_out = out.rows;
+  p.topk = map.size(1);
+  p.weights = optional_weights(weights, out.rows, p.topk, "weights", dev);
+  p.hidden = in.cols;
+  p.dst = out.data;
+  p.dst_stride = out.stride_bytes;
+  p.dst_dtype = elem_type(out.dtype);
+  MOE_CUDA_CHECK(cuda::launch_reduce_rows(p, as_stream(stream)));
+}
+
+Tensor row_dots_cuda(const Tensor& a, const Tensor& b, const Tensor& map, int64_t stream) {
+  const c10::Device dev = a.device();
+  MOE_HOST_ASSERT(dev.is_cuda(), "a must be a CUDA tensor, got " << dev);
+  const RowView va = row_view(a, "a", dev);
+  const RowView vb = row_view(b, "b", dev);
+  expect(map, "map", torch::kInt64, 2, dev);
+  MOE_HOST_ASSERT(map.size(0) == va.rows, "map has " << map.size(0) << " rows, a " << va.rows);
+  MOE_HOST_ASSERT(va.cols == vb.cols, "a has " << va.cols << " columns, b " << vb.cols);
+  Tensor out = torch::empty({va.rows, map.size(1)}, a.options().dtype(torch::kFloat32));
+  cuda::DotKernelParams p;
+  p.a = va.data;
+  p.a_stride = va.stride_bytes;
+  p.a_dtype = elem_type(va.dtype);
+  p.b = vb.data;
+  p.b_stride = vb.stride_bytes;
+  p.b_dtype = elem_type(vb.dtype);
+  p.map = map.data_ptr<int64_t>();
+  p.num_rows = va.rows;
+  p.topk = map.size(1);
+  p.hidden = va.cols;
+  p.out = out.data_ptr<float>();
+  MOE_CUDA_CHECK(cuda::launch_row_dots(p, as_stream(stream)));
+  return out;
+}
 #endif
 
 py::dict native_build_info() {
@@ -373,5 +488,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("node_limited_select", &node_limited_select_cpu);
 #if defined(MOE_COMM_WITH_CUDA)
   m.def("count_layout_cuda", &count_layout_cuda);
+  m.def("pack_rows_cuda", &pack_rows_cuda);
+  m.def("scatter_rows_cuda", &scatter_rows_cuda);
+  m.def("reduce_rows_cuda", &reduce_rows_cuda);
+  m.def("row_dots_cuda", &row_dots_cuda);
 #endif
 }

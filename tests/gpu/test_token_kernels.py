@@ -1,0 +1,106 @@
+"""The CUDA token kernels (csrc/kernels/token_ops.cu) against their CPU twins: outputs poisoned
+first so an unwritten row is caught; odd sizes, 0 rows, all dtypes, strided (unaligned) rows."""
+
+import pytest
+import torch
+
+import moe_comm
+from moe_comm.route import SLOT_META_BYTES
+from tests.cases import DTYPES
+
+C = moe_comm.C
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
+]
+
+
+def _stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _routing(T, K, E, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].contiguous()
+    return idx.masked_fill(torch.rand(T, K, generator=gen) < 0.25, -1)
+
+
+def _row_map(N, K, seed):
+    """A valid expansion map: every target row exactly once. -> map [N, K], rows R."""
+    gen = torch.Generator().manual_seed(seed)
+    valid = torch.rand(N, K, generator=gen) < 0.7
+    R = int(valid.sum())
+    rows = torch.full((N, K), -1, dtype=torch.int64)
+    rows[valid] = torch.randperm(R, generator=gen)
+    return rows, R
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("T,H,K,E,W", [(0, 8, 2, 8, 2), (1, 7, 1, 4, 4), (301, 33, 4, 16, 4), (4097, 7168, 8, 64, 8)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_pack_rows(dtype, T, H, K, E, W, strided):
+    dt = DTYPES[dtype]
+    idx = _routing(T, K, E, seed=T + H)
+    base = torch.randn(T, H + 3).to(dt)
+    x = base[:, 1:H + 1] if strided else base[:, :H].contiguous()  # strided: rows not 16-aligned
+    w = torch.rand(T, K)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, W)
+    row_bytes = C.row_format(H, x.element_size(), K, SLOT_META_BYTES)[3]
+    for meta in (True, False):
+        cols = row_bytes if meta else C.row_format(H, x.element_size(), 0, 0)[3]
+        cpu = torch.full((send_token.numel(), cols), 0xAB, dtype=torch.uint8)
+        C.pack_rows(x, send_token, offsets, idx if meta else None, w if meta else None, E // W, cpu)
+        gpu = torch.full_like(cpu, 0xCD).cuda()
+        C.pack_rows_cuda(x.cuda(), send_token.cuda(), offsets.cuda(), idx.cuda() if meta else None,
+                         w.cuda() if meta else None, E // W, gpu, _stream())
+        torch.cuda.synchronize()
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("N,K,H", [(0, 2, 8), (1, 1, 1), (257, 4, 33), (2048, 8, 7168)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scatter_rows(dtype, N, K, H, weighted):
+    dt = DTYPES[dtype]
+    row_map, R = _row_map(N, K, seed=N)
+    src = torch.randn(N, H).to(dt)
+    weights = torch.rand(N, K) if weighted else None
+    cpu = torch.full((R, H), float("nan")).to(dt)
+    C.scatter_rows(src, row_map, weights, cpu)
+    gpu = torch.full((R, H), 12345.0).to(dt).cuda()
+    C.scatter_rows_cuda(src.cuda(), row_map.cuda(), weights.cuda() if weighted else None, gpu, _stream())
+    torch.cuda.synchronize()
+    assert torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                                 ("float16", "float16"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("N,K,H,R", [(0, 2, 8, 5), (3, 1, 1, 2), (400, 8, 33, 900), (4097, 8, 7168, 4000)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reduce_rows(src_dtype, dst_dtype, N, K, H, R, weighted):
+    gen = torch.Generator().manual_seed(N + K)
+    src = torch.randn(R, H, generator=gen).to(DTYPES[src_dtype])
+    index = torch.randint(0, R, (N, K), generator=gen).masked_fill(torch.rand(N, K, generator=gen) < 0.3, -1)
+    weights = torch.rand(N, K, generator=gen) if weighted else None
+    cpu = torch.full((N, H), float("nan")).to(DTYPES[dst_dtype])
+    C.reduce_rows(src, index, weights, cpu)
+    gpu = torch.full((N, H), 777.0).to(DTYPES[dst_dtype]).cuda()
+    C.reduce_rows_cuda(src.cuda(), index.cuda(), weights.cuda() if weighted else None, gpu, _stream())
+    torch.cuda.synchronize()
+    # Same summation order (k ascending, float32); fused multiply-add may differ in the last bit.
+    torch.testing.assert_close(gpu.cpu().float(), cpu.float(), rtol=1e-6 if dst_dtype == "float32" else 8e-3,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("N,K,H", [(0, 2, 8), (1, 1, 1), (300, 4, 33), (1024, 8, 7168)])
+def test_row_dots(dtype, N, K, H):
+    dt = DTYPES[dtype]
+    row_map, R = _row_map(N, K, seed=H)
+    a = torch.randn(N, H).to(dt)
+    b = torch.randn(R, H).to(dt)
+    cpu = C.row_dots(a, b, row_map)
+    gpu = C.row_dots_cuda(a.cuda(), b.cuda(), row_map.cuda(), _stream())
+    torch.cuda.synchronize()
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4 * H ** 0.5)
