@@ -312,10 +312,15 @@ Tensor node_limited_select_cpu(const Tensor& scores, int64_t topk, int64_t num_n
 }
 
 #if defined(MOE_COMM_WITH_CUDA)
+// Our CUDA runtime is linked statically: its current device is its own, not torch's. Select the
+// tensors' device before every launch, or a rank on GPU 3 would launch on GPU 0.
+void use_device(const c10::Device& device) { MOE_CUDA_CHECK(cudaSetDevice(device.index())); }
+
 // -> tokens_per_rank [W], pairs_per_expert [E], token_in_rank [T, W] bool, on topk_idx's device
 std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int64_t num_experts,
                                                      int64_t num_ranks, int64_t stream) {
   MOE_HOST_ASSERT(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor, got " << topk_idx.device());
+  use_device(topk_idx.device());
   MOE_HOST_ASSERT(topk_idx.scalar_type() == torch::kInt64 && topk_idx.dim() == 2 && topk_idx.is_contiguous(),
                   "topk_idx must be a contiguous 2-D int64 tensor");
   MOE_HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0,
@@ -347,6 +352,7 @@ void pack_rows_cuda(const Tensor& src, const Tensor& send_token, const Tensor& s
                     int64_t experts_per_rank, const Tensor& out, int64_t stream) {
   const c10::Device dev = out.device();
   MOE_HOST_ASSERT(dev.is_cuda(), "out must be a CUDA tensor, got " << dev);
+  use_device(dev);
   const RowView in = row_view(src, "src", dev);
   expect(send_token, "send_token", torch::kInt64, 1, dev);
   expect(send_offsets, "send_offsets", torch::kInt64, 1, dev);
@@ -382,6 +388,7 @@ void scatter_rows_cuda(const Tensor& src, const Tensor& row_map, const std::opti
                        const Tensor& dst, int64_t stream) {
   const c10::Device dev = dst.device();
   MOE_HOST_ASSERT(dev.is_cuda(), "dst must be a CUDA tensor, got " << dev);
+  use_device(dev);
   const RowView in = row_view(src, "src", dev);
   const RowView out = row_view(dst, "dst", dev);
   expect(row_map, "row_map", torch::kInt64, 2, dev);
@@ -405,6 +412,7 @@ void reduce_rows_cuda(const Tensor& src, const Tensor& map, const std::optional<
                       const Tensor& dst, int64_t stream) {
   const c10::Device dev = dst.device();
   MOE_HOST_ASSERT(dev.is_cuda(), "dst must be a CUDA tensor, got " << dev);
+  use_device(dev);
   const RowView in = row_view(src, "src", dev);
   const RowView out = row_view(dst, "dst", dev);
   expect(map, "map", torch::kInt64, 2, dev);
@@ -425,9 +433,77 @@ void reduce_rows_cuda(const Tensor& src, const Tensor& map, const std::optional<
   MOE_CUDA_CHECK(cuda::launch_reduce_rows(p, as_stream(stream)));
 }
 
+// Device twin of expand_rows: -> recv_x [R, H], recv_weights [R], tokens_per_expert [E_local]
+// (on the CPU, as the API promises: the one host synchronisation, which sizes the outputs),
+// row_map [N, K], slot_weights [N, K].
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows_cuda(const Tensor& rows, int64_t hidden,
+                                                                   c10::ScalarType dtype, int64_t topk,
+                                                                   int64_t experts_per_rank,
+                                                                   const std::optional<Tensor>& row_order,
+                                                                   int64_t stream) {
+  const c10::Device dev = rows.device();
+  MOE_HOST_ASSERT(dev.is_cuda(), "rows must be a CUDA tensor, got " << dev);
+  use_device(dev);
+  expect(rows, "rows", torch::kUInt8, 2, dev);
+  const DType dt = to_dtype(dtype, "dtype");
+  const RowFormat f = make_row_format(hidden, dtype_size(dt), topk, sizeof(SlotMeta));
+  MOE_HOST_ASSERT(rows.size(1) == f.row_bytes, "rows are " << rows.size(1) << " bytes wide, expected " << f.row_bytes);
+  const int64_t N = rows.size(0);
+  auto i64 = rows.options().dtype(torch::kInt64);
+  cuda::ExpandPlanKernelParams p;
+  if (row_order) {
+    expect(*row_order, "row_order", torch::kInt64, 1, dev);
+    MOE_HOST_ASSERT(row_order->size(0) == N, "row_order has " << row_order->size(0) << " entries for " << N << " rows");
+    p.row_order = row_order->data_ptr<int64_t>();
+  }
+  Tensor flags = torch::empty({experts_per_rank * N}, i64);
+  Tensor positions = torch::empty({experts_per_rank * N}, i64);
+  Tensor tokens_per_expert = torch::empty({experts_per_rank}, i64);
+  Tensor row_map = torch::empty({N, topk}, i64);
+  Tensor slot_weights = torch::empty({N, topk}, rows.options().dtype(torch::kFloat32));
+  p.rows = rows.data_ptr<uint8_t>();
+  p.num_rows = N;
+  p.row_bytes = f.row_bytes;
+  p.meta_offset = f.meta_offset;
+  p.topk = topk;
+  p.experts_per_rank = experts_per_rank;
+  p.flags = flags.data_ptr<int64_t>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.tokens_per_expert = tokens_per_expert.data_ptr<int64_t>();
+  p.row_map = row_map.data_ptr<int64_t>();
+  p.slot_weights = slot_weights.data_ptr<float>();
+  const cudaStream_t s = as_stream(stream);
+  MOE_CUDA_CHECK(cuda::launch_expand_count(p, s));
+  const size_t scratch_bytes = cuda::expand_scan_workspace_bytes(experts_per_rank * N);
+  Tensor scratch = torch::empty({static_cast<int64_t>(scratch_bytes) + 1}, rows.options());
+  MOE_CUDA_CHECK(cuda::launch_expand_scan(p, scratch.data_ptr(), scratch_bytes, s));
+  Tensor counts = torch::empty({experts_per_rank}, torch::TensorOptions().dtype(torch::kInt64));
+  MOE_CUDA_CHECK(cudaMemcpyAsync(counts.data_ptr<int64_t>(), p.tokens_per_expert,
+                                 experts_per_rank * sizeof(int64_t), cudaMemcpyDeviceToHost, s));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+  const int64_t total = counts.sum().item<int64_t>();
+  Tensor recv_x = torch::empty({total, hidden}, rows.options().dtype(dtype));
+  Tensor recv_weights = torch::empty({total}, rows.options().dtype(torch::kFloat32));
+  p.recv_weights = recv_weights.data_ptr<float>();
+  MOE_CUDA_CHECK(cuda::launch_expand_fill(p, s));
+  cuda::ScatterKernelParams c;
+  c.src = p.rows;
+  c.src_stride = f.row_bytes;
+  c.num_src = N;
+  c.row_map = p.row_map;
+  c.topk = topk;
+  c.hidden = hidden;
+  c.dtype = elem_type(dt);
+  c.dst = static_cast<uint8_t*>(recv_x.data_ptr());
+  c.dst_stride = hidden * dtype_size(dt);
+  MOE_CUDA_CHECK(cuda::launch_scatter_rows(c, s));
+  return {recv_x, recv_weights, counts, row_map, slot_weights};
+}
+
 Tensor row_dots_cuda(const Tensor& a, const Tensor& b, const Tensor& map, int64_t stream) {
   const c10::Device dev = a.device();
   MOE_HOST_ASSERT(dev.is_cuda(), "a must be a CUDA tensor, got " << dev);
+  use_device(dev);
   const RowView va = row_view(a, "a", dev);
   const RowView vb = row_view(b, "b", dev);
   expect(map, "map", torch::kInt64, 2, dev);
@@ -492,5 +568,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_rows_cuda", &scatter_rows_cuda);
   m.def("reduce_rows_cuda", &reduce_rows_cuda);
   m.def("row_dots_cuda", &row_dots_cuda);
+  m.def("expand_rows_cuda", &expand_rows_cuda);
 #endif
 }

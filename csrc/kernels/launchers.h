@@ -92,6 +92,33 @@ struct DotKernelParams {  // out[i, k] = dot(a[i], b[map[i, k]]), 0 where map < 
 };
 cudaError_t launch_row_dots(const DotKernelParams& p, cudaStream_t stream);
 
+// Receiver-side expansion plan (device twin of cpu::count_recv_experts + fill_expand_plan).
+// flags/positions are [experts_per_rank * num_rows] int64, expert-major: flag (e, n) marks that
+// the n-th row in API order holds local expert e; one exclusive scan over the whole array then
+// gives each (e, n) its expert-major output row.
+struct ExpandPlanKernelParams {
+  const uint8_t* rows = nullptr;       // [num_rows, row_bytes] with SlotMeta at meta_offset
+  int64_t num_rows = 0;
+  int64_t row_bytes = 0;
+  int64_t meta_offset = 0;
+  int64_t topk = 0;
+  int64_t experts_per_rank = 0;
+  const int64_t* row_order = nullptr;  // [num_rows] or null: arrival order
+  int64_t* flags = nullptr;
+  int64_t* positions = nullptr;
+  int64_t* tokens_per_expert = nullptr;  // [experts_per_rank]
+  int64_t* row_map = nullptr;          // [num_rows, topk]
+  float* slot_weights = nullptr;       // [num_rows, topk]
+  float* recv_weights = nullptr;       // [R]
+};
+// Zeroes and sets flags and counts. Local expert ids must be in range (our own packing).
+cudaError_t launch_expand_count(const ExpandPlanKernelParams& p, cudaStream_t stream);
+// Scratch bytes the scan needs for `count` elements.
+size_t expand_scan_workspace_bytes(int64_t count);
+cudaError_t launch_expand_scan(const ExpandPlanKernelParams& p, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t stream);
+
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.
 int runtime_version();
 

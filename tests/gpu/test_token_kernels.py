@@ -104,3 +104,24 @@ def test_row_dots(dtype, N, K, H):
     gpu = C.row_dots_cuda(a.cuda(), b.cuda(), row_map.cuda(), _stream())
     torch.cuda.synchronize()
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4 * H ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("T,H,K,E", [(0, 8, 2, 4), (1, 7, 1, 1), (300, 33, 4, 8), (4097, 7168, 8, 32)])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_expand_rows(dtype, T, H, K, E, ordered):
+    dt = DTYPES[dtype]
+    idx = _routing(T, K, E, seed=T + K)
+    x = torch.randn(T, H).to(dt)
+    w = torch.rand(T, K)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, 1)
+    rows = torch.empty((send_token.numel(), C.row_format(H, x.element_size(), K, SLOT_META_BYTES)[3]),
+                       dtype=torch.uint8)
+    C.pack_rows(x, send_token, offsets, idx, w, E, rows)
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(2)) if ordered else None
+    cpu = C.expand_rows(rows, H, dt, K, E, order)
+    gpu = C.expand_rows_cuda(rows.cuda(), H, dt, K, E, order.cuda() if ordered else None, _stream())
+    torch.cuda.synchronize()
+    assert gpu[2].device.type == "cpu"  # tokens_per_expert on the host, as the API says
+    for name, g, c in zip(("recv_x", "recv_weights", "tokens_per_expert", "row_map", "slot_weights"), gpu, cpu):
+        assert torch.equal(g.cpu(), c), name
