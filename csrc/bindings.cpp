@@ -87,6 +87,31 @@ const float* optional_weights(const std::optional<Tensor>& w, int64_t rows, int6
   return w->data_ptr<float>();
 }
 
+#if defined(MOE_COMM_WITH_CUDA)
+// Our CUDA runtime is linked statically: its current device is its own, not torch's. Select the
+// tensors' device before every launch, or a rank on GPU 3 would launch on GPU 0.
+void use_device(const c10::Device& device) { MOE_CUDA_CHECK(cudaSetDevice(device.index())); }
+cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// Runs the CPU kernel for CPU tensors, the CUDA launcher on `stream` for CUDA tensors.
+#define MOE_RUN(dev, stream, cpu_fn, cuda_fn, params)            \
+  do {                                                           \
+    if ((dev).is_cpu()) {                                        \
+      cpu_fn(params);                                            \
+    } else {                                                     \
+      use_device(dev);                                           \
+      MOE_CUDA_CHECK(cuda_fn(params, as_stream(stream)));        \
+    }                                                            \
+  } while (0)
+#else
+#define MOE_RUN(dev, stream, cpu_fn, cuda_fn, params)                                        \
+  do {                                                                                       \
+    MOE_HOST_ASSERT((dev).is_cpu(), "moe_comm was built without CUDA: tensors on " << (dev) \
+                                                                                 << " are not supported"); \
+    cpu_fn(params);                                                                          \
+  } while (0)
+#endif
+
 py::tuple row_format(int64_t hidden, int64_t elem_size, int64_t topk, int64_t meta_bytes_per_slot) {
   const RowFormat f = make_row_format(hidden, elem_size, topk, meta_bytes_per_slot);
   return py::make_tuple(f.payload_bytes, f.meta_offset, f.meta_bytes, f.row_bytes);
@@ -118,45 +143,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> plan_send(const Tenso
   return {tokens_per_rank, pairs_per_expert, send_offsets, send_token, pair_slot, first_slot};
 }
 
-// Packs src rows (one per send slot) into uint8 rows; with topk_idx the dispatch SlotMeta
-// block follows each payload.
-// `out`: uint8 [n_send, row_bytes] to fill (a reused workspace); the row format comes from
-// src's width and dtype and topk_idx's K.
+// Packs src rows (one per send slot) into uint8 rows `out` (a reused workspace); with topk_idx
+// the dispatch SlotMeta block follows each payload. The row format comes from src's width and
+// dtype and topk_idx's K. CPU or CUDA, by out's device.
 void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
                const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
-               int64_t experts_per_rank, const Tensor& out) {
-  const RowView in = row_view(src, "src");
-  expect(send_token, "send_token", torch::kInt64, 1);
-  expect(send_offsets, "send_offsets", torch::kInt64, 1);
-  const int64_t num_ranks = send_offsets.size(0) - 1;
-  const int64_t num_rows = send_token.size(0);
-  MOE_HOST_ASSERT(send_offsets[num_ranks].item<int64_t>() == num_rows,
-                  "send_offsets end at " << send_offsets[num_ranks].item<int64_t>() << ", not " << num_rows);
-  cpu::PackParams p;
+               int64_t experts_per_rank, const Tensor& out, int64_t stream) {
+  const c10::Device dev = out.device();
+  const RowView in = row_view(src, "src", dev);
+  expect(send_token, "send_token", torch::kInt64, 1, dev);
+  expect(send_offsets, "send_offsets", torch::kInt64, 1, dev);
+  PackParams p;
+  p.num_ranks = send_offsets.size(0) - 1;
+  p.num_rows = send_token.size(0);
   if (topk_idx) {
-    expect(*topk_idx, "topk_idx", torch::kInt64, 2);
+    expect(*topk_idx, "topk_idx", torch::kInt64, 2, dev);
     MOE_HOST_ASSERT(topk_idx->size(0) == in.rows, "topk_idx has " << topk_idx->size(0)
                                                       << " rows, src has " << in.rows);
     p.topk_idx = topk_idx->data_ptr<int64_t>();
     p.topk = topk_idx->size(1);
-    p.topk_weights = optional_weights(topk_weights, in.rows, p.topk, "topk_weights");
+    p.topk_weights = optional_weights(topk_weights, in.rows, p.topk, "topk_weights", dev);
   }
   p.fmt = make_row_format(in.cols, dtype_size(in.dtype), p.topk, sizeof(SlotMeta));
-  expect(out, "out", torch::kUInt8, 2);
-  MOE_HOST_ASSERT(out.size(0) == num_rows && out.size(1) == p.fmt.row_bytes,
-                  "out must be [" << num_rows << ", " << p.fmt.row_bytes << "], got " << out.sizes());
+  expect(out, "out", torch::kUInt8, 2, dev);
+  MOE_HOST_ASSERT(out.size(0) == p.num_rows && out.size(1) == p.fmt.row_bytes,
+                  "out must be [" << p.num_rows << ", " << p.fmt.row_bytes << "], got " << out.sizes());
+  if (dev.is_cpu()) {  // our own plans; checked where it costs no device sync
+    MOE_HOST_ASSERT(send_offsets[p.num_ranks].item<int64_t>() == p.num_rows,
+                    "send_offsets end at " << send_offsets[p.num_ranks].item<int64_t>() << ", not " << p.num_rows);
+    const int64_t* tokens = send_token.data_ptr<int64_t>();
+    for (int64_t j = 0; j < p.num_rows; ++j) {
+      MOE_HOST_ASSERT(tokens[j] >= 0 && tokens[j] < in.rows, "send_token[" << j << "] out of range");
+    }
+  }
   p.src = in.data;
   p.src_stride = in.stride_bytes;
   p.send_token = send_token.data_ptr<int64_t>();
   p.send_offsets = send_offsets.data_ptr<int64_t>();
-  p.num_ranks = num_ranks;
   p.dst = out.data_ptr<uint8_t>();
   p.experts_per_rank = experts_per_rank;
-  for (int64_t j = 0; j < num_rows; ++j) {
-    MOE_HOST_ASSERT(p.send_token[j] >= 0 && p.send_token[j] < in.rows, "send_token[" << j << "] out of range");
-  }
-  cpu::pack_rows(p);
+  MOE_RUN(dev, stream, cpu::pack_rows, cuda::launch_pack_rows, p);
 }
+
+#if defined(MOE_COMM_WITH_CUDA)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows_cuda(const Tensor& rows, int64_t hidden,
+                                                                   c10::ScalarType dtype, int64_t topk,
+                                                                   int64_t experts_per_rank,
+                                                                   const std::optional<Tensor>& row_order,
+                                                                   int64_t stream);
+#endif
 
 // Receiver side of dispatch: -> recv_x [R, H], recv_weights [R], tokens_per_expert [E_local],
 //    row_map [N, K], slot_weights [N, K]
@@ -164,7 +199,12 @@ void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_o
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows(const Tensor& rows, int64_t hidden,
                                                               c10::ScalarType dtype, int64_t topk,
                                                               int64_t experts_per_rank,
-                                                              const std::optional<Tensor>& row_order) {
+                                                              const std::optional<Tensor>& row_order,
+                                                              int64_t stream) {
+#if defined(MOE_COMM_WITH_CUDA)
+  if (rows.is_cuda()) return expand_rows_cuda(rows, hidden, dtype, topk, experts_per_rank, row_order, stream);
+#endif
+  (void)stream;
   expect(rows, "rows", torch::kUInt8, 2);
   const DType dt = to_dtype(dtype, "dtype");
   cpu::ExpandPlanParams plan;
@@ -199,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows(const Tensor& row
   cpu::fill_expand_plan(plan, expert_offsets.data_ptr<int64_t>(), row_map.data_ptr<int64_t>(),
                         slot_weights.data_ptr<float>(), recv_weights.data_ptr<float>());
 
-  cpu::ScatterParams s;
+  ScatterParams s;
   s.src = plan.rows;
   s.src_stride = plan.fmt.row_bytes;
   s.num_src = plan.num_rows;
@@ -213,71 +253,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows(const Tensor& row
   return {recv_x, recv_weights, tokens_per_expert, row_map, slot_weights};
 }
 
-void check_map(const Tensor& map, int64_t rows, const char* name) {
-  expect(map, name, torch::kInt64, 2);
+void check_map(const Tensor& map, int64_t rows, const char* name, const c10::Device& dev) {
+  expect(map, name, torch::kInt64, 2, dev);
   MOE_HOST_ASSERT(map.size(0) == rows, name << " has " << map.size(0) << " rows, expected " << rows);
 }
 
+// Index bounds of our own maps, checked where it costs no device sync.
 void check_map_targets(const Tensor& map, int64_t target_rows, const char* name) {
-  if (map.numel() == 0) return;
+  if (map.numel() == 0 || !map.device().is_cpu()) return;
   MOE_HOST_ASSERT(map.max().item<int64_t>() < target_rows,
                   name << " points past the " << target_rows << " rows it indexes");
 }
 
 // dst[row_map[i, k]] = weights[i, k] * src[i]   (dst: [R, H], every row written once)
 void scatter_rows(const Tensor& src, const Tensor& row_map, const std::optional<Tensor>& weights,
-                  const Tensor& dst) {
-  const RowView in = row_view(src, "src");
-  const RowView out = row_view(dst, "dst");
-  check_map(row_map, in.rows, "row_map");
+                  const Tensor& dst, int64_t stream) {
+  const c10::Device dev = dst.device();
+  const RowView in = row_view(src, "src", dev);
+  const RowView out = row_view(dst, "dst", dev);
+  check_map(row_map, in.rows, "row_map", dev);
   check_map_targets(row_map, out.rows, "row_map");
   MOE_HOST_ASSERT(in.dtype == out.dtype && in.cols == out.cols, "src and dst rows must match");
-  cpu::ScatterParams p;
+  ScatterParams p;
   p.src = in.data;
   p.src_stride = in.stride_bytes;
   p.num_src = in.rows;
   p.row_map = row_map.data_ptr<int64_t>();
   p.topk = row_map.size(1);
-  p.weights = optional_weights(weights, in.rows, p.topk, "weights");
+  p.weights = optional_weights(weights, in.rows, p.topk, "weights", dev);
   p.hidden = in.cols;
   p.dtype = in.dtype;
   p.dst = out.data;
   p.dst_stride = out.stride_bytes;
-  cpu::scatter_rows(p);
+  MOE_RUN(dev, stream, cpu::scatter_rows, cuda::launch_scatter_rows, p);
 }
 
 // dst[i] = sum_k weights[i, k] * src[map[i, k]]   (float32 accumulation)
 void reduce_rows(const Tensor& src, const Tensor& map, const std::optional<Tensor>& weights,
-                 const Tensor& dst) {
-  const RowView in = row_view(src, "src");
-  const RowView out = row_view(dst, "dst");
-  check_map(map, out.rows, "map");
+                 const Tensor& dst, int64_t stream) {
+  const c10::Device dev = dst.device();
+  const RowView in = row_view(src, "src", dev);
+  const RowView out = row_view(dst, "dst", dev);
+  check_map(map, out.rows, "map", dev);
   check_map_targets(map, in.rows, "map");
   MOE_HOST_ASSERT(in.cols == out.cols, "src has " << in.cols << " columns, dst " << out.cols);
-  cpu::ReduceParams p;
+  ReduceParams p;
   p.src = in.data;
   p.src_stride = in.stride_bytes;
   p.src_dtype = in.dtype;
   p.map = map.data_ptr<int64_t>();
   p.num_out = out.rows;
   p.topk = map.size(1);
-  p.weights = optional_weights(weights, out.rows, p.topk, "weights");
+  p.weights = optional_weights(weights, out.rows, p.topk, "weights", dev);
   p.hidden = in.cols;
   p.dst = out.data;
   p.dst_stride = out.stride_bytes;
   p.dst_dtype = out.dtype;
-  cpu::reduce_rows(p);
+  MOE_RUN(dev, stream, cpu::reduce_rows, cuda::launch_reduce_rows, p);
 }
 
 // -> [N, K] float32: dot(a[i], b[map[i, k]])
-Tensor row_dots(const Tensor& a, const Tensor& b, const Tensor& map) {
-  const RowView va = row_view(a, "a");
-  const RowView vb = row_view(b, "b");
-  check_map(map, va.rows, "map");
+Tensor row_dots(const Tensor& a, const Tensor& b, const Tensor& map, int64_t stream) {
+  const c10::Device dev = a.device();
+  const RowView va = row_view(a, "a", dev);
+  const RowView vb = row_view(b, "b", dev);
+  check_map(map, va.rows, "map", dev);
   check_map_targets(map, vb.rows, "map");
   MOE_HOST_ASSERT(va.cols == vb.cols, "a has " << va.cols << " columns, b " << vb.cols);
-  Tensor out = torch::empty({va.rows, map.size(1)}, torch::TensorOptions().dtype(torch::kFloat32));
-  cpu::DotParams p;
+  Tensor out = torch::empty({va.rows, map.size(1)}, a.options().dtype(torch::kFloat32));
+  DotParams p;
   p.a = va.data;
   p.a_stride = va.stride_bytes;
   p.a_dtype = va.dtype;
@@ -289,7 +333,7 @@ Tensor row_dots(const Tensor& a, const Tensor& b, const Tensor& map) {
   p.topk = map.size(1);
   p.hidden = va.cols;
   p.out = out.data_ptr<float>();
-  cpu::row_dots(p);
+  MOE_RUN(dev, stream, cpu::row_dots, cuda::launch_row_dots, p);
   return out;
 }
 
@@ -312,10 +356,6 @@ Tensor node_limited_select_cpu(const Tensor& scores, int64_t topk, int64_t num_n
 }
 
 #if defined(MOE_COMM_WITH_CUDA)
-// Our CUDA runtime is linked statically: its current device is its own, not torch's. Select the
-// tensors' device before every launch, or a rank on GPU 3 would launch on GPU 0.
-void use_device(const c10::Device& device) { MOE_CUDA_CHECK(cudaSetDevice(device.index())); }
-
 // -> tokens_per_rank [W], pairs_per_expert [E], token_in_rank [T, W] bool, on topk_idx's device
 std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int64_t num_experts,
                                                      int64_t num_ranks, int64_t stream) {
@@ -340,97 +380,6 @@ std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int
   p.token_in_rank = token_in_rank.data_ptr<bool>();
   MOE_CUDA_CHECK(cuda::launch_count_layout(p, reinterpret_cast<cudaStream_t>(stream)));
   return {tokens_per_rank, pairs_per_expert, token_in_rank};
-}
-
-cuda::ElemType elem_type(DType t) { return static_cast<cuda::ElemType>(static_cast<int32_t>(t)); }
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
-
-// The device twins of pack_rows / scatter_rows / reduce_rows / row_dots. Index arrays come from
-// our own plans and are not range-checked here (that would cost a device sync).
-void pack_rows_cuda(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
-                    const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
-                    int64_t experts_per_rank, const Tensor& out, int64_t stream) {
-  const c10::Device dev = out.device();
-  MOE_HOST_ASSERT(dev.is_cuda(), "out must be a CUDA tensor, got " << dev);
-  use_device(dev);
-  const RowView in = row_view(src, "src", dev);
-  expect(send_token, "send_token", torch::kInt64, 1, dev);
-  expect(send_offsets, "send_offsets", torch::kInt64, 1, dev);
-  cuda::PackKernelParams p;
-  int64_t topk = 0;
-  if (topk_idx) {
-    expect(*topk_idx, "topk_idx", torch::kInt64, 2, dev);
-    MOE_HOST_ASSERT(topk_idx->size(0) == in.rows, "topk_idx has " << topk_idx->size(0) << " rows, src " << in.rows);
-    topk = topk_idx->size(1);
-    p.topk_idx = topk_idx->data_ptr<int64_t>();
-    p.topk_weights = optional_weights(topk_weights, in.rows, topk, "topk_weights", dev);
-  }
-  const RowFormat f = make_row_format(in.cols, dtype_size(in.dtype), topk, sizeof(SlotMeta));
-  expect(out, "out", torch::kUInt8, 2, dev);
-  MOE_HOST_ASSERT(out.size(0) == send_token.size(0) && out.size(1) == f.row_bytes,
-                  "out must be [" << send_token.size(0) << ", " << f.row_bytes << "], got " << out.sizes());
-  p.src = in.data;
-  p.src_stride = in.stride_bytes;
-  p.payload_bytes = f.payload_bytes;
-  p.meta_offset = f.meta_offset;
-  p.row_bytes = f.row_bytes;
-  p.send_token = send_token.data_ptr<int64_t>();
-  p.send_offsets = send_offsets.data_ptr<int64_t>();
-  p.num_ranks = send_offsets.size(0) - 1;
-  p.num_rows = send_token.size(0);
-  p.dst = out.data_ptr<uint8_t>();
-  p.topk = topk;
-  p.experts_per_rank = experts_per_rank;
-  MOE_CUDA_CHECK(cuda::launch_pack_rows(p, as_stream(stream)));
-}
-
-void scatter_rows_cuda(const Tensor& src, const Tensor& row_map, const std::optional<Tensor>& weights,
-                       const Tensor& dst, int64_t stream) {
-  const c10::Device dev = dst.device();
-  MOE_HOST_ASSERT(dev.is_cuda(), "dst must be a CUDA tensor, got " << dev);
-  use_device(dev);
-  const RowView in = row_view(src, "src", dev);
-  const RowView out = row_view(dst, "dst", dev);
-  expect(row_map, "row_map", torch::kInt64, 2, dev);
-  MOE_HOST_ASSERT(row_map.size(0) == in.rows, "row_map has " << row_map.size(0) << " rows, src " << in.rows);
-  MOE_HOST_ASSERT(in.dtype == out.dtype && in.cols == out.cols, "src and dst rows must match");
-  cuda::ScatterKernelParams p;
-  p.src = in.data;
-  p.src_stride = in.stride_bytes;
-  p.num_src = in.rows;
-  p.row_map = row_map.data_ptr<int64_t>();
-  p.topk = row_map.size(1);
-  p.weights = optional_weights(weights, in.rows, p.topk, "weights", dev);
-  p.hidden = in.cols;
-  p.dtype = elem_type(in.dtype);
-  p.dst = out.data;
-  p.dst_stride = out.stride_bytes;
-  MOE_CUDA_CHECK(cuda::launch_scatter_rows(p, as_stream(stream)));
-}
-
-void reduce_rows_cuda(const Tensor& src, const Tensor& map, const std::optional<Tensor>& weights,
-                      const Tensor& dst, int64_t stream) {
-  const c10::Device dev = dst.device();
-  MOE_HOST_ASSERT(dev.is_cuda(), "dst must be a CUDA tensor, got " << dev);
-  use_device(dev);
-  const RowView in = row_view(src, "src", dev);
-  const RowView out = row_view(dst, "dst", dev);
-  expect(map, "map", torch::kInt64, 2, dev);
-  MOE_HOST_ASSERT(map.size(0) == out.rows, "map has " << map.size(0) << " rows, dst " << out.rows);
-  MOE_HOST_ASSERT(in.cols == out.cols, "src has " << in.cols << " columns, dst " << out.cols);
-  cuda::ReduceKernelParams p;
-  p.src = in.data;
-  p.src_stride = in.stride_bytes;
-  p.src_dtype = elem_type(in.dtype);
-  p.map = map.data_ptr<int64_t>();
-  p.num_out = out.rows;
-  p.topk = map.size(1);
-  p.weights = optional_weights(weights, out.rows, p.topk, "weights", dev);
-  p.hidden = in.cols;
-  p.dst = out.data;
-  p.dst_stride = out.stride_bytes;
-  p.dst_dtype = elem_type(out.dtype);
-  MOE_CUDA_CHECK(cuda::launch_reduce_rows(p, as_stream(stream)));
 }
 
 // Device twin of expand_rows: -> recv_x [R, H], recv_weights [R], tokens_per_expert [E_local]
@@ -486,45 +435,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows_cuda(const Tensor
   Tensor recv_weights = torch::empty({total}, rows.options().dtype(torch::kFloat32));
   p.recv_weights = recv_weights.data_ptr<float>();
   MOE_CUDA_CHECK(cuda::launch_expand_fill(p, s));
-  cuda::ScatterKernelParams c;
+  ScatterParams c;
   c.src = p.rows;
   c.src_stride = f.row_bytes;
   c.num_src = N;
   c.row_map = p.row_map;
   c.topk = topk;
   c.hidden = hidden;
-  c.dtype = elem_type(dt);
+  c.dtype = dt;
   c.dst = static_cast<uint8_t*>(recv_x.data_ptr());
   c.dst_stride = hidden * dtype_size(dt);
   MOE_CUDA_CHECK(cuda::launch_scatter_rows(c, s));
   return {recv_x, recv_weights, counts, row_map, slot_weights};
 }
 
-Tensor row_dots_cuda(const Tensor& a, const Tensor& b, const Tensor& map, int64_t stream) {
-  const c10::Device dev = a.device();
-  MOE_HOST_ASSERT(dev.is_cuda(), "a must be a CUDA tensor, got " << dev);
-  use_device(dev);
-  const RowView va = row_view(a, "a", dev);
-  const RowView vb = row_view(b, "b", dev);
-  expect(map, "map", torch::kInt64, 2, dev);
-  MOE_HOST_ASSERT(map.size(0) == va.rows, "map has " << map.size(0) << " rows, a " << va.rows);
-  MOE_HOST_ASSERT(va.cols == vb.cols, "a has " << va.cols << " columns, b " << vb.cols);
-  Tensor out = torch::empty({va.rows, map.size(1)}, a.options().dtype(torch::kFloat32));
-  cuda::DotKernelParams p;
-  p.a = va.data;
-  p.a_stride = va.stride_bytes;
-  p.a_dtype = elem_type(va.dtype);
-  p.b = vb.data;
-  p.b_stride = vb.stride_bytes;
-  p.b_dtype = elem_type(vb.dtype);
-  p.map = map.data_ptr<int64_t>();
-  p.num_rows = va.rows;
-  p.topk = map.size(1);
-  p.hidden = va.cols;
-  p.out = out.data_ptr<float>();
-  MOE_CUDA_CHECK(cuda::launch_row_dots(p, as_stream(stream)));
-  return out;
-}
 #endif
 
 py::dict native_build_info() {
@@ -556,18 +480,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_format", &row_format, "(payload_bytes, meta_offset, meta_bytes, row_bytes)");
   m.def("check_routing", &check_routing);
   m.def("plan_send", &plan_send);
-  m.def("pack_rows", &pack_rows);
-  m.def("expand_rows", &expand_rows);
-  m.def("scatter_rows", &scatter_rows);
-  m.def("reduce_rows", &reduce_rows);
-  m.def("row_dots", &row_dots);
+  // Token ops run on the tensors' device; `stream` (a cudaStream_t as int) only matters on CUDA.
+  m.def("pack_rows", &pack_rows, py::arg("src"), py::arg("send_token"), py::arg("send_offsets"),
+        py::arg("topk_idx"), py::arg("topk_weights"), py::arg("experts_per_rank"), py::arg("out"),
+        py::arg("stream") = 0);
+  m.def("expand_rows", &expand_rows, py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("topk"),
+        py::arg("experts_per_rank"), py::arg("row_order"), py::arg("stream") = 0);
+  m.def("scatter_rows", &scatter_rows, py::arg("src"), py::arg("row_map"), py::arg("weights"), py::arg("dst"),
+        py::arg("stream") = 0);
+  m.def("reduce_rows", &reduce_rows, py::arg("src"), py::arg("map"), py::arg("weights"), py::arg("dst"),
+        py::arg("stream") = 0);
+  m.def("row_dots", &row_dots, py::arg("a"), py::arg("b"), py::arg("map"), py::arg("stream") = 0);
   m.def("node_limited_select", &node_limited_select_cpu);
 #if defined(MOE_COMM_WITH_CUDA)
   m.def("count_layout_cuda", &count_layout_cuda);
-  m.def("pack_rows_cuda", &pack_rows_cuda);
-  m.def("scatter_rows_cuda", &scatter_rows_cuda);
-  m.def("reduce_rows_cuda", &reduce_rows_cuda);
-  m.def("row_dots_cuda", &row_dots_cuda);
-  m.def("expand_rows_cuda", &expand_rows_cuda);
+
 #endif
 }

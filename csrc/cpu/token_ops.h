@@ -1,32 +1,15 @@
 // CPU kernels for the token work of dispatch and combine. Torch-free: raw pointers, byte
-// strides and element types. Row wire format: core/row_format.h. The CUDA kernels in
-// csrc/kernels implement the same contracts.
+// strides and element types; parameters and contracts in core/token_params.h, shared with the
+// CUDA kernels in csrc/kernels. Row wire format: core/row_format.h.
 #pragma once
 
 #include <cstdint>
 
-#include "../core/dtype.h"
 #include "../core/row_format.h"
+#include "../core/token_params.h"
 
 namespace moe_comm {
 namespace cpu {
-
-// Copies each send slot's token row into the send buffer; with topk_idx set, also writes the
-// SlotMeta block (local expert on the slot's destination rank, else -1; weight or 1).
-struct PackParams {
-  const uint8_t* src = nullptr;  // [num_tokens, src_stride bytes]; may be null when payload 0
-  int64_t src_stride = 0;
-  const int64_t* send_token = nullptr;    // [num_rows]
-  const int64_t* send_offsets = nullptr;  // [num_ranks + 1]; num_rows = send_offsets[num_ranks]
-  int64_t num_ranks = 0;
-  uint8_t* dst = nullptr;  // [num_rows, fmt.row_bytes]
-  RowFormat fmt;
-  const int64_t* topk_idx = nullptr;      // [num_tokens, topk]; null: no metadata
-  const float* topk_weights = nullptr;    // [num_tokens, topk]; null: weight 1
-  int64_t topk = 0;
-  int64_t experts_per_rank = 1;
-};
-void pack_rows(const PackParams& p);
 
 // Receiver side of dispatch: read the SlotMeta of every received row.
 struct ExpandPlanParams {
@@ -48,53 +31,9 @@ void count_recv_experts(const ExpandPlanParams& p, int64_t* tokens_per_expert);
 void fill_expand_plan(const ExpandPlanParams& p, const int64_t* expert_offsets, int64_t* row_map,
                       float* slot_weights, float* recv_weights);
 
-// dst[row_map[i, k]] = weight[i, k] * src[i] (a plain byte copy when weights is null).
-struct ScatterParams {
-  const uint8_t* src = nullptr;
-  int64_t src_stride = 0;
-  int64_t num_src = 0;
-  const int64_t* row_map = nullptr;  // [num_src, topk]
-  const float* weights = nullptr;    // [num_src, topk] or null
-  int64_t topk = 0;
-  int64_t hidden = 0;
-  DType dtype = DType::kFloat32;  // of src and dst
-  uint8_t* dst = nullptr;
-  int64_t dst_stride = 0;
-};
+void pack_rows(const PackParams& p);
 void scatter_rows(const ScatterParams& p);
-
-// dst[i] = sum over k with map[i, k] >= 0 of weight[i, k] * src[map[i, k]], in float32;
-// rows with no valid slot become zeros.
-struct ReduceParams {
-  const uint8_t* src = nullptr;
-  int64_t src_stride = 0;
-  DType src_dtype = DType::kFloat32;
-  const int64_t* map = nullptr;      // [num_out, topk]
-  const float* weights = nullptr;    // [num_out, topk] or null (weight 1)
-  int64_t num_out = 0;
-  int64_t topk = 0;
-  int64_t hidden = 0;
-  uint8_t* dst = nullptr;
-  int64_t dst_stride = 0;
-  DType dst_dtype = DType::kFloat32;
-};
 void reduce_rows(const ReduceParams& p);
-
-// out[i, k] = dot(a[i], b[map[i, k]]) in float32; 0 where map < 0. The gradient of a
-// combine weight.
-struct DotParams {
-  const uint8_t* a = nullptr;
-  int64_t a_stride = 0;
-  DType a_dtype = DType::kFloat32;
-  const uint8_t* b = nullptr;
-  int64_t b_stride = 0;
-  DType b_dtype = DType::kFloat32;
-  const int64_t* map = nullptr;  // [num_rows, topk]
-  int64_t num_rows = 0;
-  int64_t topk = 0;
-  int64_t hidden = 0;
-  float* out = nullptr;  // [num_rows, topk]
-};
 void row_dots(const DotParams& p);
 
 }  // namespace cpu

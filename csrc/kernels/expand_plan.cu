@@ -9,13 +9,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct SlotMetaDev {  // core/row_format.h SlotMeta
-  int32_t local_expert;
-  float weight;
-};
-
-__device__ __forceinline__ SlotMetaDev meta_at(const ExpandPlanKernelParams& p, int64_t row, int64_t k) {
-  return reinterpret_cast<const SlotMetaDev*>(p.rows + row * p.row_bytes + p.meta_offset)[k];
+__device__ __forceinline__ SlotMeta meta_at(const ExpandPlanKernelParams& p, int64_t row, int64_t k) {
+  return reinterpret_cast<const SlotMeta*>(p.rows + row * p.row_bytes + p.meta_offset)[k];
 }
 
 __global__ void expand_count_kernel(ExpandPlanKernelParams p) {
@@ -37,7 +32,7 @@ __global__ void expand_fill_kernel(ExpandPlanKernelParams p) {
        pair += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = pair / p.topk, k = pair % p.topk;
     const int64_t row = p.row_order ? p.row_order[n] : n;
-    const SlotMetaDev m = meta_at(p, row, k);
+    const SlotMeta m = meta_at(p, row, k);
     const int64_t flat = row * p.topk + k;
     if (m.local_expert < 0) {
       p.row_map[flat] = -1;

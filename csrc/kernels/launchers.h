@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../core/token_params.h"
+
 namespace moe_comm {
 namespace cuda {
 
@@ -24,73 +26,13 @@ struct LayoutKernelParams {
 // Zeroes the outputs on `stream`, then counts. Indices must already be validated.
 cudaError_t launch_count_layout(const LayoutKernelParams& p, cudaStream_t stream);
 
-// Element types of the token kernels (the values of core/dtype.h DType).
-enum class ElemType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// Token kernels: the device twins of csrc/cpu/token_ops.h, same contracts. Strides in bytes;
-// row formats from core/row_format.h (rows 16-byte aligned, so payloads move as 16-byte
-// vectors wherever the source rows are aligned too).
-struct PackKernelParams {
-  const uint8_t* src = nullptr;  // [num_tokens, src_stride]
-  int64_t src_stride = 0;
-  int64_t payload_bytes = 0;
-  int64_t meta_offset = 0;
-  int64_t row_bytes = 0;
-  const int64_t* send_token = nullptr;    // [num_rows]
-  const int64_t* send_offsets = nullptr;  // [num_ranks + 1]
-  int64_t num_ranks = 0;
-  int64_t num_rows = 0;
-  uint8_t* dst = nullptr;                 // [num_rows, row_bytes]
-  const int64_t* topk_idx = nullptr;      // [num_tokens, topk] or null: no metadata
-  const float* topk_weights = nullptr;    // or null: weight 1
-  int64_t topk = 0;
-  int64_t experts_per_rank = 1;
-};
-cudaError_t launch_pack_rows(const PackKernelParams& p, cudaStream_t stream);
-
-struct ScatterKernelParams {  // dst[row_map[i, k]] = weight[i, k] * src[i]
-  const uint8_t* src = nullptr;
-  int64_t src_stride = 0;
-  int64_t num_src = 0;
-  const int64_t* row_map = nullptr;
-  const float* weights = nullptr;  // null: plain copy
-  int64_t topk = 0;
-  int64_t hidden = 0;
-  ElemType dtype = ElemType::kFloat32;
-  uint8_t* dst = nullptr;
-  int64_t dst_stride = 0;
-};
-cudaError_t launch_scatter_rows(const ScatterKernelParams& p, cudaStream_t stream);
-
-struct ReduceKernelParams {  // dst[i] = sum_k weight[i, k] * src[map[i, k]], float32 accumulation
-  const uint8_t* src = nullptr;
-  int64_t src_stride = 0;
-  ElemType src_dtype = ElemType::kFloat32;
-  const int64_t* map = nullptr;
-  const float* weights = nullptr;  // null: weight 1
-  int64_t num_out = 0;
-  int64_t topk = 0;
-  int64_t hidden = 0;
-  uint8_t* dst = nullptr;
-  int64_t dst_stride = 0;
-  ElemType dst_dtype = ElemType::kFloat32;
-};
-cudaError_t launch_reduce_rows(const ReduceKernelParams& p, cudaStream_t stream);
-
-struct DotKernelParams {  // out[i, k] = dot(a[i], b[map[i, k]]), 0 where map < 0
-  const uint8_t* a = nullptr;
-  int64_t a_stride = 0;
-  ElemType a_dtype = ElemType::kFloat32;
-  const uint8_t* b = nullptr;
-  int64_t b_stride = 0;
-  ElemType b_dtype = ElemType::kFloat32;
-  const int64_t* map = nullptr;
-  int64_t num_rows = 0;
-  int64_t topk = 0;
-  int64_t hidden = 0;
-  float* out = nullptr;
-};
-cudaError_t launch_row_dots(const DotKernelParams& p, cudaStream_t stream);
+// Token kernels: the device twins of csrc/cpu/token_ops.h, same parameters and contracts
+// (core/token_params.h). Payloads move as 16-byte vectors wherever source and destination rows
+// are 16-byte aligned (packed rows always are).
+cudaError_t launch_pack_rows(const PackParams& p, cudaStream_t stream);
+cudaError_t launch_scatter_rows(const ScatterParams& p, cudaStream_t stream);
+cudaError_t launch_reduce_rows(const ReduceParams& p, cudaStream_t stream);
+cudaError_t launch_row_dots(const DotParams& p, cudaStream_t stream);
 
 // Receiver-side expansion plan (device twin of cpu::count_recv_experts + fill_expand_plan).
 // flags/positions are [experts_per_rank * num_rows] int64, expert-major: flag (e, n) marks that

@@ -1,5 +1,5 @@
-// Device token kernels: one block per row, threads across the row. Same contracts as
-// csrc/cpu/token_ops.h (tests/gpu compares them).
+// Device token kernels: one block per row, threads across the row. Same parameters and
+// contracts as the CPU kernels (core/token_params.h; tests/gpu compares them).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -13,11 +13,6 @@ constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int64_t kMaxBlocks = 65535LL * 64;  // grid-stride loops past this
 
-struct SlotMetaDev {  // core/row_format.h SlotMeta
-  int32_t local_expert;
-  float weight;
-};
-
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -26,13 +21,13 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
-// Calls fn(T{}) with the storage type of an ElemType.
+// Calls fn(T{}) with the device storage type of a DType.
 template <typename Fn>
-cudaError_t with_type(ElemType t, Fn&& fn) {
+cudaError_t with_type(DType t, Fn&& fn) {
   switch (t) {
-    case ElemType::kFloat32: fn(float{}); return cudaSuccess;
-    case ElemType::kBFloat16: fn(__nv_bfloat16{}); return cudaSuccess;
-    case ElemType::kFloat16: fn(__half{}); return cudaSuccess;
+    case DType::kFloat32: fn(float{}); return cudaSuccess;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); return cudaSuccess;
+    case DType::kFloat16: fn(__half{}); return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -53,15 +48,16 @@ __device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int64
   for (int64_t b = done + threadIdx.x; b < bytes; b += blockDim.x) dst[b] = src[b];
 }
 
-__global__ void pack_rows_kernel(PackKernelParams p) {
+__global__ void pack_rows_kernel(PackParams p) {
+  const RowFormat& f = p.fmt;
   for (int64_t j = blockIdx.x; j < p.num_rows; j += gridDim.x) {
     const int64_t t = p.send_token[j];
-    uint8_t* out = p.dst + j * p.row_bytes;
-    copy_row(out, p.src + t * p.src_stride, p.payload_bytes);
-    // Zero the padding; write the metadata (or zeros) after the payload.
-    const int64_t meta_bytes = p.topk_idx ? p.topk * int64_t(sizeof(SlotMetaDev)) : 0;
-    for (int64_t b = p.payload_bytes + threadIdx.x; b < p.row_bytes; b += blockDim.x) {
-      if (b < p.meta_offset || b >= p.meta_offset + meta_bytes) out[b] = 0;
+    uint8_t* out = p.dst + j * f.row_bytes;
+    copy_row(out, p.src + t * p.src_stride, f.payload_bytes);
+    // Zero the padding (and the metadata block when there is no metadata).
+    const int64_t meta_end = f.meta_offset + (p.topk_idx ? f.meta_bytes : 0);
+    for (int64_t b = f.payload_bytes + threadIdx.x; b < f.row_bytes; b += blockDim.x) {
+      if (b < f.meta_offset || b >= meta_end) out[b] = 0;
     }
     if (!p.topk_idx) continue;
     // Destination rank of slot j: the segment of send_offsets holding it (binary search).
@@ -71,10 +67,10 @@ __global__ void pack_rows_kernel(PackKernelParams p) {
       if (p.send_offsets[mid] <= j) lo = mid; else hi = mid;
     }
     const int64_t first = lo * p.experts_per_rank;
-    SlotMetaDev* meta = reinterpret_cast<SlotMetaDev*>(out + p.meta_offset);
+    SlotMeta* meta = reinterpret_cast<SlotMeta*>(out + f.meta_offset);
     for (int64_t k = threadIdx.x; k < p.topk; k += blockDim.x) {
       const int64_t e = p.topk_idx[t * p.topk + k];
-      SlotMetaDev m;
+      SlotMeta m;
       m.local_expert = (e >= first && e < first + p.experts_per_rank) ? int32_t(e - first) : -1;
       m.weight = p.topk_weights ? p.topk_weights[t * p.topk + k] : 1.0f;
       meta[k] = m;
@@ -83,7 +79,7 @@ __global__ void pack_rows_kernel(PackKernelParams p) {
 }
 
 template <typename T>
-__global__ void scatter_rows_kernel(ScatterKernelParams p) {
+__global__ void scatter_rows_kernel(ScatterParams p) {
   const int64_t bytes = p.hidden * int64_t(sizeof(T));
   for (int64_t i = blockIdx.x; i < p.num_src; i += gridDim.x) {
     const uint8_t* in = p.src + i * p.src_stride;
@@ -104,7 +100,7 @@ __global__ void scatter_rows_kernel(ScatterKernelParams p) {
 }
 
 template <typename S, typename D>
-__global__ void reduce_rows_kernel(ReduceKernelParams p) {
+__global__ void reduce_rows_kernel(ReduceParams p) {
   for (int64_t i = blockIdx.x; i < p.num_out; i += gridDim.x) {
     D* out = reinterpret_cast<D*>(p.dst + i * p.dst_stride);
     for (int64_t h = threadIdx.x; h < p.hidden; h += blockDim.x) {
@@ -122,7 +118,7 @@ __global__ void reduce_rows_kernel(ReduceKernelParams p) {
 
 // One warp per (row, slot): lanes stride the hidden dimension, then a shuffle reduction.
 template <typename A, typename B>
-__global__ void row_dots_kernel(DotKernelParams p) {
+__global__ void row_dots_kernel(DotParams p) {
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t pairs = p.num_rows * p.topk;
@@ -143,13 +139,13 @@ __global__ void row_dots_kernel(DotKernelParams p) {
 
 }  // namespace
 
-cudaError_t launch_pack_rows(const PackKernelParams& p, cudaStream_t stream) {
+cudaError_t launch_pack_rows(const PackParams& p, cudaStream_t stream) {
   if (p.num_rows == 0) return cudaSuccess;
   pack_rows_kernel<<<grid_for(p.num_rows), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-cudaError_t launch_scatter_rows(const ScatterKernelParams& p, cudaStream_t stream) {
+cudaError_t launch_scatter_rows(const ScatterParams& p, cudaStream_t stream) {
   if (p.num_src == 0 || p.topk == 0) return cudaSuccess;
   cudaError_t err = with_type(p.dtype, [&](auto elem) {
     scatter_rows_kernel<decltype(elem)><<<grid_for(p.num_src), kThreads, 0, stream>>>(p);
@@ -157,7 +153,7 @@ cudaError_t launch_scatter_rows(const ScatterKernelParams& p, cudaStream_t strea
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-cudaError_t launch_reduce_rows(const ReduceKernelParams& p, cudaStream_t stream) {
+cudaError_t launch_reduce_rows(const ReduceParams& p, cudaStream_t stream) {
   if (p.num_out == 0) return cudaSuccess;
   cudaError_t inner = cudaSuccess;
   const cudaError_t outer = with_type(p.src_dtype, [&](auto src) {
@@ -169,7 +165,7 @@ cudaError_t launch_reduce_rows(const ReduceKernelParams& p, cudaStream_t stream)
   return inner != cudaSuccess ? inner : cudaGetLastError();
 }
 
-cudaError_t launch_row_dots(const DotKernelParams& p, cudaStream_t stream) {
+cudaError_t launch_row_dots(const DotParams& p, cudaStream_t stream) {
   const int64_t pairs = p.num_rows * p.topk;
   if (pairs == 0) return cudaSuccess;
   const int64_t warps_per_block = kThreads / kWarp;

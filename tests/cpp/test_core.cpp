@@ -96,7 +96,7 @@ void test_pack_expand_reduce() {
   std::vector<int64_t> send_token(offsets[2]), pair_slot(T * K), first_slot(T * K);
   fill_send_plan(r, offsets.data(), send_token.data(), pair_slot.data(), first_slot.data());
 
-  cpu::PackParams pack;
+  PackParams pack;
   pack.fmt = make_row_format(H, 4, K, sizeof(SlotMeta));
   std::vector<uint8_t> rows(offsets[2] * pack.fmt.row_bytes);
   pack.src = reinterpret_cast<const uint8_t*>(x.data());
@@ -130,7 +130,7 @@ void test_pack_expand_reduce() {
   // Combine on rank 1 with expert_y = recv rows: partial[token 0] = 0.5 * x0,
   // partial[token 1] = 1 * x1 + 2 * x1.
   std::vector<float> recv_x(3 * H);
-  cpu::ScatterParams s;
+  ScatterParams s;
   s.src = plan.rows;
   s.src_stride = plan.fmt.row_bytes;
   s.num_src = plan.num_rows;
@@ -142,7 +142,7 @@ void test_pack_expand_reduce() {
   cpu::scatter_rows(s);
   CHECK(recv_x[0] == 4 && recv_x[3] == 1 && recv_x[6] == 4);
   std::vector<float> partial(plan.num_rows * H);
-  cpu::ReduceParams red;
+  ReduceParams red;
   red.src = s.dst;
   red.src_stride = H * 4;
   red.map = row_map.data();

@@ -1,4 +1,5 @@
-"""The CUDA token kernels (csrc/kernels/token_ops.cu) against their CPU twins: outputs poisoned
+"""The CUDA token kernels (csrc/kernels/token_ops.cu, expand_plan.cu) against their CPU twins,
+through the same bindings (which run on the tensors' device): outputs poisoned
 first so an unwritten row is caught; odd sizes, 0 rows, all dtypes, strided (unaligned) rows."""
 
 import pytest
@@ -52,8 +53,8 @@ def test_pack_rows(dtype, T, H, K, E, W, strided):
         cpu = torch.full((send_token.numel(), cols), 0xAB, dtype=torch.uint8)
         C.pack_rows(x, send_token, offsets, idx if meta else None, w if meta else None, E // W, cpu)
         gpu = torch.full_like(cpu, 0xCD).cuda()
-        C.pack_rows_cuda(x.cuda(), send_token.cuda(), offsets.cuda(), idx.cuda() if meta else None,
-                         w.cuda() if meta else None, E // W, gpu, _stream())
+        C.pack_rows(x.cuda(), send_token.cuda(), offsets.cuda(), idx.cuda() if meta else None,
+                    w.cuda() if meta else None, E // W, gpu, stream=_stream())
         torch.cuda.synchronize()
         assert torch.equal(gpu.cpu(), cpu)
 
@@ -69,7 +70,7 @@ def test_scatter_rows(dtype, N, K, H, weighted):
     cpu = torch.full((R, H), float("nan")).to(dt)
     C.scatter_rows(src, row_map, weights, cpu)
     gpu = torch.full((R, H), 12345.0).to(dt).cuda()
-    C.scatter_rows_cuda(src.cuda(), row_map.cuda(), weights.cuda() if weighted else None, gpu, _stream())
+    C.scatter_rows(src.cuda(), row_map.cuda(), weights.cuda() if weighted else None, gpu, stream=_stream())
     torch.cuda.synchronize()
     assert torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))
 
@@ -86,7 +87,7 @@ def test_reduce_rows(src_dtype, dst_dtype, N, K, H, R, weighted):
     cpu = torch.full((N, H), float("nan")).to(DTYPES[dst_dtype])
     C.reduce_rows(src, index, weights, cpu)
     gpu = torch.full((N, H), 777.0).to(DTYPES[dst_dtype]).cuda()
-    C.reduce_rows_cuda(src.cuda(), index.cuda(), weights.cuda() if weighted else None, gpu, _stream())
+    C.reduce_rows(src.cuda(), index.cuda(), weights.cuda() if weighted else None, gpu, stream=_stream())
     torch.cuda.synchronize()
     # Same summation order (k ascending, float32); fused multiply-add may differ in the last bit.
     torch.testing.assert_close(gpu.cpu().float(), cpu.float(), rtol=1e-6 if dst_dtype == "float32" else 8e-3,
@@ -101,7 +102,7 @@ def test_row_dots(dtype, N, K, H):
     a = torch.randn(N, H).to(dt)
     b = torch.randn(R, H).to(dt)
     cpu = C.row_dots(a, b, row_map)
-    gpu = C.row_dots_cuda(a.cuda(), b.cuda(), row_map.cuda(), _stream())
+    gpu = C.row_dots(a.cuda(), b.cuda(), row_map.cuda(), stream=_stream())
     torch.cuda.synchronize()
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4 * H ** 0.5)
 
@@ -120,7 +121,7 @@ def test_expand_rows(dtype, T, H, K, E, ordered):
     C.pack_rows(x, send_token, offsets, idx, w, E, rows)
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(2)) if ordered else None
     cpu = C.expand_rows(rows, H, dt, K, E, order)
-    gpu = C.expand_rows_cuda(rows.cuda(), H, dt, K, E, order.cuda() if ordered else None, _stream())
+    gpu = C.expand_rows(rows.cuda(), H, dt, K, E, order.cuda() if ordered else None, stream=_stream())
     torch.cuda.synchronize()
     assert gpu[2].device.type == "cpu"  # tokens_per_expert on the host, as the API says
     for name, g, c in zip(("recv_x", "recv_weights", "tokens_per_expert", "row_map", "slot_weights"), gpu, cpu):
