@@ -15,6 +15,7 @@
 #include "kernels/launchers.h"
 #endif
 #if defined(MOE_COMM_WITH_NCCL)
+#include "comm/ep_comm.h"
 #include "comm/nccl_info.h"
 #endif
 
@@ -451,6 +452,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> expand_rows_cuda(const Tensor
 
 #endif
 
+#if defined(MOE_COMM_WITH_NCCL)
+// Byte ranges of one uint8 CUDA buffer, one per peer, checked against its size.
+void check_ranges(const Tensor& buf, const char* name, const std::vector<int64_t>& bytes,
+                  const std::vector<int64_t>& offsets) {
+  MOE_HOST_ASSERT(buf.is_cuda() && buf.scalar_type() == torch::kUInt8 && buf.is_contiguous(),
+                  name << " must be a contiguous uint8 CUDA tensor");
+  for (size_t p = 0; p < bytes.size(); ++p) {
+    MOE_HOST_ASSERT(bytes[p] >= 0 && offsets[p] >= 0 && offsets[p] + bytes[p] <= buf.numel(),
+                    name << " range of peer " << p << " [" << offsets[p] << ", +" << bytes[p]
+                         << ") exceeds its " << buf.numel() << " bytes");
+  }
+}
+
+void register_nccl(py::module_& m) {
+  m.def("nccl_unique_id", [] { return py::bytes(comm::make_unique_id()); });
+  py::class_<comm::EpCommunicator>(m, "NcclCommunicator")
+      .def(py::init([](const py::bytes& id, int size, int rank, int device, double timeout_s) {
+             std::string raw = id;
+             py::gil_scoped_release release;
+             return new comm::EpCommunicator(raw, size, rank, device, timeout_s);
+           }),
+           py::arg("unique_id"), py::arg("size"), py::arg("rank"), py::arg("device"), py::arg("timeout_s"))
+      .def("all_to_all",
+           [](comm::EpCommunicator& c, const Tensor& send, const std::vector<int64_t>& send_bytes,
+              const std::vector<int64_t>& send_offsets, const Tensor& recv, const std::vector<int64_t>& recv_bytes,
+              const std::vector<int64_t>& recv_offsets, int64_t stream, const std::string& stage) {
+             check_ranges(send, "send", send_bytes, send_offsets);
+             check_ranges(recv, "recv", recv_bytes, recv_offsets);
+             MOE_HOST_ASSERT(send.device() == recv.device(), "send and recv must be on one device");
+             c.all_to_all(send.data_ptr<uint8_t>(), send_bytes, send_offsets, recv.data_ptr<uint8_t>(), recv_bytes,
+                          recv_offsets, as_stream(stream), stage);
+           },
+           py::arg("send"), py::arg("send_bytes"), py::arg("send_offsets"), py::arg("recv"), py::arg("recv_bytes"),
+           py::arg("recv_offsets"), py::arg("stream"), py::arg("stage"))
+      .def("wait", [](comm::EpCommunicator& c, int64_t stream, const std::string& stage) {
+             py::gil_scoped_release release;
+             c.wait(as_stream(stream), stage);
+           }, py::arg("stream"), py::arg("stage"))
+      .def_property_readonly("rank", &comm::EpCommunicator::rank)
+      .def_property_readonly("size", &comm::EpCommunicator::size);
+}
+#endif
+
 py::dict native_build_info() {
   py::dict info;
 #if defined(MOE_COMM_WITH_CUDA)
@@ -492,6 +536,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stream") = 0);
   m.def("row_dots", &row_dots, py::arg("a"), py::arg("b"), py::arg("map"), py::arg("stream") = 0);
   m.def("node_limited_select", &node_limited_select_cpu);
+#if defined(MOE_COMM_WITH_NCCL)
+  register_nccl(m);
+#endif
 #if defined(MOE_COMM_WITH_CUDA)
   m.def("count_layout_cuda", &count_layout_cuda);
 

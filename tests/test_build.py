@@ -27,3 +27,17 @@ def test_ci_builds_device_code():
     info = moe_comm.build_info()
     assert info["cuda"], info
     assert info["nccl"], info
+
+
+def test_nccl_communicator_fails_cleanly_without_a_gpu():
+    """Where NCCL is built in: the unique id is 128 bytes, and joining a communicator on a
+    machine without a usable GPU raises (no crash, no hang)."""
+    from moe_comm.nccl_comm import nccl_available
+    if not nccl_available() or torch.cuda.is_available():
+        pytest.skip("needs a build with NCCL on a machine without a GPU")
+    uid = moe_comm.C.nccl_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == 128
+    with pytest.raises(RuntimeError, match="cuda"):
+        moe_comm.C.NcclCommunicator(uid, 1, 0, 0, 2.0)
+    with pytest.raises(RuntimeError, match="unique_id must be 128 bytes"):
+        moe_comm.C.NcclCommunicator(b"short", 1, 0, 0, 2.0)

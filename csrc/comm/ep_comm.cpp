@@ -1,0 +1,130 @@
+#include "ep_comm.h"
+
+#include <chrono>
+#include <cstring>
+#include <sstream>
+#include <thread>
+
+#include "../core/error.h"
+
+namespace moe_comm {
+namespace comm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace
+
+std::string make_unique_id() {
+  ncclUniqueId id;
+  MOE_NCCL_CHECK(ncclGetUniqueId(&id));
+  return std::string(id.internal, sizeof(id.internal));
+}
+
+EpCommunicator::EpCommunicator(const std::string& unique_id, int size, int rank, int device, double timeout_s)
+    : size_(size), rank_(rank), device_(device), timeout_s_(timeout_s) {
+  MOE_HOST_ASSERT(unique_id.size() == sizeof(ncclUniqueId::internal),
+                  "unique_id must be " << sizeof(ncclUniqueId::internal) << " bytes, got " << unique_id.size());
+  MOE_HOST_ASSERT(size > 0 && rank >= 0 && rank < size, "rank " << rank << " of " << size);
+  MOE_HOST_ASSERT(timeout_s > 0, "timeout must be positive, got " << timeout_s);
+  MOE_CUDA_CHECK(cudaSetDevice(device_));
+  ncclUniqueId id;
+  std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // so that a peer that never joins ends in our timeout, not a hang
+  const ncclResult_t res = ncclCommInitRankConfig(&comm_, size, id, rank, &config);
+  if (res != ncclSuccess && res != ncclInProgress) {
+    fail("init", std::string("ncclCommInitRankConfig: ") + ncclGetErrorString(res));
+  }
+  wait_ready("init");
+  MOE_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+}
+
+EpCommunicator::~EpCommunicator() {
+  if (done_) cudaEventDestroy(done_);
+  if (comm_ && !aborted_) {
+    // Finalize can block on peers; abort is bounded and frees the same resources.
+    ncclCommAbort(comm_);
+  }
+}
+
+void EpCommunicator::fail(const std::string& stage, const std::string& why) {
+  if (comm_ && !aborted_) {
+    ncclCommAbort(comm_);
+    aborted_ = true;
+  }
+  std::ostringstream out;
+  out << "rank " << rank_ << " of " << size_ << " failed in stage '" << stage << "': " << why;
+  throw_error(__FILE__, __LINE__, out.str());
+}
+
+void EpCommunicator::wait_ready(const std::string& stage) {
+  const auto start = Clock::now();
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
+    if (res != ncclSuccess) fail(stage, std::string("ncclCommGetAsyncError: ") + ncclGetErrorString(res));
+    if (state == ncclSuccess) return;
+    if (state != ncclInProgress) {
+      fail(stage, std::string(ncclGetErrorString(state)) + ": " + ncclGetLastError(comm_));
+    }
+    if (seconds_since(start) > timeout_s_) {
+      std::ostringstream why;
+      why << "peers did not arrive within " << timeout_s_ << " s";
+      fail(stage, why.str());
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>& send_bytes,
+                                const std::vector<int64_t>& send_offsets, uint8_t* recv,
+                                const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets,
+                                cudaStream_t stream, const std::string& stage) {
+  MOE_HOST_ASSERT(!aborted_, "the communicator was aborted by an earlier failure");
+  MOE_HOST_ASSERT(int(send_bytes.size()) == size_ && int(send_offsets.size()) == size_ &&
+                      int(recv_bytes.size()) == size_ && int(recv_offsets.size()) == size_,
+                  "all_to_all needs one size and offset per peer (" << size_ << ")");
+  MOE_CUDA_CHECK(cudaSetDevice(device_));
+  MOE_NCCL_CHECK(ncclGroupStart());
+  for (int peer = 0; peer < size_; ++peer) {
+    if (send_bytes[peer] > 0) {
+      MOE_NCCL_CHECK(ncclSend(send + send_offsets[peer], size_t(send_bytes[peer]), ncclUint8, peer, comm_, stream));
+    }
+    if (recv_bytes[peer] > 0) {
+      MOE_NCCL_CHECK(ncclRecv(recv + recv_offsets[peer], size_t(recv_bytes[peer]), ncclUint8, peer, comm_, stream));
+    }
+  }
+  const ncclResult_t res = ncclGroupEnd();
+  if (res != ncclSuccess && res != ncclInProgress) fail(stage, std::string("ncclGroupEnd: ") + ncclGetErrorString(res));
+  wait_ready(stage);
+}
+
+void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {
+  MOE_CUDA_CHECK(cudaSetDevice(device_));
+  MOE_CUDA_CHECK(cudaEventRecord(done_, stream));
+  const auto start = Clock::now();
+  while (true) {
+    const cudaError_t query = cudaEventQuery(done_);
+    if (query == cudaSuccess) return;
+    if (query != cudaErrorNotReady) fail(stage, std::string("CUDA: ") + cudaGetErrorString(query));
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &state);
+    if (state != ncclSuccess && state != ncclInProgress) {
+      fail(stage, std::string(ncclGetErrorString(state)) + ": " + ncclGetLastError(comm_));
+    }
+    if (seconds_since(start) > timeout_s_) {
+      std::ostringstream why;
+      why << "not done within " << timeout_s_ << " s (a peer may have died or not arrived)";
+      fail(stage, why.str());
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+}  // namespace comm
+}  // namespace moe_comm

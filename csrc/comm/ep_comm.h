@@ -1,0 +1,56 @@
+// The expert-parallel NCCL communicator a Buffer owns (one per stage): never torch's own.
+// Variable-size all-to-all as grouped ncclSend/ncclRecv of bytes, and bounded waits: every wait
+// polls ncclCommGetAsyncError and a deadline, aborts the communicator on timeout and throws an
+// error naming the rank and the stage, instead of hanging.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moe_comm {
+namespace comm {
+
+// A fresh ncclUniqueId as bytes (rank 0 makes it; the group shares it).
+std::string make_unique_id();
+
+class EpCommunicator {
+ public:
+  // Joins the communicator of `size` ranks; gives up after timeout_s seconds.
+  EpCommunicator(const std::string& unique_id, int size, int rank, int device, double timeout_s);
+  ~EpCommunicator();
+  EpCommunicator(const EpCommunicator&) = delete;
+  EpCommunicator& operator=(const EpCommunicator&) = delete;
+
+  // Enqueues on `stream`: to peer p, send_bytes[p] bytes from send + send_offsets[p]; from peer
+  // p, recv_bytes[p] bytes into recv + recv_offsets[p]. Returns once enqueued.
+  void all_to_all(const uint8_t* send, const std::vector<int64_t>& send_bytes,
+                  const std::vector<int64_t>& send_offsets, uint8_t* recv,
+                  const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets,
+                  cudaStream_t stream, const std::string& stage);
+
+  // Blocks until the work enqueued on `stream` so far is done, the communicator reports an error,
+  // or the deadline passes (then aborts and throws naming rank and stage).
+  void wait(cudaStream_t stream, const std::string& stage);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+ private:
+  void wait_ready(const std::string& stage);  // non-blocking NCCL calls in progress
+  [[noreturn]] void fail(const std::string& stage, const std::string& why);
+
+  ncclComm_t comm_ = nullptr;
+  int size_ = 0;
+  int rank_ = 0;
+  int device_ = 0;
+  double timeout_s_ = 0;
+  cudaEvent_t done_ = nullptr;
+  bool aborted_ = false;
+};
+
+}  // namespace comm
+}  // namespace moe_comm
