@@ -60,6 +60,7 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
         if rows.shape[1] > 1 and rows.stride(1) != 1:
             rows = rows.contiguous()
         hidden, topk = x.shape[1], idx.shape[1]
+        _, meta_offset, _, row_bytes = row_format(hidden, x.dtype, topk, SLOT_META_BYTES)
         call = dict(hidden=hidden, dtype=DTYPE_CODES[x.dtype], topk=topk, num_experts=buffer.num_experts)
     else:
         call = dict(hidden=0, dtype=0, topk=0, num_experts=buffer.num_experts)
@@ -81,14 +82,12 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
             continue
         arrived = received_counts(received)
         plan.recv_splits = arrived.sum(dim=1).tolist()
-        row_bytes = row_format(hidden, x.dtype, topk, SLOT_META_BYTES)[3]
         name = f"dispatch/{stage.name}"
         send = buffer.workspace(name + "/send", len(plan.send_token), row_bytes)
         C.pack_rows(rows, plan.send_token, plan.send_offsets, idx, weights, stage.experts_per_dest, send)
         recv = exchange_rows(buffer, stage, send, plan.send_splits, plan.recv_splits, name)
         plans.append(plan)
         # What arrived is the next stage's input: rows with stage-local expert ids.
-        meta_offset = row_format(hidden, x.dtype, topk, SLOT_META_BYTES)[1]
         rows = payload(recv, x.dtype, hidden)
         idx, weights = slot_meta(recv, meta_offset, topk)
         input_blocks = plan.recv_splits

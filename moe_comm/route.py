@@ -20,7 +20,7 @@ SCALAR_BYTES = 4      # one float32 per slot on the return wire
 
 def row_format(hidden: int, dtype: torch.dtype, topk: int, meta_bytes_per_slot: int):
     """-> (payload_bytes, meta_offset, meta_bytes, row_bytes), computed in csrc/core."""
-    return C.row_format(hidden, torch.empty((), dtype=dtype).element_size(), topk, meta_bytes_per_slot)
+    return C.row_format(hidden, dtype.itemsize, topk, meta_bytes_per_slot)
 
 
 def payload(rows: torch.Tensor, dtype: torch.dtype, hidden: int) -> torch.Tensor:

@@ -62,21 +62,27 @@ void EpCommunicator::fail(const std::string& stage, const std::string& why) {
   throw_error(__FILE__, __LINE__, out.str());
 }
 
+bool EpCommunicator::nccl_in_progress(const std::string& stage) {
+  ncclResult_t state = ncclSuccess;
+  const ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
+  if (res != ncclSuccess) fail(stage, std::string("ncclCommGetAsyncError: ") + ncclGetErrorString(res));
+  if (state != ncclSuccess && state != ncclInProgress) {
+    fail(stage, std::string(ncclGetErrorString(state)) + ": " + ncclGetLastError(comm_));
+  }
+  return state == ncclInProgress;
+}
+
+void EpCommunicator::check_deadline(double elapsed_s, const std::string& stage, const char* what) {
+  if (elapsed_s <= timeout_s_) return;
+  std::ostringstream why;
+  why << what << " within " << timeout_s_ << " s";
+  fail(stage, why.str());
+}
+
 void EpCommunicator::wait_ready(const std::string& stage) {
   const auto start = Clock::now();
-  while (true) {
-    ncclResult_t state = ncclSuccess;
-    const ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
-    if (res != ncclSuccess) fail(stage, std::string("ncclCommGetAsyncError: ") + ncclGetErrorString(res));
-    if (state == ncclSuccess) return;
-    if (state != ncclInProgress) {
-      fail(stage, std::string(ncclGetErrorString(state)) + ": " + ncclGetLastError(comm_));
-    }
-    if (seconds_since(start) > timeout_s_) {
-      std::ostringstream why;
-      why << "peers did not arrive within " << timeout_s_ << " s";
-      fail(stage, why.str());
-    }
+  while (nccl_in_progress(stage)) {
+    check_deadline(seconds_since(start), stage, "peers did not arrive");
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
@@ -112,16 +118,8 @@ void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {
     const cudaError_t query = cudaEventQuery(done_);
     if (query == cudaSuccess) return;
     if (query != cudaErrorNotReady) fail(stage, std::string("CUDA: ") + cudaGetErrorString(query));
-    ncclResult_t state = ncclSuccess;
-    ncclCommGetAsyncError(comm_, &state);
-    if (state != ncclSuccess && state != ncclInProgress) {
-      fail(stage, std::string(ncclGetErrorString(state)) + ": " + ncclGetLastError(comm_));
-    }
-    if (seconds_since(start) > timeout_s_) {
-      std::ostringstream why;
-      why << "not done within " << timeout_s_ << " s (a peer may have died or not arrived)";
-      fail(stage, why.str());
-    }
+    nccl_in_progress(stage);
+    check_deadline(seconds_since(start), stage, "not done (a peer may have died or not arrived)");
     std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
 }

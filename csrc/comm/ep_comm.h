@@ -41,6 +41,10 @@ class EpCommunicator {
 
  private:
   void wait_ready(const std::string& stage);  // non-blocking NCCL calls in progress
+  // Fails on an asynchronous NCCL error; -> true while a non-blocking call is in progress.
+  bool nccl_in_progress(const std::string& stage);
+  // Fails (aborting) once elapsed_s passes the timeout; `what` says what did not happen.
+  void check_deadline(double elapsed_s, const std::string& stage, const char* what);
   [[noreturn]] void fail(const std::string& stage, const std::string& why);
 
   ncclComm_t comm_ = nullptr;
