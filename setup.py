@@ -69,7 +69,7 @@ NCCL_HOME = find_nccl_home() if CUDA_HOME else None
 ARCHS = cuda_archs() if CUDA_HOME else []
 
 sources = [os.path.relpath(p, ROOT) for p in
-           [os.path.join(CSRC, "bindings.cpp")]
+           sorted(glob.glob(os.path.join(CSRC, "bindings", "*.cpp")))
            + sorted(glob.glob(os.path.join(CSRC, "core", "*.cpp")))
            + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))]
 define_macros = []

@@ -1,9 +1,11 @@
 """Dispatch's first exchange of every stage: counts, plus a status that makes every rank raise
 when any rank rejected its input or the ranks disagree on the call.
 
-A problem seen in one stage travels in the next stage's header, so after the last header
-every rank knows (in the hierarchical mode a rank reaches every other rank through either its
-rail or its node). No token rows move once a problem is known.
+A rank's own routing status is computed on its device (validation.routing_status) and only
+read after the exchange, which synchronises anyway. A problem seen in one stage travels in the
+next stage's header, so after the last header every rank knows (in the hierarchical mode a
+rank reaches every other rank through either its rail or its node). No token rows move once a
+problem is known.
 """
 
 from dataclasses import dataclass
@@ -46,19 +48,31 @@ def local_problem(rank: int, rejected: Optional[InputError]) -> Optional[Problem
     return Problem(CODE_OF[rejected.argument], rank, rank, rejected.error)
 
 
-def build_header(stage: Stage, call: dict, counts: Optional[torch.Tensor], blocks: int,
-                 problem: Optional[Problem]) -> torch.Tensor:
-    """-> [stage.size, len(FIELDS) + blocks] int64. counts [stage.size, blocks]: rows for each
-    destination from each block of this stage's input (zeros once a problem is known)."""
-    header = torch.zeros(stage.size, len(FIELDS) + blocks, dtype=torch.int64)
+def build_header(stage: Stage, call: dict, rank: int, blocks: int, expert_columns: int, device: torch.device,
+                 problem: Optional[Problem] = None, status: Optional[torch.Tensor] = None,
+                 counts: Optional[torch.Tensor] = None, expert_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """-> [stage.size, len(FIELDS) + blocks + expert_columns] int64 on `device`; row d is what
+    this rank tells destination d. The fixed fields come from the host; status (0-dim: this
+    rank's routing_status), counts [size, blocks] (rows for d from each block of this stage's
+    input) and expert_counts [size, expert_columns] (pairs for each of d's experts, in the last
+    stage) stay on the device. A known problem replaces status and counts."""
+    host = torch.zeros(stage.size, len(FIELDS) + blocks + expert_columns, dtype=torch.int64)
     for name in AGREED:
-        header[:, F[name]] = call[name]
+        host[:, F[name]] = call[name]
     if problem is not None:
-        header[:, F["status"]] = problem.code
-        header[:, F["bad_rank"]] = problem.rank
-        header[:, F["seen_by"]] = problem.seen_by
-    elif counts is not None:
-        header[:, len(FIELDS):] = counts
+        host[:, F["status"]] = problem.code
+        host[:, F["bad_rank"]] = problem.rank
+        host[:, F["seen_by"]] = problem.seen_by
+        return host.to(device)
+    host[:, F["bad_rank"]] = rank  # read only when a status is set
+    host[:, F["seen_by"]] = rank
+    header = host.to(device)
+    if status is not None:
+        header[:, F["status"]] = status
+    if counts is not None:
+        header[:, len(FIELDS):len(FIELDS) + blocks] = counts
+    if expert_counts is not None:
+        header[:, len(FIELDS) + blocks:] = expert_counts
     return header
 
 
@@ -82,6 +96,11 @@ def find_problem(stage: Stage, call: dict, received: torch.Tensor, rank: int) ->
     return None
 
 
-def received_counts(received: torch.Tensor) -> torch.Tensor:
+def received_counts(received: torch.Tensor, blocks: int) -> torch.Tensor:
     """[senders, blocks] rows each sender sends this rank, per block of its input."""
-    return received[:, len(FIELDS):]
+    return received[:, len(FIELDS):len(FIELDS) + blocks]
+
+
+def received_expert_counts(received: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[senders, experts] (token, expert) pairs each sender sends this rank, per local expert."""
+    return received[:, len(FIELDS) + blocks:]

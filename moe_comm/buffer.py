@@ -6,8 +6,31 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from ._native import C
+from .nccl_comm import create_nccl_communicator
 from .stages import Stage, flat_stages, hierarchical_stages
 from .topology import Topology, resolve_topology
+
+# Bounds every NCCL wait when the Buffer has no timeout of its own (torch's NCCL default).
+DEFAULT_NCCL_TIMEOUT_S = 600.0
+
+
+def resolve_device(device, backend: str) -> torch.device:
+    if device is None:
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if device.type == "cuda" and not C.native_build_info()["cuda"]:
+        raise ValueError(f"device: {device} needs moe_comm built with CUDA (nvcc found at build time); "
+                         f"this build is CPU-only")
+    if device.type == "cpu" and backend == "nccl":
+        raise ValueError("device: a CPU Buffer needs a gloo group; this group's backend is nccl")
+    return device
 
 
 class Buffer:
@@ -20,10 +43,14 @@ class Buffer:
 
     hierarchical: "auto" forwards through one rank per node when the group spans several
     nodes; True forces it (on one node it is the same as flat); False always sends directly.
+
+    device: where tokens live. None = the current CUDA device on an NCCL group, the CPU
+    otherwise. On a CUDA device the tokens move over our own NCCL communicators (one per
+    stage), bootstrapped over `group` whatever its backend; on the CPU over `group` (gloo).
     """
 
     def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
-                 hierarchical="auto", timeout: Optional[float] = None):
+                 hierarchical="auto", timeout: Optional[float] = None, device=None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("moe_comm.Buffer needs torch.distributed to be initialised "
                                "(dist.init_process_group) before it is created")
@@ -50,6 +77,7 @@ class Buffer:
             self.group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout),
                                         backend=dist.get_backend(base))
         self.backend = dist.get_backend(self.group)
+        self.device = resolve_device(device, self.backend)
         self.topology: Topology = resolve_topology(self.group, self.world_size, self.rank, ranks_per_node)
         multi_node = self.topology.num_nodes > 1
         self.hierarchical = multi_node if hierarchical == "auto" else bool(hierarchical)
@@ -60,6 +88,14 @@ class Buffer:
             self.stages: List[Stage] = hierarchical_stages(self.group, self.topology, self.experts_per_rank, timeout)
         else:
             self.stages = flat_stages(self.group, self.topology, self.experts_per_rank)
+        self.comm_stream = None
+        if self.device.type == "cuda":
+            # Collective: every rank of each stage joins its communicator, stage by stage.
+            for stage in self.stages:
+                if stage.size > 1:
+                    stage.comm = create_nccl_communicator(stage.group, self.device,
+                                                          timeout or DEFAULT_NCCL_TIMEOUT_S)
+            self.comm_stream = torch.cuda.Stream(self.device)
         self._workspaces = {}
 
     @property
@@ -74,16 +110,12 @@ class Buffer:
         need = rows * row_bytes
         storage = self._workspaces.get(name)
         if storage is None or storage.numel() < need:
-            storage = torch.empty(max(need, 1) + need // 4, dtype=torch.uint8)
+            storage = torch.empty(max(need, 1) + need // 4, dtype=torch.uint8, device=self.device)
             self._workspaces[name] = storage
         return storage[:need].view(rows, row_bytes)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     def __repr__(self) -> str:
         t = self.topology
         return (f"moe_comm.Buffer(rank={self.rank}, world_size={self.world_size}, "
                 f"num_experts={self.num_experts}, nodes={t.num_nodes}x{t.ranks_per_node}, "
-                f"backend={self.backend}, hierarchical={self.hierarchical})")
+                f"backend={self.backend}, device={self.device}, hierarchical={self.hierarchical})")

@@ -14,12 +14,14 @@ from typing import Optional
 import torch
 
 from ._native import C
-from .agreement import DTYPE_CODES, build_header, find_problem, local_problem, received_counts
+from .agreement import (DTYPE_CODES, F, build_header, find_problem, local_problem, received_counts,
+                        received_expert_counts)
 from .handle import DispatchHandle
 from .route import (SLOT_META_BYTES, counts_by_block, gather_masked, payload,
                     plan_stage, reduce_back, row_format, send_along, slot_meta, source_order)
+from .streams import stream_of
 from .transport import exchange_header, exchange_rows
-from .validation import check_combine_inputs, check_dispatch_inputs
+from .validation import check_combine_inputs, check_dispatch_inputs, explain_routing, routing_status
 
 
 def _source_ranks(buffer, senders: int, blocks: int) -> torch.Tensor:
@@ -51,10 +53,15 @@ def _link_stats(buffer, plans, hidden: int, elem_size: int) -> dict:
 
 
 def _dispatch_forward(x, topk_idx, topk_weights, buffer):
-    rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.num_experts, buffer.device)
+    rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
     problem = local_problem(buffer.rank, rejected)
+    status = None
     if problem is None:
         idx = topk_idx.to(torch.int64).contiguous()
+        status = routing_status(idx, buffer.num_experts)
+        # Plan on a routing that is safe to index even if the status turns out bad (then every
+        # slot is masked, nothing is sent and the header tells every rank why).
+        checked_idx, idx = idx, idx.masked_fill(status.bool(), -1)
         weights = topk_weights.detach().contiguous() if topk_weights is not None else None
         rows = x.detach()
         if rows.shape[1] > 1 and rows.stride(1) != 1:
@@ -65,26 +72,41 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
     else:
         call = dict(hidden=0, dtype=0, topk=0, num_experts=buffer.num_experts)
 
+    device, stream = buffer.device, stream_of(buffer.device)
     plans = []
     input_blocks = [x.shape[0] if problem is None else 0]
     recv = None
-    for stage in buffer.stages:
-        plan = plan_stage(stage, idx) if problem is None else None
-        counts = counts_by_block(plan, input_blocks) if plan is not None else None
-        header = build_header(stage, call, counts, len(input_blocks), problem)
-        received = exchange_header(buffer, stage, header, f"dispatch/{stage.name}/header")
+    for i, stage in enumerate(buffer.stages):
+        last = i == len(buffer.stages) - 1
+        blocks, expert_columns = len(input_blocks), (stage.experts_per_dest if last else 0)
+        plan = None
+        if problem is None:
+            plan = plan_stage(stage, idx)
+            header = build_header(stage, call, buffer.rank, blocks, expert_columns, device, status=status,
+                                  counts=counts_by_block(plan, idx, input_blocks),
+                                  expert_counts=plan.pairs_per_expert.view(stage.size, -1) if last else None)
+        else:
+            header = build_header(stage, call, buffer.rank, blocks, expert_columns, device, problem=problem)
+        sent, received = exchange_header(buffer, stage, header, f"dispatch/{stage.name}/header")
+        if problem is None and status is not None and int(sent[0, F["status"]]):
+            problem = local_problem(buffer.rank, explain_routing(checked_idx, buffer.num_experts))
         if problem is None:
             problem = find_problem(stage, call, received, buffer.rank)
+        status = None  # later stages carry what the first one found
         if problem is not None:
             # Later stages still carry the status (their headers sized as if rows had moved);
             # no rows move.
             input_blocks = [0] * stage.size
             continue
-        arrived = received_counts(received)
-        plan.recv_splits = arrived.sum(dim=1).tolist()
+        arrived = received_counts(received, blocks)
+        if last:
+            # The last header announced every (token, local expert) pair: recv_x is sized
+            # without waiting on the device again.
+            tokens_per_expert = received_expert_counts(received, blocks).sum(dim=0)
+        plan.set_splits(received_counts(sent, blocks).sum(dim=1).tolist(), arrived.sum(dim=1).tolist())
         name = f"dispatch/{stage.name}"
         send = buffer.workspace(name + "/send", len(plan.send_token), row_bytes)
-        C.pack_rows(rows, plan.send_token, plan.send_offsets, idx, weights, stage.experts_per_dest, send)
+        C.pack_rows(rows, plan.send_token, plan.send_offsets, idx, weights, stage.experts_per_dest, send, stream)
         recv = exchange_rows(buffer, stage, send, plan.send_splits, plan.recv_splits, name)
         plans.append(plan)
         # What arrived is the next stage's input: rows with stage-local expert ids.
@@ -95,8 +117,10 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
         raise problem.exception()
 
     order = source_order(arrived, _source_ranks(buffer, *arrived.shape))
+    if order is not None:
+        order = order.to(device)
     recv_x, recv_weights, tokens_per_expert, row_map, slot_weights = C.expand_rows(
-        recv, hidden, x.dtype, topk, buffer.experts_per_rank, order)
+        recv, hidden, x.dtype, topk, buffer.experts_per_rank, order, tokens_per_expert, stream)
     handle = DispatchHandle(
         buffer=buffer, num_tokens=x.shape[0], hidden=hidden, topk=topk, dtype=x.dtype, plans=plans,
         row_map=row_map, slot_weights=slot_weights, tokens_per_expert=tokens_per_expert,
@@ -151,12 +175,13 @@ class _Combine(torch.autograd.Function):
         h = ctx.handle
         (expert_y,) = ctx.saved_tensors
         grad_rows = send_along(h.buffer, h.plans, grad_y.contiguous(), "combine-backward")
-        grad_expert_y = torch.empty((h.num_recv_rows, h.hidden), dtype=grad_y.dtype)
-        C.scatter_rows(grad_rows, h.row_map, ctx.slot_weights, grad_expert_y)
+        stream = stream_of(grad_y.device)
+        grad_expert_y = torch.empty((h.num_recv_rows, h.hidden), dtype=grad_y.dtype, device=grad_y.device)
+        C.scatter_rows(grad_rows, h.row_map, ctx.slot_weights, grad_expert_y, stream)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            dots = C.row_dots(grad_rows, expert_y.detach(), h.row_map)  # [n_last, K]
-            no_rows = torch.empty((h.num_recv_rows, 0), dtype=torch.float32)
+            dots = C.row_dots(grad_rows, expert_y.detach(), h.row_map, stream)  # [n_last, K]
+            no_rows = torch.empty((h.num_recv_rows, 0), dtype=torch.float32, device=grad_y.device)
             _, grad_w = reduce_back(h.buffer, h.plans, h.num_tokens, no_rows, h.row_map, None, dots,
                                     "combine-backward-weights")
         return grad_expert_y, grad_w, None, None

@@ -12,6 +12,7 @@ import torch
 
 from ._native import C
 from .stages import Stage
+from .streams import stream_of
 from .transport import exchange_rows
 
 SLOT_META_BYTES = 8   # core/row_format.h SlotMeta: int32 local expert + float32 weight
@@ -44,15 +45,15 @@ def slot_meta(rows: torch.Tensor, meta_offset: int, topk: int):
 def gather_masked(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """values[index] with 0 where index < 0."""
     if values.shape[0] == 0:
-        return torch.zeros(index.shape, dtype=values.dtype)
+        return torch.zeros(index.shape, dtype=values.dtype, device=index.device)
     return values[index.clamp(min=0)].masked_fill(index < 0, 0.0)
 
 
 def collect_pairs(per_slot: torch.Tensor, pair_slot: torch.Tensor) -> torch.Tensor:
     """[n_send, K] per send slot -> [n_in, K]: out[i, k] = per_slot[pair_slot[i, k], k], 0 if masked."""
     if per_slot.shape[0] == 0:
-        return torch.zeros(pair_slot.shape, dtype=torch.float32)
-    k = torch.arange(pair_slot.shape[1]).expand_as(pair_slot)
+        return torch.zeros(pair_slot.shape, dtype=torch.float32, device=pair_slot.device)
+    k = torch.arange(pair_slot.shape[1], device=pair_slot.device).expand_as(pair_slot)
     return per_slot[pair_slot.clamp(min=0), k].masked_fill(pair_slot < 0, 0.0)
 
 
@@ -61,31 +62,44 @@ class StagePlan:
     stage: Stage
     send_token: torch.Tensor   # [n_send] input row of each send slot, destination-major
     send_offsets: torch.Tensor  # [size + 1]
-    send_splits: List[int]
     pair_slot: torch.Tensor    # [n_in, K] send slot of (input row, k); -1 masked
     first_slot: torch.Tensor   # [n_in, K] the same, on each destination's first slot only
-    recv_splits: Optional[List[int]] = None  # known after the stage's header exchange
+    pairs_per_expert: torch.Tensor  # [stage.num_experts] valid (row, expert) pairs
+    send_splits: Optional[List[int]] = None  # known on the host after the stage's header exchange
+    recv_splits: Optional[List[int]] = None
 
     @property
     def num_recv(self) -> int:
         return sum(self.recv_splits)
 
+    def set_splits(self, send_splits: List[int], recv_splits: List[int]):
+        """From the header exchange. On CUDA send_token was sized for every (row, destination)
+        pair so that planning needed no host round trip: keep the slots in use."""
+        self.send_splits, self.recv_splits = send_splits, recv_splits
+        self.send_token = self.send_token[:sum(send_splits)]
+
 
 def plan_stage(stage: Stage, topk_idx: torch.Tensor) -> StagePlan:
-    per_dest, _, offsets, send_token, pair_slot, first_slot = C.plan_send(topk_idx, stage.num_experts, stage.size)
-    return StagePlan(stage, send_token, offsets, per_dest.tolist(), pair_slot, first_slot)
+    _, pairs, offsets, send_token, pair_slot, first_slot = C.plan_send(
+        topk_idx, stage.num_experts, stage.size, stream_of(topk_idx.device))
+    return StagePlan(stage, send_token, offsets, pair_slot, first_slot, pairs)
 
 
-def counts_by_block(plan: StagePlan, input_blocks: List[int]) -> torch.Tensor:
-    """[size, blocks]: rows sent to each destination from each block of the input (the previous
-    stage's senders; one block for a rank's own tokens)."""
-    size, blocks = plan.stage.size, len(input_blocks)
-    if blocks == 1:
-        return torch.tensor(plan.send_splits, dtype=torch.int64).unsqueeze(1)
-    block_of_row = torch.repeat_interleave(torch.arange(blocks), torch.tensor(input_blocks, dtype=torch.int64))
-    dest_of_slot = torch.repeat_interleave(torch.arange(size), torch.tensor(plan.send_splits, dtype=torch.int64))
-    key = dest_of_slot * blocks + block_of_row[plan.send_token]
-    return torch.bincount(key, minlength=size * blocks).view(size, blocks)
+def counts_by_block(plan: StagePlan, topk_idx: torch.Tensor, input_blocks: List[int]) -> torch.Tensor:
+    """[size, blocks] on topk_idx's device: rows sent to each destination from each block of the
+    input (the previous stage's senders; one block for a rank's own tokens). Each destination's
+    first slot of a row marks one row sent; computed without a host round trip."""
+    size, blocks, device = plan.stage.size, len(input_blocks), topk_idx.device
+    num_rows = topk_idx.shape[0]
+    block_of_row = torch.repeat_interleave(torch.arange(blocks, device=device),
+                                           torch.tensor(input_blocks, dtype=torch.int64, device=device),
+                                           output_size=num_rows)
+    # clamp: an invalid routing (reported by the header's status) must not index out of range.
+    dest = (topk_idx.clamp(min=0) // plan.stage.experts_per_dest).clamp(max=size - 1)
+    key = dest * blocks + block_of_row.unsqueeze(1)
+    counts = torch.zeros(size * blocks, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key.flatten(), (plan.first_slot >= 0).to(torch.int64).flatten())
+    return counts.view(size, blocks)
 
 
 def source_order(counts: torch.Tensor, source_rank: torch.Tensor) -> Optional[torch.Tensor]:
@@ -110,7 +124,7 @@ def send_along(buffer, plans: List[StagePlan], rows: torch.Tensor, name: str) ->
     for plan in plans:
         stage_name = f"{name}/{plan.stage.name}"
         send = buffer.workspace(stage_name + "/send", len(plan.send_token), row_bytes)
-        C.pack_rows(rows, plan.send_token, plan.send_offsets, None, None, 1, send)
+        C.pack_rows(rows, plan.send_token, plan.send_offsets, None, None, 1, send, stream_of(send.device))
         rows = payload(exchange_rows(buffer, plan.stage, send, plan.send_splits, plan.recv_splits, stage_name),
                        dtype, width)
     return rows
@@ -130,13 +144,13 @@ def reduce_back(buffer, plans: List[StagePlan], num_tokens: int, rows: torch.Ten
     for plan in reversed(plans):
         stage_name = f"{name}/{plan.stage.name}"
         packed = buffer.workspace(stage_name + "/send", plan.num_recv, row_bytes)
-        C.reduce_rows(src, src_map, src_weights, payload(packed, dtype, hidden))
+        C.reduce_rows(src, src_map, src_weights, payload(packed, dtype, hidden), stream_of(packed.device))
         if slot_scalars is not None:
             scalars(packed, meta_offset, topk).copy_(slot_scalars)
         back = exchange_rows(buffer, plan.stage, packed, plan.recv_splits, plan.send_splits, stage_name)
         src, src_map, src_weights = payload(back, dtype, hidden), plan.first_slot, None
         if slot_scalars is not None:
             slot_scalars = collect_pairs(scalars(back, meta_offset, topk), plan.pair_slot)
-    y = torch.empty((num_tokens, hidden), dtype=dtype)
-    C.reduce_rows(src, src_map, None, y)
+    y = torch.empty((num_tokens, hidden), dtype=dtype, device=rows.device)
+    C.reduce_rows(src, src_map, None, y, stream_of(y.device))
     return y, slot_scalars

@@ -28,6 +28,7 @@ class Stage:
     experts_per_dest: int
     global_ranks: List[int]  # group index -> rank in the Buffer's group
     crosses_nodes: bool     # rows to other destinations leave the node
+    comm: object = None     # our NCCL communicator over `group` (CUDA Buffers with size > 1)
 
     @property
     def num_experts(self) -> int:

@@ -1,12 +1,17 @@
-"""The wire on CPU/gloo: per stage, one fixed-size header exchange, then variable-size row
-exchanges (torch.distributed all_to_all_single with split sizes).
+"""The wire. Per stage: one fixed-size header exchange, then variable-size row exchanges.
+
+CPU/gloo: torch.distributed all_to_all_single with split sizes.
+CUDA:     our NCCL communicator of the stage (csrc/comm, grouped ncclSend/ncclRecv). Rows move
+          on the Buffer's communication stream, ordered with the caller's stream by events and
+          never waited for on the host; the header is the one place that waits (bounded by the
+          Buffer's timeout) because its counts size what follows.
 
 Every collective runs inside `stage_errors(...)`, so a failure or a timeout names this rank and
 the stage it was in.
 """
 
 import contextlib
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,15 +35,50 @@ def stage_errors(buffer, name: str):
                         f"'{name}' (a peer may have died or not arrived within {timeout}): {exc}") from exc
 
 
-def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> torch.Tensor:
-    """header: [stage.size, F] int64, row d = what this rank tells destination d.
-    -> [stage.size, F], row s = what sender s told this rank."""
-    if stage.size == 1:
-        return header.clone()
-    received = torch.empty_like(header)
+def _byte_ranges(rows: List[int], row_bytes: int) -> Tuple[List[int], List[int]]:
+    sizes = [n * row_bytes for n in rows]
+    offsets = [sum(sizes[:p]) for p in range(len(sizes))]
+    return sizes, offsets
+
+
+def _nccl_all_to_all(stage: Stage, send: torch.Tensor, send_rows: List[int], recv: torch.Tensor,
+                     recv_rows: List[int], stream: int, name: str):
+    """Row-major byte tensors [rows, row_bytes]; rows per peer, destination-major."""
+    row_bytes = send.shape[1] if send.dim() == 2 else 1
+    send_bytes, send_offsets = _byte_ranges(send_rows, row_bytes)
+    recv_bytes, recv_offsets = _byte_ranges(recv_rows, row_bytes)
+    stage.comm.all_to_all(send.reshape(-1), send_bytes, send_offsets, recv.reshape(-1), recv_bytes, recv_offsets,
+                          stream, name)
+
+
+def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """header: [stage.size, F] int64 on the Buffer's device, row d = what this rank tells
+    destination d. -> (sent, received) on the CPU; row s of received = what sender s told this
+    rank. On CUDA: one all-to-all, one copy of both to the host, one bounded wait."""
+    if header.device.type == "cpu":
+        if stage.size == 1:
+            return header, header.clone()
+        received = torch.empty_like(header)
+        with stage_errors(buffer, name):
+            dist.all_to_all_single(received, header, group=stage.group)
+        return header, received
+    both = torch.empty((2,) + tuple(header.shape), dtype=header.dtype, device=header.device)
+    both[0].copy_(header)
+    stream = torch.cuda.current_stream(header.device)
     with stage_errors(buffer, name):
-        dist.all_to_all_single(received, header, group=stage.group)
-    return received
+        if stage.size == 1:
+            both[1].copy_(header)
+        else:
+            rows = [1] * stage.size
+            _nccl_all_to_all(stage, header.view(torch.uint8), rows, both[1].view(torch.uint8), rows,
+                             stream.cuda_stream, name)
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        if stage.comm is not None:
+            stage.comm.wait(stream.cuda_stream, name)
+        else:
+            stream.synchronize()
+    return host[0], host[1]
 
 
 def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[int], recv_splits: List[int],
@@ -49,6 +89,14 @@ def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[in
     if stage.size == 1:
         return send
     recv = buffer.workspace(name + "/recv", sum(recv_splits), send.shape[1])
+    if send.device.type == "cpu":
+        with stage_errors(buffer, name):
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
+        return recv
+    caller = torch.cuda.current_stream(send.device)
+    comm_stream = buffer.comm_stream
+    comm_stream.wait_stream(caller)  # the packed rows are ready
     with stage_errors(buffer, name):
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
+        _nccl_all_to_all(stage, send, send_splits, recv, recv_splits, comm_stream.cuda_stream, name)
+    caller.wait_stream(comm_stream)  # what follows on the caller's stream sees the rows
     return recv

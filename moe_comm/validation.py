@@ -3,6 +3,10 @@
 Each check returns None or an exception naming the argument and the rule it broke; dispatch
 still joins the first (fixed-size) exchange carrying an error code, so that every rank raises
 instead of some ranks waiting for a peer that gave up.
+
+The values of topk_idx (range, repeats) are checked where they live: `routing_status` is a
+0-dim tensor on their device that dispatch writes into its header, so a CUDA dispatch needs no
+extra host synchronisation; the rank whose status is bad then explains it (`check_routing`).
 """
 
 from typing import Optional
@@ -37,8 +41,7 @@ def _value_error(argument: str, msg: str) -> InputError:
 
 def _check_device(argument: str, t: torch.Tensor, device: torch.device) -> Optional[InputError]:
     if t.device != device:
-        hint = " (the CUDA path is not built yet: pass CPU tensors over gloo)" if t.is_cuda else ""
-        return _value_error(argument, f"must be on {device}, got {t.device}{hint}")
+        return _value_error(argument, f"must be on the Buffer's device {device}, got {t.device}")
     return None
 
 
@@ -52,8 +55,8 @@ def _check_weights(topk_weights, shape: tuple, device: torch.device, rule: str) 
     return _check_device("topk_weights", topk_weights, device)
 
 
-def check_dispatch_inputs(x, topk_idx, topk_weights, num_experts: int,
-                          device: torch.device) -> Optional[InputError]:
+def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Optional[InputError]:
+    """Types, shapes and devices (host facts). The index values: routing_status."""
     if not isinstance(x, torch.Tensor):
         return _type_error("x", f"must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -77,11 +80,21 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, num_experts: int,
         problem = _check_weights(topk_weights, tuple(topk_idx.shape), device, "the shape of topk_idx")
         if problem:
             return problem
-    return check_routing(topk_idx.to(torch.int64).contiguous(), num_experts)
+    return None
+
+
+def routing_status(topk_idx64: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """0-dim int64 on topk_idx's device: 0, or the code of topk_idx when a value is out of
+    [-1, num_experts) or an expert repeats in a row. Never synchronises with the device."""
+    out_of_range = ((topk_idx64 < -1) | (topk_idx64 >= num_experts)).any()
+    ordered = topk_idx64.sort(dim=1).values
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
+    return (out_of_range | repeated).to(torch.int64) * CODE_OF["topk_idx"]
 
 
 def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputError]:
-    kind, token, slot, value = C.check_routing(topk_idx64, num_experts)
+    """The first broken rule of topk_idx, as an error naming the slot (reads it on the CPU)."""
+    kind, token, slot, value = C.check_routing(topk_idx64.cpu(), num_experts)
     if kind == 1:
         return _value_error("topk_idx", f"topk_idx[{token}, {slot}] = {value} is out of range "
                                         f"[-1, {num_experts}) (num_experts = {num_experts})")
@@ -89,6 +102,12 @@ def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputE
         return _value_error("topk_idx", f"expert {value} appears twice in row {token} "
                                         f"(again at slot {slot}); an expert may not repeat in a row")
     return None
+
+
+def explain_routing(topk_idx64: torch.Tensor, num_experts: int) -> InputError:
+    """The error of a routing whose routing_status was bad."""
+    found = check_routing(topk_idx64, num_experts)
+    return found or _value_error("topk_idx", f"holds an index outside [-1, {num_experts}) or a repeated expert")
 
 
 def check_combine_inputs(expert_y, topk_weights, handle) -> Optional[InputError]:

@@ -25,7 +25,7 @@ BAD_INPUTS = {
     # name: (transform of (x, idx, w) on the bad rank, error type there, message there, argument)
     "x dtype": (lambda x, i, w: (x.double(), i, w), TypeError, r"^x: dtype must be", "x"),
     "x dims": (lambda x, i, w: (x[0], i, w), ValueError, r"^x: must be 2-D", "x"),
-    "x device": (lambda x, i, w: (x.to("meta"), i, w), ValueError, r"^x: must be on cpu", "x"),
+    "x device": (lambda x, i, w: (x.to("meta"), i, w), ValueError, r"^x: must be on the Buffer's device cpu", "x"),
     "idx dtype": (lambda x, i, w: (x, i.float(), w), TypeError, r"^topk_idx: dtype", "topk_idx"),
     "idx rows": (lambda x, i, w: (x, i[1:], w), ValueError, r"^topk_idx: must be \[tokens, k\]", "topk_idx"),
     "idx range": (lambda x, i, w: (x, i.index_fill(0, torch.tensor([2]), 4), w), ValueError,

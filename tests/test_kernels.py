@@ -6,6 +6,7 @@ import torch
 import moe_comm
 from moe_comm import reference
 from moe_comm.ops import SLOT_META_BYTES
+from moe_comm.validation import check_routing, explain_routing, routing_status
 from tests.cases import DTYPES
 
 C = moe_comm.C
@@ -110,6 +111,14 @@ def test_expand_follows_row_order():
     assert torch.equal(counts, plain_counts) and torch.equal(recv_x, plain_x)
     valid = row_map >= 0
     assert torch.equal(recv_x[row_map[valid]], x[send_token].repeat_interleave(valid.sum(1), dim=0))
+    # The counts a header announces are checked against what arrived (the CUDA path sizes
+    # recv_x from them without looking).
+    announced = C.expand_rows(rows, H, torch.float32, K, E, order, counts.clone())
+    assert torch.equal(announced[0], recv_x)
+    wrong = counts.clone()
+    wrong[0] += 1
+    with pytest.raises(RuntimeError, match="header announced"):
+        C.expand_rows(rows, H, torch.float32, K, E, order, wrong)
 
 
 @pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
@@ -168,6 +177,19 @@ def test_scatter_rows_and_row_dots(dtype):
             assert torch.equal(plain[r], src[i])
             assert torch.equal(out[r], (src[i].float() * weights[i, k]).to(dt))
             torch.testing.assert_close(dots[i, k], (src[i].float() * other[r].float()).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_routing_status_agrees_with_check_routing(seed):
+    """The device-side status (no host sync) flags exactly the routings check_routing explains."""
+    gen = torch.Generator().manual_seed(seed)
+    T, K, E = int(torch.randint(0, 6, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen)), 5
+    idx = torch.randint(-2, E + 1, (T, K), generator=gen)
+    status = routing_status(idx, E)
+    assert status.dim() == 0 and status.dtype == torch.int64
+    assert bool(status) == (check_routing(idx, E) is not None)
+    if status:
+        assert explain_routing(idx, E).argument == "topk_idx"
 
 
 def test_kernels_reject_bad_arguments():

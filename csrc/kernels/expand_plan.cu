@@ -1,6 +1,4 @@
 // Device expansion plan: counts, one exclusive scan, fill. See launchers.h.
-#include <cub/device/device_scan.cuh>
-
 #include "launchers.h"
 
 namespace moe_comm {
@@ -60,20 +58,6 @@ cudaError_t launch_expand_count(const ExpandPlanKernelParams& p, cudaStream_t st
   if (err != cudaSuccess || p.num_rows * p.topk == 0) return err;
   expand_count_kernel<<<blocks_for(p.num_rows * p.topk), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
-}
-
-size_t expand_scan_workspace_bytes(int64_t count) {
-  size_t bytes = 0;
-  cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int64_t*>(nullptr),
-                                static_cast<int64_t*>(nullptr), static_cast<int64_t>(count));
-  return bytes;
-}
-
-cudaError_t launch_expand_scan(const ExpandPlanKernelParams& p, void* workspace, size_t workspace_bytes,
-                               cudaStream_t stream) {
-  const int64_t count = p.experts_per_rank * p.num_rows;
-  if (count == 0) return cudaSuccess;
-  return cub::DeviceScan::ExclusiveSum(workspace, workspace_bytes, p.flags, p.positions, count, stream);
 }
 
 cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t stream) {

@@ -26,6 +26,32 @@ struct LayoutKernelParams {
 // Zeroes the outputs on `stream`, then counts. Indices must already be validated.
 cudaError_t launch_count_layout(const LayoutKernelParams& p, cudaStream_t stream);
 
+// Send plan (device twin of core/layout.h fill_send_plan), from count_layout's token_in_rank.
+// flags/positions are [num_ranks * num_tokens] int64, rank-major: one exclusive scan gives every
+// (rank, token) pair its slot in the destination-major send buffer, with no host round trip.
+struct SendPlanKernelParams {
+  const int64_t* topk_idx = nullptr;   // [num_tokens, topk]
+  const bool* token_in_rank = nullptr;  // [num_tokens, num_ranks]
+  int64_t num_tokens = 0;
+  int64_t topk = 0;
+  int64_t num_experts = 0;
+  int64_t num_ranks = 0;
+  int64_t* flags = nullptr;
+  int64_t* positions = nullptr;
+  int64_t* send_offsets = nullptr;  // [num_ranks + 1]
+  int64_t* send_token = nullptr;    // capacity num_ranks * num_tokens; the first send_offsets[W] used
+  int64_t* pair_slot = nullptr;     // [num_tokens, topk]
+  int64_t* first_slot = nullptr;    // [num_tokens, topk]
+};
+cudaError_t launch_send_plan_flags(const SendPlanKernelParams& p, cudaStream_t stream);
+// After positions = exclusive scan of flags.
+cudaError_t launch_send_plan_fill(const SendPlanKernelParams& p, cudaStream_t stream);
+
+// Exclusive prefix sum of `count` int64 (CUB); workspace of exclusive_scan_workspace_bytes(count).
+size_t exclusive_scan_workspace_bytes(int64_t count);
+cudaError_t launch_exclusive_scan(const int64_t* in, int64_t* out, int64_t count, void* workspace,
+                                  size_t workspace_bytes, cudaStream_t stream);
+
 // Token kernels: the device twins of csrc/cpu/token_ops.h, same parameters and contracts
 // (core/token_params.h). Payloads move as 16-byte vectors wherever source and destination rows
 // are 16-byte aligned (packed rows always are).
@@ -55,10 +81,7 @@ struct ExpandPlanKernelParams {
 };
 // Zeroes and sets flags and counts. Local expert ids must be in range (our own packing).
 cudaError_t launch_expand_count(const ExpandPlanKernelParams& p, cudaStream_t stream);
-// Scratch bytes the scan needs for `count` elements.
-size_t expand_scan_workspace_bytes(int64_t count);
-cudaError_t launch_expand_scan(const ExpandPlanKernelParams& p, void* workspace, size_t workspace_bytes,
-                               cudaStream_t stream);
+// Between count and fill: positions = exclusive scan of flags (launch_exclusive_scan).
 cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t stream);
 
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.

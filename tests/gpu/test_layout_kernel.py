@@ -37,3 +37,20 @@ def test_count_layout_cuda_matches_cpu(T, K, E, W):
     for d in range(W):
         expected[:, d] = (dest == d).any(dim=1)
     assert torch.equal(in_rank.cpu(), expected)
+
+
+@pytest.mark.parametrize("T,K,E,W", [(0, 2, 8, 2), (1, 1, 1, 1), (7, 3, 12, 3), (4097, 8, 256, 8), (300, 8, 64, 64),
+                                     (513, 4, 32, 1)])
+def test_plan_send_cuda_matches_cpu(T, K, E, W):
+    idx = _routing(T, K, E, seed=T + 1)
+    expected = C.plan_send(idx, E, W)
+    stream = torch.cuda.current_stream().cuda_stream
+    got = [t.cpu() for t in C.plan_send(idx.cuda(), E, W, stream)]
+    n_send = int(expected[2][-1])
+    # tokens_per_rank, pairs_per_expert, send_offsets: equal; send_token: the first n_send slots
+    for name, e, g in zip(("tokens_per_rank", "pairs_per_expert", "send_offsets"), expected[:3], got[:3]):
+        assert torch.equal(g, e), name
+    assert got[3].numel() == W * T
+    assert torch.equal(got[3][:n_send], expected[3])
+    assert torch.equal(got[4], expected[4]), "pair_slot"
+    assert torch.equal(got[5], expected[5]), "first_slot"

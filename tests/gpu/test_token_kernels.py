@@ -121,8 +121,11 @@ def test_expand_rows(dtype, T, H, K, E, ordered):
     C.pack_rows(x, send_token, offsets, idx, w, E, rows)
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(2)) if ordered else None
     cpu = C.expand_rows(rows, H, dt, K, E, order)
-    gpu = C.expand_rows(rows.cuda(), H, dt, K, E, order.cuda() if ordered else None, stream=_stream())
-    torch.cuda.synchronize()
-    assert gpu[2].device.type == "cpu"  # tokens_per_expert on the host, as the API says
-    for name, g, c in zip(("recv_x", "recv_weights", "tokens_per_expert", "row_map", "slot_weights"), gpu, cpu):
-        assert torch.equal(g.cpu(), c), name
+    dev_order = order.cuda() if ordered else None
+    # Without counts the binding reads them from the device; with the header's counts it doesn't.
+    for counts in (None, cpu[2]):
+        gpu = C.expand_rows(rows.cuda(), H, dt, K, E, dev_order, counts, stream=_stream())
+        torch.cuda.synchronize()
+        assert gpu[2].device.type == "cpu"  # tokens_per_expert on the host, as the API says
+        for name, g, c in zip(("recv_x", "recv_weights", "tokens_per_expert", "row_map", "slot_weights"), gpu, cpu):
+            assert torch.equal(g.cpu(), c), name
