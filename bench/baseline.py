@@ -38,7 +38,7 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, differentiable=
     valid = flat >= 0
     experts = flat[valid]
     order = torch.argsort(experts, stable=True)
-    pair_token = (torch.arange(T * K)[valid] // K)[order]
+    pair_token = (torch.arange(T * K, device=x.device)[valid] // K)[order]
     pair_weight = topk_weights.flatten()[valid][order]
     counts = torch.bincount(experts, minlength=num_experts)
     recv_counts = torch.empty_like(counts)
@@ -48,10 +48,11 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, differentiable=
     recv_x = _exchange(x[pair_token], recv_splits, send_splits, group, differentiable)
     recv_w = _exchange(pair_weight, recv_splits, send_splits, group, differentiable)
     # Received rows are [source][local expert]; the API order is [local expert][source].
-    chunks = recv_counts.view(W, per_rank)
+    chunks = recv_counts.cpu().view(W, per_rank)
     starts = (chunks.flatten().cumsum(0) - chunks.flatten()).view(W, per_rank)
     chunk_order = torch.cat([torch.arange(int(starts[s, e]), int(starts[s, e] + chunks[s, e]))
                              for e in range(per_rank) for s in range(W)] or [torch.zeros(0, dtype=torch.int64)])
+    chunk_order = chunk_order.to(x.device)
     handle = BaselineHandle(pair_token, pair_weight, send_splits, recv_splits, chunk_order, T)
     return recv_x[chunk_order], recv_w[chunk_order], chunks.sum(0), handle
 
@@ -66,5 +67,5 @@ def combine(expert_y, handle: BaselineHandle, weighted=True, group=None, differe
     rows = back.float()
     if weighted:
         rows = rows * handle.pair_weight.unsqueeze(1)
-    y = torch.zeros((handle.num_tokens, expert_y.shape[1]), dtype=torch.float32)
+    y = torch.zeros((handle.num_tokens, expert_y.shape[1]), dtype=torch.float32, device=expert_y.device)
     return y.index_add(0, handle.pair_token, rows).to(expert_y.dtype)

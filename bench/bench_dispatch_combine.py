@@ -3,8 +3,8 @@ the same routing in the same run. Launch with torchrun:
 
     torchrun --standalone --nproc-per-node 4 bench/bench_dispatch_combine.py --preset tiny
 
-CPU tensors over gloo (the path moe_comm has today; CUDA/NCCL comes with the CUDA path).
-Bytes and every column are defined in bench/README.md.
+CUDA tensors over NCCL when a GPU is there (one per rank, LOCAL_RANK), else CPU tensors over
+gloo; --device forces one. Bytes and every column are defined in bench/README.md.
 """
 
 import argparse
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--ranks-per-node", type=int, help="simulate nodes of this many ranks (default: torchrun's)")
     p.add_argument("--hierarchical", choices=["auto", "on", "off"], default="auto",
                    help="two-stage forwarding through one rank per node (auto: when there are several nodes)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda (NCCL) when torch sees a GPU, else cpu (gloo)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     return args
 
 
-def make_routing(args, rank, num_nodes):
+def make_routing(args, rank, num_nodes, device):
     gen = torch.Generator().manual_seed(1234 + rank)
     logits = torch.randn(args.tokens, args.experts, generator=gen)
     if args.skew:
@@ -59,21 +61,32 @@ def make_routing(args, rank, num_nodes):
     max_nodes = min(args.max_nodes or num_nodes, num_nodes)
     idx, weights = moe_comm.node_limited_topk(logits, args.topk, num_nodes, max_nodes, score_func="softmax")
     x = torch.randn(args.tokens, args.hidden, generator=gen).to(DTYPES[args.dtype])
-    return x, idx, weights
+    return x.to(device), idx.to(device), weights.to(device)
 
 
-def timed(fn, args, group):
-    """Runs fn warmup + iters times with a barrier before each sample. -> per-iteration seconds,
-    the slowest rank's time for each iteration."""
+def timed(fn, args, group, device):
+    """Runs fn warmup + iters times with a barrier before each sample (on CUDA: then an idle
+    device, and CUDA events around fn). -> per-iteration seconds, the slowest rank's time for
+    each iteration."""
     for _ in range(args.warmup):
         fn()
     samples = []
+    cuda = device.type == "cuda"
     for _ in range(args.iters):
         dist.barrier(group)
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    t = torch.tensor(samples, dtype=torch.float64)
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    t = torch.tensor(samples, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()
 
@@ -82,20 +95,21 @@ def link_bytes(idx, buf, hidden, elem_size):
     """DeepEP's definitions, summed over ranks: intra = token rows received from the same node
     (one per (token, rank)), inter = distinct (token, destination node) pairs off the node."""
     topo = buf.topology
+    idx = idx.cpu()
     dest_rank = (idx // buf.experts_per_rank).masked_fill(idx < 0, -1)
     intra = inter = 0
     for row in dest_rank.tolist():
         ranks = {d for d in row if d >= 0}
         intra += sum(1 for d in ranks if topo.node_of(d) == topo.node)
         inter += len({topo.node_of(d) for d in ranks} - {topo.node})
-    t = torch.tensor([intra, inter], dtype=torch.int64)
+    t = torch.tensor([intra, inter], dtype=torch.int64, device=buf.device)
     dist.all_reduce(t, group=buf.group)
     return int(t[0]) * hidden * elem_size, int(t[1]) * hidden * elem_size
 
 
 def measure(args, buf, world):
     """Checks moe_comm against the baseline, then times both. -> records (one per impl x op)."""
-    x, idx, weights = make_routing(args, buf.rank, buf.topology.num_nodes)
+    x, idx, weights = make_routing(args, buf.rank, buf.topology.num_nodes, buf.device)
 
     # Same results first: the baseline is only a baseline if it computes the same thing.
     ours = moe_comm.dispatch(x, idx, weights, buf)
@@ -131,14 +145,14 @@ def measure(args, buf, world):
     records = []
     for impl, by_op in ops.items():
         for op, fn in by_op.items():
-            s = sorted(timed(fn, args, buf.group))
+            s = sorted(timed(fn, args, buf.group, buf.device))
             median = statistics.median(s)
             records.append(dict(
                 impl=impl, op=op, median_us=median * 1e6, p10_us=s[len(s) // 10] * 1e6,
                 p90_us=s[min(len(s) - 1, (9 * len(s)) // 10)] * 1e6, bytes_intra=intra, bytes_inter=inter,
                 gbps_intra=intra / world / median / 1e9 if op != "roundtrip" else None,
                 world_size=world, preset=args.preset, tokens=args.tokens, hidden=args.hidden,
-                experts=args.experts, topk=args.topk, dtype=args.dtype, backend="gloo", device="cpu",
+                experts=args.experts, topk=args.topk, dtype=args.dtype, backend=buf.backend, device=buf.device.type,
                 nodes=buf.topology.num_nodes, ranks_per_node=buf.topology.ranks_per_node,
                 hierarchical=buf.hierarchical, max_nodes=args.max_nodes))
     base = {r["op"]: r["median_us"] for r in records if r["impl"] == "torch_baseline"}
@@ -153,7 +167,7 @@ def report(args, buf, world, records):
         return
     topo = buf.topology
     print(f"moe_comm {moe_comm.__version__} | {args.preset}: {world} ranks, hidden {args.hidden}, "
-          f"{args.experts} experts, top-{args.topk}, {args.dtype}, gloo/CPU, "
+          f"{args.experts} experts, top-{args.topk}, {args.dtype}, {buf.backend}/{buf.device}, "
           f"{topo.num_nodes}x{topo.ranks_per_node} nodes x ranks{', hierarchical' if buf.hierarchical else ''}"
           f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}, "
           f"{args.iters} iters (slowest rank per iter)")
@@ -176,7 +190,10 @@ def report(args, buf, world, records):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist.init_process_group("gloo")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if args.experts % world:

@@ -21,10 +21,12 @@ def resolve_device(device, backend: str) -> torch.device:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested, but this torch sees no CUDA device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+        raise ValueError(f"device: must be a CPU or CUDA device, got {device}")
     if device.type == "cuda" and not C.native_build_info()["cuda"]:
         raise ValueError(f"device: {device} needs moe_comm built with CUDA (nvcc found at build time); "
                          f"this build is CPU-only")
@@ -67,6 +69,7 @@ class Buffer:
         if num_experts % self.world_size != 0:
             raise ValueError(f"num_experts={num_experts} must be divisible by the group size "
                              f"{self.world_size} (experts are split evenly across ranks)")
+        self.device = resolve_device(device, dist.get_backend(base))  # before any group is made
         self.num_experts = num_experts
         self.experts_per_rank = num_experts // self.world_size
         self.timeout = timeout
@@ -77,7 +80,6 @@ class Buffer:
             self.group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout),
                                         backend=dist.get_backend(base))
         self.backend = dist.get_backend(self.group)
-        self.device = resolve_device(device, self.backend)
         self.topology: Topology = resolve_topology(self.group, self.world_size, self.rank, ranks_per_node)
         multi_node = self.topology.num_nodes > 1
         self.hierarchical = multi_node if hierarchical == "auto" else bool(hierarchical)

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._native import C
+from .streams import stream_of
 
 SCORE_FUNCS = ("sigmoid", "softmax", "none")
 
@@ -67,8 +68,8 @@ def node_limited_topk(scores: torch.Tensor, k: int, num_nodes: int, max_nodes: i
     node_score_topk = check_routing_args(scores, k, num_nodes, max_nodes, score_func, bias, node_score_topk)
     probs = _activate(scores, score_func)
     select = probs.detach() + bias.detach().float() if bias is not None else probs.detach()
-    topk_idx = C.node_limited_select(select.cpu().contiguous(), k, num_nodes, max_nodes, node_score_topk)
-    topk_idx = topk_idx.to(scores.device)
+    topk_idx = C.node_limited_select(select.float().contiguous(), k, num_nodes, max_nodes, node_score_topk,
+                                     stream_of(select.device))
     weights = probs.gather(1, topk_idx)
     if normalize:
         weights = weights / (weights.sum(dim=1, keepdim=True) + 1e-20)

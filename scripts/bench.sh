@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The main job: sets everything up (scripts/env.sh), then runs the dispatch/combine benchmark
-# with torchrun on MOE_COMM_NPROC processes (default 4) over gloo on CPU. Extra arguments go
-# to bench/bench_dispatch_combine.py, e.g. scripts/bench.sh --preset tiny --json out.json
+# with torchrun: one process per GPU over NCCL when torch sees GPUs, else 4 processes over gloo
+# on CPU (MOE_COMM_NPROC overrides the count). Extra arguments go to
+# bench/bench_dispatch_combine.py, e.g. scripts/bench.sh --preset tiny --json out.json
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+default_nproc=4
+[ "${gpus:-0}" -gt 0 ] && default_nproc=$gpus
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$PY" -m torch.distributed.run --standalone \
-  --nproc-per-node "${MOE_COMM_NPROC:-4}" bench/bench_dispatch_combine.py "$@"
+  --nproc-per-node "${MOE_COMM_NPROC:-$default_nproc}" bench/bench_dispatch_combine.py "$@"

@@ -39,3 +39,18 @@ def test_training_example_runs_and_learns(tmp_path):
     losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
     assert "2x1, hierarchical" in proc.stdout
+
+
+def test_kernel_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_kernels.py"), "--device", "cpu", "--tokens", "64",
+           "--hidden", "40", "--experts", "16", "--topk", "4", "--ranks", "4", "--warmup", "1", "--iters", "3",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [r["kernel"] for r in records] == ["copy", "pack", "expand", "reduce"]
+    for r in records:
+        assert r["median_us"] > 0 and r["gbps"] > 0 and r["fraction_of_copy"] > 0
+    assert "of copy" in proc.stdout

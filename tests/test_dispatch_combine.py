@@ -18,27 +18,35 @@ def _other_weights(case, rank):
 
 
 def check_case(rank, case, buf):
-    """Dispatch exact and combine (three weight modes) within rounding, on one Buffer."""
-    E = case.num_experts
+    """Dispatch exact and combine (three weight modes) within rounding, on one Buffer (inputs
+    on its device; the reference runs on the CPU)."""
+    E, dev = case.num_experts, buf.device
     xs, idxs, ws = all_inputs(case)
-    recv_x, recv_w, counts, handle = moe_comm.dispatch(xs[rank], idxs[rank], ws[rank], buf)
+    recv_x, recv_w, counts, handle = moe_comm.dispatch(xs[rank].to(dev), idxs[rank].to(dev), ws[rank].to(dev), buf)
     ref = reference.dispatch_all(xs, idxs, ws, E)
-    assert_dispatch_equal((recv_x, recv_w, counts), ref[rank], what=str(case))
+    assert recv_x.device == dev and recv_w.device == dev and counts.device.type == "cpu"
+    assert_dispatch_equal((recv_x.cpu(), recv_w.cpu(), counts), ref[rank], what=str(case))
 
     dtype = case.torch_dtype
     expert_ys = [(r[0].float() * expert_scale(case, d, r[0].shape[0], r[2])).to(dtype) for d, r in enumerate(ref)]
-    expert_y = (recv_x.float() * expert_scale(case, rank, recv_x.shape[0], counts)).to(dtype)
+    expert_y = (recv_x.cpu().float() * expert_scale(case, rank, recv_x.shape[0], counts)).to(dtype)
     assert torch.equal(expert_y, expert_ys[rank])
     tokens = [case.tokens_of(r) for r in range(case.world_size)]
     others = [_other_weights(case, r) for r in range(case.world_size)]
     for mode, weights in (("unweighted", [None] * case.world_size), ("dispatch weights", ws),
                           ("other weights", others)):
-        y = moe_comm.combine(expert_y, handle, weights[rank])
+        mine = weights[rank]
+        if mine is not None and mode != "dispatch weights":
+            mine = mine.to(dev)
+        elif mine is not None:
+            mine = handle.dispatch_weights  # the very tensor dispatch got: no weight exchange
+        y = moe_comm.combine(expert_y.to(dev), handle, mine)
+        assert y.device == dev
         ref_y = reference.combine_all(expert_ys, idxs, weights, E, tokens, dtype)[rank]
         abs_w = [w.abs() if w is not None else None for w in weights]
         bound = reference.combine_all([e.float().abs() for e in expert_ys], idxs, abs_w, E, tokens,
                                       torch.float32)[rank]
-        assert_combine_close(y, ref_y, bound, dtype, stages=len(buf.stages), what=f"{case} {mode}")
+        assert_combine_close(y.cpu(), ref_y, bound, dtype, stages=len(buf.stages), what=f"{case} {mode}")
 
 
 def _grid_worker(rank, world_size):

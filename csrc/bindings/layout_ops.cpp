@@ -121,11 +121,11 @@ SendPlan plan_send(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
 #endif
 }
 
-// -> topk_idx [T, topk] int64: node-limited selection on float32 scores [T, E].
-Tensor node_limited_select_cpu(const Tensor& scores, int64_t topk, int64_t num_nodes, int64_t max_nodes,
-                               int64_t node_score_topk) {
-  expect(scores, "scores", torch::kFloat32, 2);
-  Tensor out = torch::empty({scores.size(0), topk}, torch::TensorOptions().dtype(torch::kInt64));
+// -> topk_idx [T, topk] int64 on scores' device: node-limited selection on float32 scores [T, E].
+Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes, int64_t max_nodes,
+                           int64_t node_score_topk, int64_t stream) {
+  expect(scores, "scores", torch::kFloat32, 2, scores.device());
+  Tensor out = torch::empty({scores.size(0), topk}, scores.options().dtype(torch::kInt64));
   NodeLimitedParams p;
   p.scores = scores.data_ptr<float>();
   p.num_tokens = scores.size(0);
@@ -135,7 +135,20 @@ Tensor node_limited_select_cpu(const Tensor& scores, int64_t topk, int64_t num_n
   p.node_score_topk = node_score_topk;
   p.topk = topk;
   p.topk_idx = out.data_ptr<int64_t>();
-  node_limited_select(p);
+  if (scores.is_cpu()) {
+    node_limited_select(p);
+    return out;
+  }
+#if defined(MOE_COMM_WITH_CUDA)
+  check_node_limited(p);
+  MOE_HOST_ASSERT(num_nodes <= cuda::kMaxRoutingNodes,
+                  "num_nodes " << num_nodes << " exceeds the " << cuda::kMaxRoutingNodes << " the CUDA routing supports");
+  use_device(scores.device());
+  MOE_CUDA_CHECK(cuda::launch_node_limited_select(p, as_stream(stream)));
+#else
+  (void)stream;
+  MOE_HOST_ASSERT(false, "moe_comm was built without CUDA: scores on " << scores.device() << " are not supported");
+#endif
   return out;
 }
 
@@ -146,7 +159,8 @@ void register_layout_ops(py::module_& m) {
   m.def("check_routing", &check_routing);
   m.def("plan_send", &plan_send, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),
         py::arg("stream") = 0);
-  m.def("node_limited_select", &node_limited_select_cpu);
+  m.def("node_limited_select", &node_limited_select, py::arg("scores"), py::arg("topk"), py::arg("num_nodes"),
+        py::arg("max_nodes"), py::arg("node_score_topk"), py::arg("stream") = 0);
 #if defined(MOE_COMM_WITH_CUDA)
   m.def("count_layout_cuda", &count_layout_cuda);
 #endif

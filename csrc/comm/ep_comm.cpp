@@ -42,24 +42,37 @@ EpCommunicator::EpCommunicator(const std::string& unique_id, int size, int rank,
   }
   wait_ready("init");
   MOE_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  std::ostringstream who;
+  who << "rank " << rank_ << " of " << size_;
+  watchdog_ = std::make_unique<Watchdog>(device_, timeout_s_, comm_, who.str());
 }
 
 EpCommunicator::~EpCommunicator() {
   if (done_) cudaEventDestroy(done_);
-  if (comm_ && !aborted_) {
+  const bool watchdog_aborted = watchdog_ && !watchdog_->failure().empty();
+  watchdog_.reset();  // its thread reads comm_
+  if (comm_ && !aborted_ && !watchdog_aborted) {
     // Finalize can block on peers; abort is bounded and frees the same resources.
     ncclCommAbort(comm_);
   }
 }
 
 void EpCommunicator::fail(const std::string& stage, const std::string& why) {
-  if (comm_ && !aborted_) {
+  std::ostringstream out;
+  out << "rank " << rank_ << " of " << size_ << " failed in stage '" << stage << "': " << why;
+  if (watchdog_) {
+    watchdog_->abort(out.str());
+  } else if (comm_ && !aborted_) {
     ncclCommAbort(comm_);
     aborted_ = true;
   }
-  std::ostringstream out;
-  out << "rank " << rank_ << " of " << size_ << " failed in stage '" << stage << "': " << why;
   throw_error(__FILE__, __LINE__, out.str());
+}
+
+void EpCommunicator::throw_if_aborted(const std::string& stage) {
+  MOE_HOST_ASSERT(!aborted_, "the communicator was aborted by an earlier failure (stage '" << stage << "')");
+  const std::string failure = watchdog_ ? watchdog_->failure() : std::string();
+  if (!failure.empty()) throw_error(__FILE__, __LINE__, failure + " (raised at stage '" + stage + "')");
 }
 
 bool EpCommunicator::nccl_in_progress(const std::string& stage) {
@@ -91,7 +104,7 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
                                 const std::vector<int64_t>& send_offsets, uint8_t* recv,
                                 const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets,
                                 cudaStream_t stream, const std::string& stage) {
-  MOE_HOST_ASSERT(!aborted_, "the communicator was aborted by an earlier failure");
+  throw_if_aborted(stage);
   MOE_HOST_ASSERT(int(send_bytes.size()) == size_ && int(send_offsets.size()) == size_ &&
                       int(recv_bytes.size()) == size_ && int(recv_offsets.size()) == size_,
                   "all_to_all needs one size and offset per peer (" << size_ << ")");
@@ -108,9 +121,11 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
   const ncclResult_t res = ncclGroupEnd();
   if (res != ncclSuccess && res != ncclInProgress) fail(stage, std::string("ncclGroupEnd: ") + ncclGetErrorString(res));
   wait_ready(stage);
+  watchdog_->watch(stream, stage);
 }
 
 void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {
+  throw_if_aborted(stage);
   MOE_CUDA_CHECK(cudaSetDevice(device_));
   MOE_CUDA_CHECK(cudaEventRecord(done_, stream));
   const auto start = Clock::now();

@@ -8,8 +8,11 @@
 #include <nccl.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "watchdog.h"
 
 namespace moe_comm {
 namespace comm {
@@ -26,7 +29,8 @@ class EpCommunicator {
   EpCommunicator& operator=(const EpCommunicator&) = delete;
 
   // Enqueues on `stream`: to peer p, send_bytes[p] bytes from send + send_offsets[p]; from peer
-  // p, recv_bytes[p] bytes into recv + recv_offsets[p]. Returns once enqueued.
+  // p, recv_bytes[p] bytes into recv + recv_offsets[p]. Returns once enqueued; the watchdog
+  // bounds it. Throws first if the watchdog aborted an earlier exchange.
   void all_to_all(const uint8_t* send, const std::vector<int64_t>& send_bytes,
                   const std::vector<int64_t>& send_offsets, uint8_t* recv,
                   const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets,
@@ -53,7 +57,9 @@ class EpCommunicator {
   int device_ = 0;
   double timeout_s_ = 0;
   cudaEvent_t done_ = nullptr;
-  bool aborted_ = false;
+  bool aborted_ = false;                 // before the watchdog exists (init)
+  std::unique_ptr<Watchdog> watchdog_;   // then it owns aborting
+  void throw_if_aborted(const std::string& stage);
 };
 
 }  // namespace comm

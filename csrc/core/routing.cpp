@@ -8,7 +8,7 @@
 
 namespace moe_comm {
 
-void node_limited_select(const NodeLimitedParams& p) {
+void check_node_limited(const NodeLimitedParams& p) {
   MOE_HOST_ASSERT(p.num_nodes > 0 && p.num_experts % p.num_nodes == 0,
                   "num_experts " << p.num_experts << " must be divisible by num_nodes " << p.num_nodes);
   const int64_t per_node = p.num_experts / p.num_nodes;
@@ -17,6 +17,11 @@ void node_limited_select(const NodeLimitedParams& p) {
                   "node_score_topk " << p.node_score_topk << " of " << per_node << " experts per node");
   MOE_HOST_ASSERT(p.topk >= 1 && p.topk <= p.max_nodes * per_node,
                   "topk " << p.topk << " exceeds the " << p.max_nodes * per_node << " experts of max_nodes nodes");
+}
+
+void node_limited_select(const NodeLimitedParams& p) {
+  check_node_limited(p);
+  const int64_t per_node = p.num_experts / p.num_nodes;
 
   std::vector<int64_t> experts(p.num_experts), nodes(p.num_nodes), candidates;
   std::vector<double> node_score(p.num_nodes);

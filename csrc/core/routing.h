@@ -18,6 +18,9 @@ struct NodeLimitedParams {
   int64_t* topk_idx = nullptr;    // [num_tokens, topk] out, by descending score
 };
 
+// Throws naming the parameter a selection cannot honour (shared with the CUDA launcher).
+void check_node_limited(const NodeLimitedParams& p);
+
 void node_limited_select(const NodeLimitedParams& p);
 
 }  // namespace moe_comm

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../core/routing.h"
 #include "../core/token_params.h"
 
 namespace moe_comm {
@@ -83,6 +84,11 @@ struct ExpandPlanKernelParams {
 cudaError_t launch_expand_count(const ExpandPlanKernelParams& p, cudaStream_t stream);
 // Between count and fill: positions = exclusive scan of flags (launch_exclusive_scan).
 cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t stream);
+
+// Node-limited top-k on the device (twin of core/routing.h node_limited_select; the parameters
+// must pass check_node_limited). At most kMaxRoutingNodes nodes (per-thread node scores).
+constexpr int64_t kMaxRoutingNodes = 256;
+cudaError_t launch_node_limited_select(const NodeLimitedParams& p, cudaStream_t stream);
 
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.
 int runtime_version();

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a GPU machine: build moe_comm from source, run tests/gpu and the GPU benchmark, and write
+# On a GPU machine: build moe_comm from source, run tests/gpu, the kernel benchmark (vs a D2D
+# copy) and the dispatch/combine benchmark (vs the torch-native path, world size 1), and write
 # logs plus a summary to the folder given (default: ./gpu-results).
 #   bash tests/gpu/run_all.sh OUT_DIR
 set -uo pipefail
@@ -22,5 +23,9 @@ echo "|---|---|---|---|" >> "$summary"
 step build env MOE_COMM_CUDA_ARCHS="${MOE_COMM_CUDA_ARCHS:-90}" pip install --no-build-isolation --no-deps -e .
 step build_info python -c "import moe_comm; print(moe_comm.build_info())"
 step gpu_tests python -m pytest -q tests/gpu
-step bench torchrun --standalone --nproc-per-node 1 bench/bench_dispatch_combine.py --json "$out/bench.json"
+step kernels python bench/bench_kernels.py --json "$out/kernels.json"
+step bench_deepseek torchrun --standalone --nproc-per-node 1 bench/bench_dispatch_combine.py --preset deepseek-v3 \
+  --json "$out/bench_deepseek.json"
+step bench_tiny torchrun --standalone --nproc-per-node 1 bench/bench_dispatch_combine.py --json "$out/bench_tiny.json"
+{ echo; echo '```'; cat "$out/kernels.log" "$out/bench_deepseek.log"; echo '```'; } >> "$summary"
 cat "$summary"

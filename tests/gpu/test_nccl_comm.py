@@ -63,3 +63,33 @@ def _timeout_worker(rank, world_size):
 def test_missing_peer_ends_in_timeout_naming_rank_and_stage():
     waited, _ = run_distributed(2, _timeout_worker, timeout=120)
     assert waited < 9
+
+
+def _watchdog_worker(rank, world_size):
+    _own_host(rank)
+    import torch.distributed as dist
+    comm = create_nccl_communicator(dist.group.WORLD, torch.device("cuda", 0), timeout_s=3)
+    buf = torch.zeros(16, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    peer = 1 - rank
+    sizes = [8 if p == peer else 0 for p in range(2)]
+    comm.all_to_all(buf, sizes, [0, 0], buf, sizes, [8, 8], stream, "test/warm")  # connects the pair
+    comm.wait(stream, "test/warm")
+    if rank == 1:
+        time.sleep(12)  # alive, but never joins the next exchange
+        return "absent"
+    start = time.monotonic()
+    # Enqueued at once and never waited for on the host (as combine does): the watchdog must
+    # abort it, so the caller's stream drains instead of hanging ...
+    comm.all_to_all(buf, sizes, [0, 0], buf, sizes, [8, 8], stream, "test/unwatched")
+    torch.cuda.synchronize()
+    drained = time.monotonic() - start
+    # ... and the next call raises why.
+    with pytest.raises(RuntimeError, match=r"rank 0 of 2 failed in stage 'test/unwatched'.*not done within 3"):
+        comm.all_to_all(buf, sizes, [0, 0], buf, sizes, [8, 8], stream, "test/next")
+    return drained
+
+
+def test_watchdog_ends_an_exchange_nobody_waits_for():
+    drained, _ = run_distributed(2, _watchdog_worker, timeout=120)
+    assert drained < 9
