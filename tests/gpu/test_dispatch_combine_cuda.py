@@ -61,7 +61,8 @@ def _roundtrip(buf, case, rank, device):
     gen = torch.Generator().manual_seed(rank)
     g = torch.randn(y.shape, generator=gen).to(device)
     ((y * g).sum() + (y_other * g).sum()).backward()
-    return [t.detach().cpu() for t in (recv_x, recv_w, y, y_other, x.grad, w.grad)] + [counts]
+    grads = [g if g is not None else torch.zeros_like(t) for g, t in ((x.grad, x), (w.grad, w))]
+    return [t.detach().cpu() for t in (recv_x, recv_w, y, y_other, *grads)] + [counts]
 
 
 def _gradient_worker(rank, world_size, ranks_per_node):
