@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .stages import Stage
+from .streams import to_device
 from .validation import ARGUMENT_CODES, CODE_OF, InputError
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -63,10 +64,10 @@ def build_header(stage: Stage, call: dict, rank: int, blocks: int, expert_column
         host[:, F["status"]] = problem.code
         host[:, F["bad_rank"]] = problem.rank
         host[:, F["seen_by"]] = problem.seen_by
-        return host.to(device)
+        return to_device(host, device)
     host[:, F["bad_rank"]] = rank  # read only when a status is set
     host[:, F["seen_by"]] = rank
-    header = host.to(device)
+    header = to_device(host, device)
     if status is not None:
         header[:, F["status"]] = status
     if counts is not None:

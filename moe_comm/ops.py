@@ -19,7 +19,7 @@ from .agreement import (DTYPE_CODES, F, build_header, find_problem, local_proble
 from .handle import DispatchHandle
 from .route import (SLOT_META_BYTES, counts_by_block, gather_masked, payload,
                     plan_stage, reduce_back, row_format, send_along, slot_meta, source_order)
-from .streams import stream_of
+from .streams import stream_of, to_device
 from .transport import exchange_header, exchange_rows
 from .validation import check_combine_inputs, check_dispatch_inputs, explain_routing, routing_status
 
@@ -118,7 +118,7 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
 
     order = source_order(arrived, _source_ranks(buffer, *arrived.shape))
     if order is not None:
-        order = order.to(device)
+        order = to_device(order, device)
     recv_x, recv_weights, tokens_per_expert, row_map, slot_weights = C.expand_rows(
         recv, hidden, x.dtype, topk, buffer.experts_per_rank, order, tokens_per_expert, stream)
     handle = DispatchHandle(

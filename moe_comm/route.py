@@ -12,7 +12,7 @@ import torch
 
 from ._native import C
 from .stages import Stage
-from .streams import stream_of
+from .streams import stream_of, to_device
 from .transport import exchange_rows
 
 SLOT_META_BYTES = 8   # core/row_format.h SlotMeta: int32 local expert + float32 weight
@@ -92,7 +92,7 @@ def counts_by_block(plan: StagePlan, topk_idx: torch.Tensor, input_blocks: List[
     size, blocks, device = plan.stage.size, len(input_blocks), topk_idx.device
     num_rows = topk_idx.shape[0]
     block_of_row = torch.repeat_interleave(torch.arange(blocks, device=device),
-                                           torch.tensor(input_blocks, dtype=torch.int64, device=device),
+                                           to_device(torch.tensor(input_blocks, dtype=torch.int64), device),
                                            output_size=num_rows)
     # clamp: an invalid routing (reported by the header's status) must not index out of range.
     dest = (topk_idx.clamp(min=0) // plan.stage.experts_per_dest).clamp(max=size - 1)
