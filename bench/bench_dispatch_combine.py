@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baseline  # noqa: E402
 from presets import PRESETS  # noqa: E402
+from timing import sample_seconds  # noqa: E402
 
 import moe_comm  # noqa: E402
 
@@ -71,21 +71,9 @@ def timed(fn, args, group, device):
     for _ in range(args.warmup):
         fn()
     samples = []
-    cuda = device.type == "cuda"
     for _ in range(args.iters):
         dist.barrier(group)
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
+        samples.append(sample_seconds(fn, device))
     t = torch.tensor(samples, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()

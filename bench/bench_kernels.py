@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -28,6 +27,7 @@ from moe_comm.streams import stream_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from presets import PRESETS  # noqa: E402
+from timing import sample_seconds  # noqa: E402
 
 C = moe_comm.C
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,20 +52,7 @@ def parse_args(argv=None):
 def median_seconds(fn, device, warmup, iters):
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+    samples = [sample_seconds(fn, device) for _ in range(iters)]
     return statistics.median(samples)
 
 

@@ -1,4 +1,5 @@
 // Device expansion plan: counts, one exclusive scan, fill. See launchers.h.
+#include "grid.cuh"
 #include "launchers.h"
 
 namespace moe_comm {
@@ -44,10 +45,7 @@ __global__ void expand_fill_kernel(ExpandPlanKernelParams p) {
   }
 }
 
-unsigned blocks_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
-}
+unsigned blocks_for(int64_t work) { return grid_blocks(work, kThreads); }
 
 }  // namespace
 

@@ -1,4 +1,5 @@
 // Device send plan: flags, one exclusive scan (scan.cu), fill. See launchers.h.
+#include "grid.cuh"
 #include "launchers.h"
 
 namespace moe_comm {
@@ -7,10 +8,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-unsigned blocks_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
-}
+unsigned blocks_for(int64_t work) { return grid_blocks(work, kThreads); }
 
 #define GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
