@@ -1,6 +1,8 @@
 """Buffer: the expert-parallel group, its expert placement, topology and transport."""
 
+import collections
 import datetime
+import itertools
 from typing import List, Optional
 
 import torch
@@ -10,6 +12,8 @@ from ._native import C
 from .nccl_comm import create_nccl_communicator
 from .stages import Stage, flat_stages, hierarchical_stages
 from .topology import Topology, resolve_topology
+
+_BUFFER_NUMBERS = itertools.count()
 
 # Bounds every NCCL wait when the Buffer has no timeout of its own (torch's NCCL default).
 DEFAULT_NCCL_TIMEOUT_S = 600.0
@@ -99,6 +103,15 @@ class Buffer:
                                                           timeout or DEFAULT_NCCL_TIMEOUT_S)
             self.comm_stream = torch.cuda.Stream(self.device)
         self._workspaces = {}
+        # Every rank creates its Buffers in the same order (see above), so this numbering
+        # agrees across ranks: the roll call of a failed collective uses it (roll_call.py).
+        self.uid = next(_BUFFER_NUMBERS)
+        self._collectives = collections.Counter()
+
+    def next_collective(self, name: str) -> int:
+        """Numbers this rank's collectives of one stage name, in call order."""
+        self._collectives[name] += 1
+        return self._collectives[name]
 
     @property
     def workspace_bytes(self) -> int:

@@ -6,8 +6,9 @@ CUDA:     our NCCL communicator of the stage (csrc/comm, grouped ncclSend/ncclRe
           never waited for on the host; the header is the one place that waits (bounded by the
           Buffer's timeout) because its counts size what follows.
 
-Every collective runs inside `stage_errors(...)`, so a failure or a timeout names this rank and
-the stage it was in.
+Every collective runs inside `stage_errors(...)`, so a failure or a timeout names this rank,
+the stage it was in and, from a roll call in the process group's store, the ranks that never
+arrived.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
+from .roll_call import missing_ranks
 from .stages import Stage
 
 
@@ -24,15 +26,24 @@ class CommError(RuntimeError):
 
 
 @contextlib.contextmanager
-def stage_errors(buffer, name: str):
+def stage_errors(buffer, stage: Stage, name: str):
+    seq = buffer.next_collective(name)
     try:
         yield
     except (RuntimeError, dist.DistBackendError) as exc:
         if isinstance(exc, CommError):
             raise
         timeout = f"{buffer.timeout}s" if buffer.timeout else "the group's timeout"
-        raise CommError(f"moe_comm: rank {buffer.rank} of {buffer.world_size} failed in stage "
-                        f"'{name}' (a peer may have died or not arrived within {timeout}): {exc}") from exc
+        missing = missing_ranks(buffer, stage, name, seq)
+        if missing:
+            ranks = ", ".join(map(str, missing))
+            who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
+        elif missing == []:
+            who = "every peer arrived; the collective itself failed"
+        else:
+            who = f"a peer may have died or not arrived within {timeout}"
+        raise CommError(f"moe_comm: rank {buffer.rank} of {buffer.world_size} failed in stage '{name}' "
+                        f"({who}): {exc}") from exc
 
 
 def _byte_ranges(rows: List[int], row_bytes: int) -> Tuple[List[int], List[int]]:
@@ -59,13 +70,13 @@ def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> Tu
         if stage.size == 1:
             return header, header.clone()
         received = torch.empty_like(header)
-        with stage_errors(buffer, name):
+        with stage_errors(buffer, stage, name):
             dist.all_to_all_single(received, header, group=stage.group)
         return header, received
     both = torch.empty((2,) + tuple(header.shape), dtype=header.dtype, device=header.device)
     both[0].copy_(header)
     stream = torch.cuda.current_stream(header.device)
-    with stage_errors(buffer, name):
+    with stage_errors(buffer, stage, name):
         if stage.size == 1:
             both[1].copy_(header)
         else:
@@ -90,13 +101,13 @@ def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[in
         return send
     recv = buffer.workspace(name + "/recv", sum(recv_splits), send.shape[1])
     if send.device.type == "cpu":
-        with stage_errors(buffer, name):
+        with stage_errors(buffer, stage, name):
             dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
         return recv
     caller = torch.cuda.current_stream(send.device)
     comm_stream = buffer.comm_stream
     comm_stream.wait_stream(caller)  # the packed rows are ready
-    with stage_errors(buffer, name):
+    with stage_errors(buffer, stage, name):
         _nccl_all_to_all(stage, send, send_splits, recv, recv_splits, comm_stream.cuda_stream, name)
     caller.wait_stream(comm_stream)  # what follows on the caller's stream sees the rows
     return recv

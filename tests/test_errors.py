@@ -103,17 +103,18 @@ def test_buffer_rejects_bad_arguments():
 
 
 def _timeout_worker(rank, world_size):
-    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=2)
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2)
     if rank == 1:
         time.sleep(8)  # never joins the dispatch
         return "absent"
-    x, idx, w = _good(rank)
+    x, idx, w = _good(rank, E=6)
     start = time.monotonic()
-    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/flat/header'"):
+    with pytest.raises(moe_comm.CommError, match=rf"rank {rank} of 3 failed in stage 'dispatch/flat/header' "
+                                                 r"\(rank 1 did not arrive within 2s\)"):
         moe_comm.dispatch(x, idx, w, buf)
     return time.monotonic() - start
 
 
-def test_missing_peer_ends_in_timeout_naming_rank_and_stage():
-    waited, _ = run_distributed(2, _timeout_worker)
-    assert 1.5 < waited < 7.5
+def test_missing_peer_ends_in_timeout_naming_rank_stage_and_missing_rank():
+    first, _, third = run_distributed(3, _timeout_worker)
+    assert 1.5 < first < 7.5 and 1.5 < third < 7.5

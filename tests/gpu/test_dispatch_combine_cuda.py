@@ -122,7 +122,8 @@ def _timeout_worker(rank, world_size):
         time.sleep(12)  # never dispatches
         return None
     start = time.monotonic()
-    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/flat/header'"):
+    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/flat/header' "
+                                                  r"\(rank 1 did not arrive within 3s\)"):
         moe_comm.dispatch(torch.randn(4, 8, device="cuda"), torch.zeros(4, 1, dtype=torch.int64, device="cuda"),
                           None, buf)
     return time.monotonic() - start

@@ -1,0 +1,40 @@
+"""Who never arrived: when a collective of a stage fails, the ranks stuck in it sign a roll in
+the default process group's key-value store; after a short grace, the members that did not
+sign are the ones that never reached it (dead, hung, or elsewhere in their program). Nothing is
+written on the happy path; each rank numbers the collectives of each stage in the same order,
+so the roll of one collective never mixes with another's."""
+
+import time
+from typing import List, Optional
+
+import torch.distributed as dist
+
+GRACE_S = 1.5  # how long the first rank to fail waits for its stuck peers to sign
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - private API: without it the error just names no ranks
+        return None
+
+
+def missing_ranks(buffer, stage, name: str, seq: int) -> Optional[List[int]]:
+    """-> the Buffer-group ranks of `stage` that did not sign the roll of collective `seq` of
+    `name`, or None when the store cannot tell."""
+    store = _store()
+    if store is None:
+        return None
+    prefix = f"moe_comm/roll/{buffer.uid}/{name}/{seq}/"
+    members = stage.global_ranks
+    try:
+        store.set(prefix + str(buffer.rank), "stuck")
+        deadline = time.monotonic() + GRACE_S
+        while True:
+            signed = {r for r in members if store.check([prefix + str(r)])}
+            if len(signed) == len(members) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store itself may be gone with the failed peers
+        return None
+    return [r for r in members if r not in signed]
