@@ -27,6 +27,8 @@ def test_ci_builds_device_code():
     info = moe_comm.build_info()
     assert info["cuda"], info
     assert info["nccl"], info
+    for name in ("count_layout_cuda", "NcclCommunicator", "nccl_unique_id"):
+        assert hasattr(moe_comm.C, name), name
 
 
 def test_nccl_communicator_fails_cleanly_without_a_gpu():
