@@ -94,6 +94,28 @@ def test_reduce_rows(src_dtype, dst_dtype, N, K, H, R, weighted):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("src_dtype,dst_dtype", [("bfloat16", "bfloat16"), ("float32", "float32"),
+                                                 ("float16", "float32"), ("float32", "bfloat16")])
+@pytest.mark.parametrize("K", [1, 8, 300, 3000])  # 3000 slots overflow the staged map: plain kernel
+def test_reduce_rows_from_packed_rows_with_a_tail(src_dtype, dst_dtype, K):
+    """Sources as packed wire rows (16-byte aligned stride, hidden not a multiple of the vector
+    width): the 16-byte path plus its scalar tail must equal the CPU sums."""
+    gen = torch.Generator().manual_seed(K)
+    N, H, R = 65, 37, 129
+    packed = torch.randn(R, 48, generator=gen).to(DTYPES[src_dtype])
+    src = packed[:, :H]
+    index = torch.randint(0, R, (N, K), generator=gen).masked_fill(torch.rand(N, K, generator=gen) < 0.3, -1)
+    weights = torch.rand(N, K, generator=gen)
+    cpu = torch.full((N, H), float("nan")).to(DTYPES[dst_dtype])
+    C.reduce_rows(src, index, weights, cpu)
+    gpu_out = torch.full((N, 48), 777.0).to(DTYPES[dst_dtype]).cuda()
+    C.reduce_rows(packed.cuda()[:, :H], index.cuda(), weights.cuda(), gpu_out[:, :H], stream=_stream())
+    torch.cuda.synchronize()
+    torch.testing.assert_close(gpu_out[:, :H].cpu().float(), cpu.float(),
+                               rtol=1e-6 if dst_dtype == "float32" else 8e-3, atol=1e-5)
+    assert (gpu_out[:, H:].cpu().float() == 777.0).all()  # nothing written past the row
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("N,K,H", [(0, 2, 8), (1, 1, 1), (300, 4, 33), (1024, 8, 7168)])
 def test_row_dots(dtype, N, K, H):
