@@ -65,6 +65,7 @@ class StagePlan:
     pair_slot: torch.Tensor    # [n_in, K] send slot of (input row, k); -1 masked
     first_slot: torch.Tensor   # [n_in, K] the same, on each destination's first slot only
     pairs_per_expert: torch.Tensor  # [stage.num_experts] valid (row, expert) pairs
+    rows_per_dest: torch.Tensor     # [size] rows sent to each destination
     send_splits: Optional[List[int]] = None  # known on the host after the stage's header exchange
     recv_splits: Optional[List[int]] = None
 
@@ -80,9 +81,9 @@ class StagePlan:
 
 
 def plan_stage(stage: Stage, topk_idx: torch.Tensor) -> StagePlan:
-    _, pairs, offsets, send_token, pair_slot, first_slot = C.plan_send(
+    rows_per_dest, pairs, offsets, send_token, pair_slot, first_slot = C.plan_send(
         topk_idx, stage.num_experts, stage.size, stream_of(topk_idx.device))
-    return StagePlan(stage, send_token, offsets, pair_slot, first_slot, pairs)
+    return StagePlan(stage, send_token, offsets, pair_slot, first_slot, pairs, rows_per_dest)
 
 
 def counts_by_block(plan: StagePlan, topk_idx: torch.Tensor, input_blocks: List[int]) -> torch.Tensor:
@@ -90,6 +91,8 @@ def counts_by_block(plan: StagePlan, topk_idx: torch.Tensor, input_blocks: List[
     input (the previous stage's senders; one block for a rank's own tokens). Each destination's
     first slot of a row marks one row sent; computed without a host round trip."""
     size, blocks, device = plan.stage.size, len(input_blocks), topk_idx.device
+    if blocks == 1:
+        return plan.rows_per_dest.unsqueeze(1)
     num_rows = topk_idx.shape[0]
     block_of_row = torch.repeat_interleave(torch.arange(blocks, device=device),
                                            to_device(torch.tensor(input_blocks, dtype=torch.int64), device),

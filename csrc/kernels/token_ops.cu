@@ -95,7 +95,20 @@ __global__ void scatter_rows_kernel(ScatterParams p) {
       const float w = p.weights[i * p.topk + k];
       const T* s = reinterpret_cast<const T*>(in);
       T* d = reinterpret_cast<T*>(out);
-      for (int64_t h = threadIdx.x; h < p.hidden; h += blockDim.x) d[h] = from_float<T>(w * to_float(s[h]));
+      int64_t done = 0;
+      if (((reinterpret_cast<uintptr_t>(in) | reinterpret_cast<uintptr_t>(out)) & 15) == 0) {
+        constexpr int V = 16 / sizeof(T);  // scale V elements per 16-byte load and store
+        const int64_t vectors = p.hidden / V;
+        for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+          uint4 raw = reinterpret_cast<const uint4*>(in)[v];
+          T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+          for (int j = 0; j < V; ++j) e[j] = from_float<T>(w * to_float(e[j]));
+          reinterpret_cast<uint4*>(out)[v] = raw;
+        }
+        done = vectors * V;
+      }
+      for (int64_t h = done + threadIdx.x; h < p.hidden; h += blockDim.x) d[h] = from_float<T>(w * to_float(s[h]));
     }
   }
 }
