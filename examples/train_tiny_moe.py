@@ -6,8 +6,8 @@ Task: tokens come from C clusters; the target is a cluster-specific linear map o
 so experts pay off when the router learns to send each cluster to its own experts. The model is
 x + MoELayer(x) followed by a linear head. Every rank draws its own batch (data parallel over
 tokens) and holds E / W experts (expert parallel); the router and head are replicated and their
-gradients summed over the group. Runs CPU tensors over gloo (moe_comm's CUDA path is not built
-yet).
+gradients summed over the group. Runs on GPU `LOCAL_RANK` over NCCL when torch sees GPUs,
+else on CPU tensors over gloo (`--device` forces one).
 """
 
 import argparse
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--max-nodes", type=int, help="node-limited routing (with --ranks-per-node)")
     p.add_argument("--ranks-per-node", type=int)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p.parse_args(argv)
 
 
@@ -69,15 +70,20 @@ class TinyMoEModel(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist.init_process_group("gloo")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node)
+    device = buf.device  # the current GPU on NCCL, else the CPU
     torch.manual_seed(0)  # replicated parameters start equal on every rank
     model = TinyMoEModel(args, buf)
     with torch.no_grad():  # experts differ per rank
         gen = torch.Generator().manual_seed(100 + rank)
         for w in (model.moe.w_gate, model.moe.w_up, model.moe.w_down):
             w.copy_(torch.randn(w.shape, generator=gen) * w.shape[1] ** -0.5)
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     task = Task(args.hidden, args.clusters)
     gen = torch.Generator().manual_seed(1234 + rank)
@@ -87,13 +93,13 @@ def main(argv=None):
               f"({buf.experts_per_rank} per rank), top-{args.topk}, {args.tokens} tokens/rank/step")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, target = task.batch(args.tokens, gen)
+        x, target = (t.to(device) for t in task.batch(args.tokens, gen))
         opt.zero_grad()
         mse = ((model(x) - target) ** 2).mean()
         (mse + model.moe.aux_loss).backward()
         allreduce_replicated_grads(model, average=True)  # router and head: data parallel
         opt.step()
-        stats = torch.tensor([mse.item(), model.moe.aux_loss.item()])
+        stats = torch.tensor([mse.item(), model.moe.aux_loss.item()], device=device)
         dist.all_reduce(stats)
         if rank == 0 and (step % args.log_every == 0 or step == 1 or step == args.steps):
             load = model.moe.last_load.tolist()

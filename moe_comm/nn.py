@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
         recv_x, _, tokens_per_expert, handle = dispatch(x, idx, weights, self.buffer)
         y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
         load = torch.bincount(idx[idx >= 0], minlength=self.num_experts)
-        self.aux_loss = self._aux_loss(load, probs) if self.aux_loss_coef else torch.zeros(())
+        self.aux_loss = self._aux_loss(load, probs) if self.aux_loss_coef else probs.new_zeros(())
         if self.buffer.world_size > 1:
             dist.all_reduce(load, group=self.buffer.group)
         self.last_load = load

@@ -26,6 +26,7 @@ step gpu_tests python -m pytest -q tests/gpu
 step kernels python bench/bench_kernels.py --json "$out/kernels.json"
 step bench_deepseek torchrun --standalone --nproc-per-node 1 bench/bench_dispatch_combine.py --preset deepseek-v3 \
   --json "$out/bench_deepseek.json"
+step example torchrun --standalone --nproc-per-node 1 examples/train_tiny_moe.py --steps 30
 step bench_tiny torchrun --standalone --nproc-per-node 1 bench/bench_dispatch_combine.py --json "$out/bench_tiny.json"
 { echo; echo '```'; cat "$out/kernels.log" "$out/bench_deepseek.log"; echo '```'; } >> "$summary"
 cat "$summary"
