@@ -22,6 +22,7 @@ from presets import PRESETS  # noqa: E402
 from timing import sample_seconds  # noqa: E402
 
 import moe_comm  # noqa: E402
+from moe_comm.launch import init_distributed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -178,10 +179,7 @@ def report(args, buf, world, records):
 
 def main(argv=None):
     args = parse_args(argv)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if args.experts % world:

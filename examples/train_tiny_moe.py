@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 import moe_comm
+from moe_comm.launch import init_distributed
 from moe_comm.nn import MoELayer, allreduce_replicated_grads
 
 
@@ -70,10 +71,7 @@ class TinyMoEModel(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node)
     device = buf.device  # the current GPU on NCCL, else the CPU
