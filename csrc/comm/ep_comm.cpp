@@ -110,16 +110,28 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
                   "all_to_all needs one size and offset per peer (" << size_ << ")");
   MOE_CUDA_CHECK(cudaSetDevice(device_));
   MOE_NCCL_CHECK(ncclGroupStart());
+  // Enqueue every peer, remember the first failure, and always close the group: an open group
+  // would swallow this thread's next NCCL calls.
+  ncclResult_t first = ncclSuccess;
+  const char* what = "";
+  auto keep = [&](ncclResult_t r, const char* call) {
+    if (first == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
+      first = r;
+      what = call;
+    }
+  };
   for (int peer = 0; peer < size_; ++peer) {
     if (send_bytes[peer] > 0) {
-      MOE_NCCL_CHECK(ncclSend(send + send_offsets[peer], size_t(send_bytes[peer]), ncclUint8, peer, comm_, stream));
+      keep(ncclSend(send + send_offsets[peer], size_t(send_bytes[peer]), ncclUint8, peer, comm_, stream), "ncclSend");
     }
     if (recv_bytes[peer] > 0) {
-      MOE_NCCL_CHECK(ncclRecv(recv + recv_offsets[peer], size_t(recv_bytes[peer]), ncclUint8, peer, comm_, stream));
+      keep(ncclRecv(recv + recv_offsets[peer], size_t(recv_bytes[peer]), ncclUint8, peer, comm_, stream), "ncclRecv");
     }
   }
-  const ncclResult_t res = ncclGroupEnd();
-  if (res != ncclSuccess && res != ncclInProgress) fail(stage, std::string("ncclGroupEnd: ") + ncclGetErrorString(res));
+  keep(ncclGroupEnd(), "ncclGroupEnd");
+  if (first != ncclSuccess) {
+    fail(stage, std::string(what) + ": " + ncclGetErrorString(first) + ": " + ncclGetLastError(comm_));
+  }
   wait_ready(stage);
   watchdog_->watch(stream, stage);
 }
