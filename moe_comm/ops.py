@@ -1,8 +1,9 @@
 """dispatch() and combine() as autograd functions, over the Buffer's stages (stages.py).
 
 Wire traffic per call, per stage (one stage flat, two hierarchical):
-  dispatch:  a fixed-size header (status + counts), then one row exchange (payload + per-slot
-             expert ids and weights)
+  dispatch:  a fixed-size header (status + counts; all headers first, then one host
+             synchronisation for all), then one row exchange (payload + per-slot expert ids and
+             weights)
   combine:   one row exchange back per stage (partial sums per (token, destination)); a small
              forward pass of the weights first only when combine's weights are not the
              tensor dispatch got
@@ -14,13 +15,12 @@ from typing import Optional
 import torch
 
 from ._native import C
-from .agreement import (DTYPE_CODES, F, build_header, find_problem, local_problem, received_counts,
-                        received_expert_counts)
+from .agreement import DTYPE_CODES, F, HeaderLayout, build_header, find_problem, local_problem, relay_header
 from .handle import DispatchHandle
-from .route import (SLOT_META_BYTES, counts_by_block, gather_masked, payload,
-                    plan_stage, reduce_back, row_format, send_along, slot_meta, source_order)
+from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
+                    slot_meta, source_order)
 from .streams import stream_of, to_device
-from .transport import exchange_header, exchange_rows
+from .transport import exchange_header, exchange_rows, headers_to_host
 from .validation import check_combine_inputs, check_dispatch_inputs, explain_routing, routing_status
 
 
@@ -52,10 +52,45 @@ def _link_stats(buffer, plans, hidden: int, elem_size: int) -> dict:
             "bytes_sent_intra_node": intra * row, "bytes_sent_inter_node": inter * row}
 
 
+def _layouts(buffer):
+    """HeaderLayout per stage: flat [rows | pairs per expert of d]; hierarchical rail [rows |
+    rows per local index of node n | pairs of node n's experts], node [rows per source node |
+    pairs per expert of l]."""
+    if len(buffer.stages) == 1:
+        return [HeaderLayout(1, 0, buffer.experts_per_rank)]
+    rail, node = buffer.stages
+    return [HeaderLayout(1, node.size, rail.experts_per_dest), HeaderLayout(rail.size, 0, node.experts_per_dest)]
+
+
+def _exchange_headers(buffer, call, problem, status, idx, plan0):
+    """Every stage's header, one host synchronisation. -> (sent, received) per stage, on the
+    host."""
+    device, layouts = buffer.device, _layouts(buffer)
+    first, rank = buffer.stages[0], buffer.rank
+    if problem is None:
+        forward = None
+        if len(buffer.stages) == 2:  # rows each rail peer will forward to each of its node's ranks
+            forward = C.count_layout(idx, buffer.num_experts, buffer.world_size, stream_of(device))[0]
+            forward = forward.view(first.size, -1)
+        header = build_header(first, call, rank, layouts[0], device, status=status,
+                              rows=plan0.rows_per_dest.unsqueeze(1), forward=forward,
+                              expert_pairs=plan0.pairs_per_expert.view(first.size, -1))
+    else:
+        header = build_header(first, call, rank, layouts[0], device, problem=problem)
+    headers = [header, exchange_header(buffer, first, header, f"dispatch/{first.name}/header")]
+    if len(buffer.stages) == 2:
+        node = buffer.stages[1]
+        relayed = relay_header(node, call, rank, layouts[1], device, headers[1], layouts[0], first.global_ranks,
+                               problem=problem, status=status)
+        headers += [relayed, exchange_header(buffer, node, relayed, f"dispatch/{node.name}/header")]
+    host = headers_to_host(buffer, headers, f"dispatch/{buffer.stages[-1].name}/header")
+    return host[0::2], host[1::2], layouts
+
+
 def _dispatch_forward(x, topk_idx, topk_weights, buffer):
     rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
     problem = local_problem(buffer.rank, rejected)
-    status = None
+    status = plan0 = idx = None
     if problem is None:
         idx = topk_idx.to(torch.int64).contiguous()
         status = routing_status(idx, buffer.num_experts)
@@ -69,41 +104,24 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
         hidden, topk = x.shape[1], idx.shape[1]
         _, meta_offset, _, row_bytes = row_format(hidden, x.dtype, topk, SLOT_META_BYTES)
         call = dict(hidden=hidden, dtype=DTYPE_CODES[x.dtype], topk=topk, num_experts=buffer.num_experts)
+        plan0 = plan_stage(buffer.stages[0], idx)
     else:
         call = dict(hidden=0, dtype=0, topk=0, num_experts=buffer.num_experts)
 
+    sent, received, layouts = _exchange_headers(buffer, call, problem, status, idx, plan0)
+    if problem is None and int(sent[0][0, F["status"]]):
+        problem = local_problem(buffer.rank, explain_routing(checked_idx, buffer.num_experts))
+    for stage, got in zip(buffer.stages, received):
+        if problem is None:
+            problem = find_problem(stage, call, got, buffer.rank)
+    if problem is not None:
+        raise problem.exception()  # no token has moved, on any rank
+
     device, stream = buffer.device, stream_of(buffer.device)
     plans = []
-    input_blocks = [x.shape[0] if problem is None else 0]
-    recv = None
-    for i, stage in enumerate(buffer.stages):
-        last = i == len(buffer.stages) - 1
-        blocks, expert_columns = len(input_blocks), (stage.experts_per_dest if last else 0)
-        plan = None
-        if problem is None:
-            plan = plan_stage(stage, idx)
-            header = build_header(stage, call, buffer.rank, blocks, expert_columns, device, status=status,
-                                  counts=counts_by_block(plan, idx, input_blocks),
-                                  expert_counts=plan.pairs_per_expert.view(stage.size, -1) if last else None)
-        else:
-            header = build_header(stage, call, buffer.rank, blocks, expert_columns, device, problem=problem)
-        sent, received = exchange_header(buffer, stage, header, f"dispatch/{stage.name}/header")
-        if problem is None and status is not None and int(sent[0, F["status"]]):
-            problem = local_problem(buffer.rank, explain_routing(checked_idx, buffer.num_experts))
-        if problem is None:
-            problem = find_problem(stage, call, received, buffer.rank)
-        status = None  # later stages carry what the first one found
-        if problem is not None:
-            # Later stages still carry the status (their headers sized as if rows had moved);
-            # no rows move.
-            input_blocks = [0] * stage.size
-            continue
-        arrived = received_counts(received, blocks)
-        if last:
-            # The last header announced every (token, local expert) pair: recv_x is sized
-            # without waiting on the device again.
-            tokens_per_expert = received_expert_counts(received, blocks).sum(dim=0)
-        plan.set_splits(received_counts(sent, blocks).sum(dim=1).tolist(), arrived.sum(dim=1).tolist())
+    for stage, layout, mine, got in zip(buffer.stages, layouts, sent, received):
+        plan = plan0 if not plans else plan_stage(stage, idx)
+        plan.set_splits(layout.rows(mine).sum(dim=1).tolist(), layout.rows(got).sum(dim=1).tolist())
         name = f"dispatch/{stage.name}"
         send = buffer.workspace(name + "/send", len(plan.send_token), row_bytes)
         C.pack_rows(rows, plan.send_token, plan.send_offsets, idx, weights, stage.experts_per_dest, send, stream)
@@ -112,10 +130,10 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
         # What arrived is the next stage's input: rows with stage-local expert ids.
         rows = payload(recv, x.dtype, hidden)
         idx, weights = slot_meta(recv, meta_offset, topk)
-        input_blocks = plan.recv_splits
-    if problem is not None:
-        raise problem.exception()
 
+    # The last header announced every arrival: recv_x is sized without waiting on the device.
+    arrived = layouts[-1].rows(received[-1])
+    tokens_per_expert = layouts[-1].expert_pairs(received[-1]).sum(dim=0)
     order = source_order(arrived, _source_ranks(buffer, *arrived.shape))
     if order is not None:
         order = to_device(order, device)

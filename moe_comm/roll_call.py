@@ -19,14 +19,13 @@ def _store():
         return None
 
 
-def missing_ranks(buffer, stage, name: str, seq: int) -> Optional[List[int]]:
-    """-> the Buffer-group ranks of `stage` that did not sign the roll of collective `seq` of
-    `name`, or None when the store cannot tell."""
+def missing_ranks(buffer, members: List[int], name: str, seq: int) -> Optional[List[int]]:
+    """-> the Buffer-group ranks among `members` that did not sign the roll of collective `seq`
+    of `name`, or None when the store cannot tell."""
     store = _store()
     if store is None:
         return None
     prefix = f"moe_comm/roll/{buffer.uid}/{name}/{seq}/"
-    members = stage.global_ranks
     try:
         store.set(prefix + str(buffer.rank), "stuck")
         deadline = time.monotonic() + GRACE_S

@@ -12,7 +12,7 @@ import torch
 
 from ._native import C
 from .stages import Stage
-from .streams import stream_of, to_device
+from .streams import stream_of
 from .transport import exchange_rows
 
 SLOT_META_BYTES = 8   # core/row_format.h SlotMeta: int32 local expert + float32 weight
@@ -76,6 +76,10 @@ class StagePlan:
     def set_splits(self, send_splits: List[int], recv_splits: List[int]):
         """From the header exchange. On CUDA send_token was sized for every (row, destination)
         pair so that planning needed no host round trip: keep the slots in use."""
+        if self.rows_per_dest.device.type == "cpu" and self.rows_per_dest.tolist() != send_splits:
+            # What the headers announced must be what the plan sends (free to check on the CPU).
+            raise RuntimeError(f"moe_comm: stage '{self.stage.name}' announced {send_splits} rows per "
+                               f"destination but its plan sends {self.rows_per_dest.tolist()}")
         self.send_splits, self.recv_splits = send_splits, recv_splits
         self.send_token = self.send_token[:sum(send_splits)]
 
@@ -84,25 +88,6 @@ def plan_stage(stage: Stage, topk_idx: torch.Tensor) -> StagePlan:
     rows_per_dest, pairs, offsets, send_token, pair_slot, first_slot = C.plan_send(
         topk_idx, stage.num_experts, stage.size, stream_of(topk_idx.device))
     return StagePlan(stage, send_token, offsets, pair_slot, first_slot, pairs, rows_per_dest)
-
-
-def counts_by_block(plan: StagePlan, topk_idx: torch.Tensor, input_blocks: List[int]) -> torch.Tensor:
-    """[size, blocks] on topk_idx's device: rows sent to each destination from each block of the
-    input (the previous stage's senders; one block for a rank's own tokens). Each destination's
-    first slot of a row marks one row sent; computed without a host round trip."""
-    size, blocks, device = plan.stage.size, len(input_blocks), topk_idx.device
-    if blocks == 1:
-        return plan.rows_per_dest.unsqueeze(1)
-    num_rows = topk_idx.shape[0]
-    block_of_row = torch.repeat_interleave(torch.arange(blocks, device=device),
-                                           to_device(torch.tensor(input_blocks, dtype=torch.int64), device),
-                                           output_size=num_rows)
-    # clamp: an invalid routing (reported by the header's status) must not index out of range.
-    dest = (topk_idx.clamp(min=0) // plan.stage.experts_per_dest).clamp(max=size - 1)
-    key = dest * blocks + block_of_row.unsqueeze(1)
-    counts = torch.zeros(size * blocks, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, key.flatten(), (plan.first_slot >= 0).to(torch.int64).flatten())
-    return counts.view(size, blocks)
 
 
 def source_order(counts: torch.Tensor, source_rank: torch.Tensor) -> Optional[torch.Tensor]:

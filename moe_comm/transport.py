@@ -26,7 +26,8 @@ class CommError(RuntimeError):
 
 
 @contextlib.contextmanager
-def stage_errors(buffer, stage: Stage, name: str):
+def stage_errors(buffer, members: List[int], name: str):
+    """members: the Buffer-group ranks taking part (for the roll call of a failure)."""
     seq = buffer.next_collective(name)
     try:
         yield
@@ -34,7 +35,7 @@ def stage_errors(buffer, stage: Stage, name: str):
         if isinstance(exc, CommError):
             raise
         timeout = f"{buffer.timeout}s" if buffer.timeout else "the group's timeout"
-        missing = missing_ranks(buffer, stage, name, seq)
+        missing = missing_ranks(buffer, members, name, seq)
         if missing:
             ranks = ", ".join(map(str, missing))
             who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
@@ -62,34 +63,45 @@ def _nccl_all_to_all(stage: Stage, send: torch.Tensor, send_rows: List[int], rec
                           stream, name)
 
 
-def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> torch.Tensor:
     """header: [stage.size, F] int64 on the Buffer's device, row d = what this rank tells
-    destination d. -> (sent, received) on the CPU; row s of received = what sender s told this
-    rank. On CUDA: one all-to-all, one copy of both to the host, one bounded wait."""
-    if header.device.type == "cpu":
-        if stage.size == 1:
-            return header, header.clone()
-        received = torch.empty_like(header)
-        with stage_errors(buffer, stage, name):
+    destination d. -> [stage.size, F] on the same device, row s = what sender s told this rank.
+    On CUDA it is only enqueued (on the caller's stream): headers_to_host waits once for all."""
+    if stage.size == 1:
+        return header.clone()
+    received = torch.empty_like(header)
+    with stage_errors(buffer, stage.global_ranks, name):
+        if header.device.type == "cpu":
             dist.all_to_all_single(received, header, group=stage.group)
-        return header, received
-    both = torch.empty((2,) + tuple(header.shape), dtype=header.dtype, device=header.device)
-    both[0].copy_(header)
-    stream = torch.cuda.current_stream(header.device)
-    with stage_errors(buffer, stage, name):
-        if stage.size == 1:
-            both[1].copy_(header)
         else:
             rows = [1] * stage.size
-            _nccl_all_to_all(stage, header.view(torch.uint8), rows, both[1].view(torch.uint8), rows,
-                             stream.cuda_stream, name)
-        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-        host.copy_(both, non_blocking=True)
-        if stage.comm is not None:
-            stage.comm.wait(stream.cuda_stream, name)
+            _nccl_all_to_all(stage, header.view(torch.uint8), rows, received.view(torch.uint8), rows,
+                             torch.cuda.current_stream(header.device).cuda_stream, name)
+    return received
+
+
+def headers_to_host(buffer, headers: List[torch.Tensor], name: str) -> List[torch.Tensor]:
+    """The headers of one dispatch on the host: on CUDA one copy and one wait, bounded by the
+    Buffer's timeout through the communicators of its stages (the dispatch's one host
+    synchronisation)."""
+    if not headers or headers[0].device.type == "cpu":
+        return headers
+    device = headers[0].device
+    flat = torch.cat([h.flatten() for h in headers])
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    stream = torch.cuda.current_stream(device)
+    with stage_errors(buffer, list(range(buffer.world_size)), name):
+        host.copy_(flat, non_blocking=True)
+        comms = [stage.comm for stage in buffer.stages if stage.comm is not None]
+        if comms:
+            comms[-1].wait(stream.cuda_stream, name)
         else:
             stream.synchronize()
-    return host[0], host[1]
+    out, offset = [], 0
+    for h in headers:
+        out.append(host[offset:offset + h.numel()].view(h.shape))
+        offset += h.numel()
+    return out
 
 
 def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[int], recv_splits: List[int],
@@ -101,13 +113,13 @@ def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[in
         return send
     recv = buffer.workspace(name + "/recv", sum(recv_splits), send.shape[1])
     if send.device.type == "cpu":
-        with stage_errors(buffer, stage, name):
+        with stage_errors(buffer, stage.global_ranks, name):
             dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
         return recv
     caller = torch.cuda.current_stream(send.device)
     comm_stream = buffer.comm_stream
     comm_stream.wait_stream(caller)  # the packed rows are ready
-    with stage_errors(buffer, stage, name):
+    with stage_errors(buffer, stage.global_ranks, name):
         _nccl_all_to_all(stage, send, send_splits, recv, recv_splits, comm_stream.cuda_stream, name)
     caller.wait_stream(comm_stream)  # what follows on the caller's stream sees the rows
     return recv

@@ -121,6 +121,27 @@ SendPlan plan_send(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
 #endif
 }
 
+// -> tokens_per_rank [W], pairs_per_expert [E] on topk_idx's device.
+std::tuple<Tensor, Tensor> count_layout_any(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
+                                            int64_t stream) {
+  if (topk_idx.is_cpu()) {
+    const Routing r = routing_of(topk_idx, num_experts, num_ranks);
+    auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+    Tensor tokens_per_rank = torch::empty({num_ranks}, i64);
+    Tensor pairs_per_expert = torch::empty({num_experts}, i64);
+    count_layout(r, tokens_per_rank.data_ptr<int64_t>(), pairs_per_expert.data_ptr<int64_t>());
+    return {tokens_per_rank, pairs_per_expert};
+  }
+#if defined(MOE_COMM_WITH_CUDA)
+  auto counts = count_layout_cuda(topk_idx, num_experts, num_ranks, stream);
+  return {std::get<0>(counts), std::get<1>(counts)};
+#else
+  (void)stream;
+  MOE_HOST_ASSERT(false, "moe_comm was built without CUDA: topk_idx on " << topk_idx.device() << " is not supported");
+  return {};
+#endif
+}
+
 // -> topk_idx [T, topk] int64 on scores' device: node-limited selection on float32 scores [T, E].
 Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes, int64_t max_nodes,
                            int64_t node_score_topk, int64_t stream) {
@@ -157,6 +178,8 @@ Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes
 void register_layout_ops(py::module_& m) {
   m.def("row_format", &row_format, "(payload_bytes, meta_offset, meta_bytes, row_bytes)");
   m.def("check_routing", &check_routing);
+  m.def("count_layout", &count_layout_any, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),
+        py::arg("stream") = 0);
   m.def("plan_send", &plan_send, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),
         py::arg("stream") = 0);
   m.def("node_limited_select", &node_limited_select, py::arg("scores"), py::arg("topk"), py::arg("num_nodes"),
