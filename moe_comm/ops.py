@@ -17,6 +17,7 @@ import torch
 from ._native import C
 from .agreement import DTYPE_CODES, F, HeaderLayout, build_header, find_problem, local_problem, relay_header
 from .handle import DispatchHandle
+from .roll_call import post_reason
 from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
                     slot_meta, source_order)
 from .streams import stream_of, to_device
@@ -224,6 +225,9 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
         raise TypeError(f"handle: must be the handle returned by moe_comm.dispatch, got {type(handle).__name__}")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
     if problem is not None:
+        # Combine has no header: the peers will wait in its exchange until the Buffer's
+        # timeout; their error quotes this.
+        post_reason(handle.buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
         raise problem.error
     reuse = handle.same_weights_as_dispatch(topk_weights)
     return _Combine.apply(expert_y, topk_weights, handle, reuse)

@@ -37,3 +37,30 @@ def missing_ranks(buffer, members: List[int], name: str, seq: int) -> Optional[L
     except Exception:  # noqa: BLE001 - the store itself may be gone with the failed peers
         return None
     return [r for r in members if r not in signed]
+
+
+def _reason_key(buffer, rank: int) -> str:
+    return f"moe_comm/reason/{buffer.uid}/{rank}"
+
+
+def post_reason(buffer, reason: str) -> None:
+    """Leaves why this rank skipped a collective its peers entered (a combine input it rejected
+    on its own), for their timeout errors to quote. Written only on that error path."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        store.set(_reason_key(buffer, buffer.rank), reason)
+    except Exception:  # noqa: BLE001 - best effort: the peers' error then names the rank only
+        pass
+
+
+def posted_reason(buffer, rank: int) -> Optional[str]:
+    store = _store()
+    if store is None:
+        return None
+    try:
+        key = _reason_key(buffer, rank)
+        return store.get(key).decode() if store.check([key]) else None
+    except Exception:  # noqa: BLE001
+        return None

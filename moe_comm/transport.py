@@ -17,7 +17,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from .roll_call import missing_ranks
+from .roll_call import missing_ranks, posted_reason
 from .stages import Stage
 
 
@@ -39,6 +39,8 @@ def stage_errors(buffer, members: List[int], name: str):
         if missing:
             ranks = ", ".join(map(str, missing))
             who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
+            reasons = [(r, posted_reason(buffer, r)) for r in missing]
+            who += "".join(f"; rank {r} reported: {why}" for r, why in reasons if why)
         elif missing == []:
             who = "every peer arrived; the collective itself failed"
         else:

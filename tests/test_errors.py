@@ -118,3 +118,24 @@ def _timeout_worker(rank, world_size):
 def test_missing_peer_ends_in_timeout_naming_rank_stage_and_missing_rank():
     first, _, third = run_distributed(3, _timeout_worker)
     assert 1.5 < first < 7.5 and 1.5 < third < 7.5
+
+
+def _bad_combine_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2)
+    x, idx, w = _good(rank, E=6)
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    if rank == 1:
+        with pytest.raises(ValueError, match=r"^expert_y: must be \[R, H\]"):
+            moe_comm.combine(recv_x[:, :1], handle)  # raises here, before any exchange
+        time.sleep(6)  # ... and stays away while the peers time out
+        return None
+    start = time.monotonic()
+    with pytest.raises(moe_comm.CommError, match=r"failed in stage 'combine/flat' \(rank 1 did not arrive within 2s; "
+                                                 r"rank 1 reported: combine rejected its argument 'expert_y'"):
+        moe_comm.combine(recv_x, handle)
+    return time.monotonic() - start
+
+
+def test_bad_combine_on_one_rank_ends_peers_in_a_timeout_quoting_its_reason():
+    first, _, third = run_distributed(3, _bad_combine_worker)
+    assert first < 7.5 and third < 7.5
