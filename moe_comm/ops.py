@@ -17,7 +17,7 @@ import torch
 from ._native import C
 from .agreement import DTYPE_CODES, F, HeaderLayout, build_header, find_problem, local_problem, relay_header
 from .handle import DispatchHandle
-from .roll_call import post_reason
+from .roll_call import clear_reason, post_reason
 from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
                     slot_meta, source_order)
 from .streams import stream_of, to_device
@@ -89,6 +89,7 @@ def _exchange_headers(buffer, call, problem, status, idx, plan0):
 
 
 def _dispatch_forward(x, topk_idx, topk_weights, buffer):
+    clear_reason(buffer)
     rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
     problem = local_problem(buffer.rank, rejected)
     status = plan0 = idx = None

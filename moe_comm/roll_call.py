@@ -51,7 +51,21 @@ def post_reason(buffer, reason: str) -> None:
         return
     try:
         store.set(_reason_key(buffer, buffer.rank), reason)
+        buffer.reason_posted = True
     except Exception:  # noqa: BLE001 - best effort: the peers' error then names the rank only
+        pass
+
+
+def clear_reason(buffer) -> None:
+    """Withdraws a posted reason once this rank goes on (so that no later error quotes it)."""
+    if not getattr(buffer, "reason_posted", False):
+        return
+    buffer.reason_posted = False
+    store = _store()
+    try:
+        if store is not None:
+            store.delete_key(_reason_key(buffer, buffer.rank))
+    except Exception:  # noqa: BLE001
         pass
 
 
