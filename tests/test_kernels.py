@@ -70,6 +70,9 @@ def test_plan_send_matches_python(T, K, E, W):
             assert offsets[d] <= slot < offsets[d + 1] and send_token[slot] == t
             assert int(first_slot[t, k]) == (slot if d not in seen else -1)
             seen.add(d)
+    # count_layout alone gives the plan's counts (the hierarchical header uses it).
+    counts, pairs = C.count_layout(idx, E, W)
+    assert torch.equal(counts, tokens_per_rank) and torch.equal(pairs, pairs_per_expert)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -54,3 +54,5 @@ def test_plan_send_cuda_matches_cpu(T, K, E, W):
     assert torch.equal(got[3][:n_send], expected[3])
     assert torch.equal(got[4], expected[4]), "pair_slot"
     assert torch.equal(got[5], expected[5]), "first_slot"
+    counts, pairs = C.count_layout(idx.cuda(), E, W, stream)
+    assert torch.equal(counts.cpu(), expected[0]) and torch.equal(pairs.cpu(), expected[1])
