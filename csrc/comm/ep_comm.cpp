@@ -77,10 +77,24 @@ void EpCommunicator::throw_if_aborted(const std::string& stage) {
 
 bool EpCommunicator::nccl_in_progress(const std::string& stage) {
   ncclResult_t state = ncclSuccess;
-  const ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
+  ncclResult_t res = ncclSuccess;
+  std::string last_error;
+  {
+    std::unique_lock<std::mutex> guard;
+    if (watchdog_) {
+      guard = watchdog_->lock_comm();
+      if (watchdog_->aborted()) {
+        guard.unlock();
+        throw_if_aborted(stage);
+      }
+    }
+    res = ncclCommGetAsyncError(comm_, &state);
+    if (state != ncclSuccess && state != ncclInProgress) last_error = ncclGetLastError(comm_);
+  }
+  // fail() aborts through the watchdog, which takes the communicator lock: call it unlocked.
   if (res != ncclSuccess) fail(stage, std::string("ncclCommGetAsyncError: ") + ncclGetErrorString(res));
   if (state != ncclSuccess && state != ncclInProgress) {
-    fail(stage, std::string(ncclGetErrorString(state)) + ": " + ncclGetLastError(comm_));
+    fail(stage, std::string(ncclGetErrorString(state)) + ": " + last_error);
   }
   return state == ncclInProgress;
 }
@@ -109,29 +123,38 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
                       int(recv_bytes.size()) == size_ && int(recv_offsets.size()) == size_,
                   "all_to_all needs one size and offset per peer (" << size_ << ")");
   MOE_CUDA_CHECK(cudaSetDevice(device_));
-  MOE_NCCL_CHECK(ncclGroupStart());
   // Enqueue every peer, remember the first failure, and always close the group: an open group
-  // would swallow this thread's next NCCL calls.
+  // would swallow this thread's next NCCL calls. The watchdog cannot abort meanwhile.
   ncclResult_t first = ncclSuccess;
   const char* what = "";
-  auto keep = [&](ncclResult_t r, const char* call) {
-    if (first == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
-      first = r;
-      what = call;
+  std::string last_error;
+  {
+    auto guard = watchdog_->lock_comm();
+    if (watchdog_->aborted()) {
+      guard.unlock();
+      throw_if_aborted(stage);
     }
-  };
-  for (int peer = 0; peer < size_; ++peer) {
-    if (send_bytes[peer] > 0) {
-      keep(ncclSend(send + send_offsets[peer], size_t(send_bytes[peer]), ncclUint8, peer, comm_, stream), "ncclSend");
+    auto keep = [&](ncclResult_t r, const char* call) {
+      if (first == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
+        first = r;
+        what = call;
+      }
+    };
+    keep(ncclGroupStart(), "ncclGroupStart");
+    for (int peer = 0; peer < size_ && first == ncclSuccess; ++peer) {
+      if (send_bytes[peer] > 0) {
+        keep(ncclSend(send + send_offsets[peer], size_t(send_bytes[peer]), ncclUint8, peer, comm_, stream),
+             "ncclSend");
+      }
+      if (recv_bytes[peer] > 0) {
+        keep(ncclRecv(recv + recv_offsets[peer], size_t(recv_bytes[peer]), ncclUint8, peer, comm_, stream),
+             "ncclRecv");
+      }
     }
-    if (recv_bytes[peer] > 0) {
-      keep(ncclRecv(recv + recv_offsets[peer], size_t(recv_bytes[peer]), ncclUint8, peer, comm_, stream), "ncclRecv");
-    }
+    keep(ncclGroupEnd(), "ncclGroupEnd");
+    if (first != ncclSuccess) last_error = ncclGetLastError(comm_);
   }
-  keep(ncclGroupEnd(), "ncclGroupEnd");
-  if (first != ncclSuccess) {
-    fail(stage, std::string(what) + ": " + ncclGetErrorString(first) + ": " + ncclGetLastError(comm_));
-  }
+  if (first != ncclSuccess) fail(stage, std::string(what) + ": " + ncclGetErrorString(first) + ": " + last_error);
   wait_ready(stage);
   watchdog_->watch(stream, stage);
 }

@@ -48,7 +48,9 @@ void Watchdog::abort(const std::string& reason) {
 void Watchdog::abort_locked(const std::string& reason) {
   if (!failure_.empty()) return;
   failure_ = reason;
+  std::lock_guard<std::mutex> comm_lock(comm_mutex_);
   ncclCommAbort(comm_);  // ends the stuck kernels: the caller's stream drains
+  aborted_ = true;
 }
 
 void Watchdog::run() {

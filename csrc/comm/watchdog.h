@@ -34,6 +34,12 @@ class Watchdog {
   // Aborts the communicator once, keeping `reason` (a later reason is dropped).
   void abort(const std::string& reason);
 
+  // Whoever calls into the communicator holds this lock, and checks aborted() under it: the
+  // abort takes the same lock, so nobody uses a communicator while (or after) it is freed.
+  // Lock order: the watchdog's state lock, then this one; never the other way round.
+  std::unique_lock<std::mutex> lock_comm() { return std::unique_lock<std::mutex>(comm_mutex_); }
+  bool aborted() const { return aborted_.load(); }
+
  private:
   struct Pending {
     cudaEvent_t done;
@@ -47,7 +53,9 @@ class Watchdog {
   double timeout_s_;
   ncclComm_t comm_;
   std::string who_;  // "rank r of n"
-  std::mutex mutex_;
+  std::mutex mutex_;       // pending_, failure_, stop_
+  std::mutex comm_mutex_;  // calls into comm_
+  std::atomic<bool> aborted_{false};
   std::condition_variable wake_;
   std::deque<Pending> pending_;
   std::string failure_;
