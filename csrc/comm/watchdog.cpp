@@ -80,7 +80,7 @@ void Watchdog::run() {
       abort_locked(why.str() + "; the communicator was aborted, create a new Buffer");
       continue;
     }
-    wake_.wait_for(lock, std::chrono::microseconds(200));
+    wake_.wait_for(lock, std::chrono::milliseconds(1));  // done events drain in one pass
   }
 }
 
