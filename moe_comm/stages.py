@@ -45,8 +45,9 @@ def hierarchical_stages(group, topo: Topology, experts_per_rank: int, timeout: O
     every rank of the default group enters every call, in the same order."""
     P, N = topo.ranks_per_node, topo.num_nodes
     group_ranks = dist.get_process_group_ranks(group)  # our index -> global rank
-    backend = dist.get_backend(group)
-    kwargs = {"backend": backend}
+    # gloo whatever the Buffer's backend: on the CPU path these groups carry the tokens; on the
+    # CUDA path they only bootstrap our NCCL communicators, which must not cost torch NCCL ones.
+    kwargs = {"backend": "gloo"}
     if timeout is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout)
     rails = [[n * P + l for n in range(N)] for l in range(P)]
