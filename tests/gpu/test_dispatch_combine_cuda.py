@@ -3,7 +3,6 @@ and against the CPU path: world size 1; several ranks on ONE GPU, each with its 
 so that NCCL treats it as a separate node (sockets: slow, but our grouped send/recv runs);
 hierarchical forwarding with simulated nodes; gradients; a bad rank's input."""
 
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import moe_comm
 from moe_comm.nccl_comm import nccl_available
 from tests.cases import Case, all_inputs, grid
 from tests.distributed import run_distributed
+from tests.gpu.one_gpu import become_own_host
 from tests.test_dispatch_combine import check_case
 
 pytestmark = [
@@ -22,13 +22,8 @@ pytestmark = [
 ]
 
 
-def _on_own_host(rank):
-    os.environ["NCCL_HOSTID"] = f"moe-comm-test-host-{rank}"
-    torch.cuda.set_device(0)
-
-
 def _grid_worker(rank, world_size, ranks_per_node, hierarchical, every):
-    _on_own_host(rank)
+    become_own_host(rank)
     buffers = {}
     cases = grid(world_size)[::every]
     for case in cases:
@@ -66,7 +61,7 @@ def _roundtrip(buf, case, rank, device):
 
 
 def _gradient_worker(rank, world_size, ranks_per_node):
-    _on_own_host(rank)
+    become_own_host(rank)
     case = Case(world_size=world_size, num_experts=4 * world_size, topk=3, hidden=33, pattern="masked",
                 tokens=(40, 0, 17, 5))
     cpu = moe_comm.Buffer(num_experts=case.num_experts, ranks_per_node=ranks_per_node, device="cpu")
@@ -88,7 +83,7 @@ def test_cuda_path_equals_cpu_path_with_gradients(world_size, ranks_per_node):
 
 
 def _bad_rank_worker(rank, world_size):
-    _on_own_host(rank)
+    become_own_host(rank)
     buf = moe_comm.Buffer(num_experts=4, device="cuda", timeout=60)
     x = torch.randn(5, 8, device="cuda")
     idx = torch.randint(0, 4, (5, 1), device="cuda")
@@ -115,7 +110,7 @@ def test_bad_rank_on_cuda_makes_every_rank_raise():
 
 
 def _timeout_worker(rank, world_size):
-    _on_own_host(rank)
+    become_own_host(rank)
     import time
     buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3)
     if rank == 1:
@@ -135,7 +130,7 @@ def test_missing_peer_on_cuda_ends_in_timeout_naming_stage():
 
 
 def _dead_peer_in_combine_worker(rank, world_size):
-    _on_own_host(rank)
+    become_own_host(rank)
     import time
     buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3)
     x = torch.randn(4, 8, device="cuda")

@@ -1,8 +1,6 @@
 """MoELayer trains the same on CUDA (our kernels + NCCL) as on the CPU path: a few steps of
 expert-parallel training on 2 ranks sharing one GPU (own NCCL_HOSTID each)."""
 
-import os
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ import moe_comm
 from moe_comm.nccl_comm import nccl_available
 from moe_comm.nn import MoELayer, allreduce_replicated_grads
 from tests.distributed import run_distributed
+from tests.gpu.one_gpu import become_own_host
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,8 +41,7 @@ def _train(buf, rank, steps=5):
 
 
 def _worker(rank, world_size):
-    os.environ["NCCL_HOSTID"] = f"moe-comm-test-host-{rank}"
-    torch.cuda.set_device(0)
+    become_own_host(rank)
     cpu_losses, cpu_params = _train(moe_comm.Buffer(num_experts=8, device="cpu"), rank)
     gpu_losses, gpu_params = _train(moe_comm.Buffer(num_experts=8, device="cuda", timeout=120), rank)
     torch.testing.assert_close(torch.tensor(gpu_losses), torch.tensor(cpu_losses), rtol=1e-4, atol=1e-5)

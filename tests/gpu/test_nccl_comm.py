@@ -1,7 +1,6 @@
 """Our NCCL communicator with several ranks on ONE GPU: each rank gets its own NCCL_HOSTID, so
 NCCL treats it as a separate node and uses sockets (slow, but it runs our grouped send/recv)."""
 
-import os
 import time
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from moe_comm.nccl_comm import create_nccl_communicator, nccl_available
 from tests.distributed import run_distributed
+from tests.gpu.one_gpu import become_own_host
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,12 +17,8 @@ pytestmark = [
 ]
 
 
-def _own_host(rank):
-    os.environ["NCCL_HOSTID"] = f"moe-comm-test-host-{rank}"
-
-
 def _exchange_worker(rank, world_size):
-    _own_host(rank)
+    become_own_host(rank)
     import torch.distributed as dist
     comm = create_nccl_communicator(dist.group.WORLD, torch.device("cuda", 0), timeout_s=60)
     # Rank r sends (r + 1) * (p + 1) bytes of value 10 * r + p to peer p; nothing to itself when r == 1.
@@ -45,7 +41,7 @@ def test_grouped_send_recv_between_ranks_on_one_gpu():
 
 
 def _timeout_worker(rank, world_size):
-    _own_host(rank)
+    become_own_host(rank)
     import torch.distributed as dist
     comm = create_nccl_communicator(dist.group.WORLD, torch.device("cuda", 0), timeout_s=3)
     if rank == 1:
@@ -66,7 +62,7 @@ def test_missing_peer_ends_in_timeout_naming_rank_and_stage():
 
 
 def _watchdog_worker(rank, world_size):
-    _own_host(rank)
+    become_own_host(rank)
     import torch.distributed as dist
     comm = create_nccl_communicator(dist.group.WORLD, torch.device("cuda", 0), timeout_s=3)
     buf = torch.zeros(16, dtype=torch.uint8, device="cuda")
