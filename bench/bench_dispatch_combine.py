@@ -140,6 +140,7 @@ def measure(args, buf, world):
                 impl=impl, op=op, median_us=median * 1e6, p10_us=s[len(s) // 10] * 1e6,
                 p90_us=s[min(len(s) - 1, (9 * len(s)) // 10)] * 1e6, bytes_intra=intra, bytes_inter=inter,
                 gbps_intra=intra / world / median / 1e9 if op != "roundtrip" else None,
+                gbps_inter=inter / world / median / 1e9 if op != "roundtrip" else None,
                 world_size=world, preset=args.preset, tokens=args.tokens, hidden=args.hidden,
                 experts=args.experts, topk=args.topk, dtype=args.dtype, backend=buf.backend, device=buf.device.type,
                 nodes=buf.topology.num_nodes, ranks_per_node=buf.topology.ranks_per_node,
@@ -161,12 +162,13 @@ def report(args, buf, world, records):
           f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}, "
           f"{args.iters} iters (slowest rank per iter)")
     print(f"{'tokens':>6} {'op':<10} {'impl':<15} {'median us':>11} {'p10 us':>10} {'p90 us':>10} "
-          f"{'GB/s/rank':>10} {'speed-up':>9}")
+          f"{'intra GB/s':>10} {'inter GB/s':>10} {'speed-up':>9}")
     order = ["dispatch", "combine", "roundtrip"]
     for r in sorted(records, key=lambda r: (r["tokens"], order.index(r["op"]), r["impl"])):
         gbps = f"{r['gbps_intra']:.3f}" if r["gbps_intra"] is not None else "-"
+        gbps_inter = f"{r['gbps_inter']:.3f}" if r["gbps_inter"] is not None else "-"
         print(f"{r['tokens']:>6} {r['op']:<10} {r['impl']:<15} {r['median_us']:>11.1f} {r['p10_us']:>10.1f} "
-              f"{r['p90_us']:>10.1f} {gbps:>10} {r['speedup_vs_baseline']:>8.2f}x")
+              f"{r['p90_us']:>10.1f} {gbps:>10} {gbps_inter:>10} {r['speedup_vs_baseline']:>8.2f}x")
     for tokens in sorted({r["tokens"] for r in records}):
         r = next(r for r in records if r["tokens"] == tokens)
         print(f"bytes per dispatch at {tokens} tokens/rank, all ranks: intra-node {r['bytes_intra']}, "

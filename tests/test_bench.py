@@ -26,6 +26,7 @@ def test_benchmark_runs_and_reports(tmp_path):
         assert r["median_us"] > 0 and r["p10_us"] <= r["median_us"] <= r["p90_us"]
         assert r["world_size"] == 2 and r["bytes_inter"] == 0 and r["speedup_vs_baseline"] > 0
         assert (r["bytes_intra"] > 0) == (r["tokens"] > 0)
+        assert (r["gbps_inter"] is None) == (r["op"] == "roundtrip")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
