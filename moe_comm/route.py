@@ -90,6 +90,22 @@ def plan_stage(stage: Stage, topk_idx: torch.Tensor) -> StagePlan:
     return StagePlan(stage, send_token, offsets, pair_slot, first_slot, pairs, rows_per_dest)
 
 
+def through_own_slot(plan: StagePlan, row_map: torch.Tensor, weights: Optional[torch.Tensor]):
+    """A stage with one destination sends each input row to one slot at most (the row's only
+    first slot): re-index the [n_slots, K] map and weights of its slots by input row, -1 / 0
+    where a row sent nothing."""
+    slot = plan.first_slot.max(dim=1).values  # [n_in]
+    sent = (slot >= 0).unsqueeze(1)
+    if row_map.shape[0] == 0:
+        composed = torch.full((slot.shape[0], row_map.shape[1]), -1, dtype=row_map.dtype, device=row_map.device)
+        return composed, (None if weights is None else torch.zeros(composed.shape, device=composed.device))
+    index = slot.clamp(min=0)
+    composed = row_map[index].masked_fill(~sent, -1)
+    if weights is not None:
+        weights = weights[index].masked_fill(~sent, 0.0)
+    return composed, weights
+
+
 def source_order(counts: torch.Tensor, source_rank: torch.Tensor) -> Optional[torch.Tensor]:
     """Arrival order is (sender, block); the API wants source-rank order. counts and source_rank
     are [senders, blocks]. -> permutation of arrival rows, or None when already in order."""
@@ -130,6 +146,13 @@ def reduce_back(buffer, plans: List[StagePlan], num_tokens: int, rows: torch.Ten
     _, meta_offset, _, row_bytes = row_format(hidden, dtype, topk if slot_scalars is not None else 0, SCALAR_BYTES)
     src, src_map, src_weights = rows, row_map, weights
     for plan in reversed(plans):
+        if plan.stage.size == 1:
+            # No wire (world size 1, or one rank per node): compose the maps instead of
+            # materialising partials that would only be summed once more.
+            src_map, src_weights = through_own_slot(plan, src_map, src_weights)
+            if slot_scalars is not None:
+                slot_scalars = collect_pairs(slot_scalars, plan.pair_slot)
+            continue
         stage_name = f"{name}/{plan.stage.name}"
         packed = buffer.workspace(stage_name + "/send", plan.num_recv, row_bytes)
         C.reduce_rows(src, src_map, src_weights, payload(packed, dtype, hidden), stream_of(packed.device))
@@ -140,5 +163,5 @@ def reduce_back(buffer, plans: List[StagePlan], num_tokens: int, rows: torch.Ten
         if slot_scalars is not None:
             slot_scalars = collect_pairs(scalars(back, meta_offset, topk), plan.pair_slot)
     y = torch.empty((num_tokens, hidden), dtype=dtype, device=rows.device)
-    C.reduce_rows(src, src_map, None, y, stream_of(y.device))
+    C.reduce_rows(src, src_map, src_weights, y, stream_of(y.device))
     return y, slot_scalars
