@@ -153,8 +153,7 @@ Expanded expand_rows(const Tensor& rows, int64_t hidden, c10::ScalarType dtype, 
   return expand_rows_cuda(rows, hidden, dtype, topk, experts_per_rank, row_order, known, stream);
 #else
   (void)stream;
-  MOE_HOST_ASSERT(false, "moe_comm was built without CUDA: rows on " << rows.device() << " are not supported");
-  return {};
+  fail_without_cuda("rows", rows.device());
 #endif
 }
 

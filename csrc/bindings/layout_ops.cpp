@@ -20,12 +20,19 @@ py::tuple check_routing(const Tensor& topk_idx, int64_t num_experts) {
 
 using SendPlan = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// -> tokens_per_rank [W], pairs_per_expert [E] of a CPU routing.
+std::tuple<Tensor, Tensor> count_layout_cpu(const Routing& r) {
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  Tensor tokens_per_rank = torch::empty({r.num_ranks}, i64);
+  Tensor pairs_per_expert = torch::empty({r.num_experts}, i64);
+  count_layout(r, tokens_per_rank.data_ptr<int64_t>(), pairs_per_expert.data_ptr<int64_t>());
+  return {tokens_per_rank, pairs_per_expert};
+}
+
 SendPlan plan_send_cpu(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks) {
   const Routing r = routing_of(topk_idx, num_experts, num_ranks);
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  Tensor tokens_per_rank = torch::empty({num_ranks}, i64);
-  Tensor pairs_per_expert = torch::empty({num_experts}, i64);
-  count_layout(r, tokens_per_rank.data_ptr<int64_t>(), pairs_per_expert.data_ptr<int64_t>());
+  auto [tokens_per_rank, pairs_per_expert] = count_layout_cpu(r);
   Tensor send_offsets = torch::zeros({num_ranks + 1}, i64);
   send_offsets.slice(0, 1).copy_(tokens_per_rank.cumsum(0));
   const int64_t num_send = send_offsets[num_ranks].item<int64_t>();
@@ -116,29 +123,20 @@ SendPlan plan_send(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   return plan_send_cuda(topk_idx, num_experts, num_ranks, stream);
 #else
   (void)stream;
-  MOE_HOST_ASSERT(false, "moe_comm was built without CUDA: topk_idx on " << topk_idx.device() << " is not supported");
-  return {};
+  fail_without_cuda("topk_idx", topk_idx.device());
 #endif
 }
 
 // -> tokens_per_rank [W], pairs_per_expert [E] on topk_idx's device.
 std::tuple<Tensor, Tensor> count_layout_any(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
                                             int64_t stream) {
-  if (topk_idx.is_cpu()) {
-    const Routing r = routing_of(topk_idx, num_experts, num_ranks);
-    auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-    Tensor tokens_per_rank = torch::empty({num_ranks}, i64);
-    Tensor pairs_per_expert = torch::empty({num_experts}, i64);
-    count_layout(r, tokens_per_rank.data_ptr<int64_t>(), pairs_per_expert.data_ptr<int64_t>());
-    return {tokens_per_rank, pairs_per_expert};
-  }
+  if (topk_idx.is_cpu()) return count_layout_cpu(routing_of(topk_idx, num_experts, num_ranks));
 #if defined(MOE_COMM_WITH_CUDA)
   auto counts = count_layout_cuda(topk_idx, num_experts, num_ranks, stream);
   return {std::get<0>(counts), std::get<1>(counts)};
 #else
   (void)stream;
-  MOE_HOST_ASSERT(false, "moe_comm was built without CUDA: topk_idx on " << topk_idx.device() << " is not supported");
-  return {};
+  fail_without_cuda("topk_idx", topk_idx.device());
 #endif
 }
 
@@ -168,7 +166,7 @@ Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes
   MOE_CUDA_CHECK(cuda::launch_node_limited_select(p, as_stream(stream)));
 #else
   (void)stream;
-  MOE_HOST_ASSERT(false, "moe_comm was built without CUDA: scores on " << scores.device() << " are not supported");
+  fail_without_cuda("scores", scores.device());
 #endif
   return out;
 }

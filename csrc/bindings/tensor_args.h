@@ -85,6 +85,13 @@ inline const float* optional_weights(const std::optional<Tensor>& w, int64_t row
   return w->data_ptr<float>();
 }
 
+// For a CPU-only build handed tensors on another device.
+[[noreturn]] inline void fail_without_cuda(const char* name, const c10::Device& device) {
+  std::ostringstream msg;
+  msg << "moe_comm was built without CUDA: " << name << " on " << device << " is not supported";
+  throw_error(__FILE__, __LINE__, msg.str());
+}
+
 #if defined(MOE_COMM_WITH_CUDA)
 // Our CUDA runtime is linked statically: its current device is its own, not torch's. Select the
 // tensors' device before every launch, or a rank on GPU 3 would launch on GPU 0.
@@ -102,12 +109,11 @@ inline cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStre
     }                                                            \
   } while (0)
 #else
-#define MOE_RUN(dev, stream, cpu_fn, cuda_fn, params)                                        \
-  do {                                                                                       \
-    (void)(stream);                                                                          \
-    MOE_HOST_ASSERT((dev).is_cpu(), "moe_comm was built without CUDA: tensors on " << (dev) \
-                                                                                 << " are not supported"); \
-    cpu_fn(params);                                                                          \
+#define MOE_RUN(dev, stream, cpu_fn, cuda_fn, params)                            \
+  do {                                                                           \
+    (void)(stream);                                                              \
+    if (!(dev).is_cpu()) ::moe_comm::bind::fail_without_cuda("tensors", (dev)); \
+    cpu_fn(params);                                                              \
   } while (0)
 #endif
 

@@ -13,9 +13,7 @@ __device__ __forceinline__ SlotMeta meta_at(const ExpandPlanKernelParams& p, int
 }
 
 __global__ void expand_count_kernel(ExpandPlanKernelParams p) {
-  const int64_t pairs = p.num_rows * p.topk;
-  for (int64_t pair = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; pair < pairs;
-       pair += int64_t(gridDim.x) * blockDim.x) {
+  MOE_GRID_STRIDE(pair, p.num_rows * p.topk) {
     const int64_t n = pair / p.topk, k = pair % p.topk;
     const int64_t row = p.row_order ? p.row_order[n] : n;
     const int32_t e = meta_at(p, row, k).local_expert;
@@ -26,9 +24,7 @@ __global__ void expand_count_kernel(ExpandPlanKernelParams p) {
 }
 
 __global__ void expand_fill_kernel(ExpandPlanKernelParams p) {
-  const int64_t pairs = p.num_rows * p.topk;
-  for (int64_t pair = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; pair < pairs;
-       pair += int64_t(gridDim.x) * blockDim.x) {
+  MOE_GRID_STRIDE(pair, p.num_rows * p.topk) {
     const int64_t n = pair / p.topk, k = pair % p.topk;
     const int64_t row = p.row_order ? p.row_order[n] : n;
     const SlotMeta m = meta_at(p, row, k);

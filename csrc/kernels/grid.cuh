@@ -1,4 +1,4 @@
-// Launch geometry shared by the kernels that loop with a grid stride.
+// Launch geometry and the loop shared by the kernels that loop with a grid stride.
 #pragma once
 
 #include <cstdint>
@@ -16,3 +16,8 @@ inline unsigned grid_blocks(int64_t work, int threads) {
 
 }  // namespace cuda
 }  // namespace moe_comm
+
+// for (int64_t i = this thread's first item; i < n; i += all threads of the grid)
+#define MOE_GRID_STRIDE(i, n)                                                        \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
+       i += int64_t(gridDim.x) * blockDim.x)

@@ -10,14 +10,11 @@ constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t work) { return grid_blocks(work, kThreads); }
 
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
-
 // flags[r * T + t] = token t goes to rank r: rank-major, so the scan orders slots by
 // destination, then by token, as the CPU plan does.
 __global__ void send_plan_flags_kernel(SendPlanKernelParams p) {
   const int64_t total = p.num_ranks * p.num_tokens;
-  GRID_STRIDE(i, total) {
+  MOE_GRID_STRIDE(i, total) {
     const int64_t r = i / p.num_tokens, t = i % p.num_tokens;
     p.flags[i] = p.token_in_rank[t * p.num_ranks + r] ? 1 : 0;
   }
@@ -25,11 +22,11 @@ __global__ void send_plan_flags_kernel(SendPlanKernelParams p) {
 
 __global__ void send_plan_slots_kernel(SendPlanKernelParams p) {
   const int64_t total = p.num_ranks * p.num_tokens;
-  GRID_STRIDE(i, total) {
+  MOE_GRID_STRIDE(i, total) {
     if (p.flags[i]) p.send_token[p.positions[i]] = i % p.num_tokens;
   }
   // Rank r's slots start where its first (rank, token) pair was numbered.
-  GRID_STRIDE(r, p.num_ranks + 1) {
+  MOE_GRID_STRIDE(r, p.num_ranks + 1) {
     if (r < p.num_ranks) {
       p.send_offsets[r] = p.positions[r * p.num_tokens];
     } else {
@@ -40,7 +37,7 @@ __global__ void send_plan_slots_kernel(SendPlanKernelParams p) {
 
 __global__ void send_plan_pairs_kernel(SendPlanKernelParams p) {
   const int64_t experts_per_rank = p.num_experts / p.num_ranks;
-  GRID_STRIDE(pair, p.num_tokens * p.topk) {
+  MOE_GRID_STRIDE(pair, p.num_tokens * p.topk) {
     const int64_t t = pair / p.topk, k = pair % p.topk;
     const int64_t* row = p.topk_idx + t * p.topk;
     if (row[k] < 0) {
