@@ -44,8 +44,9 @@ class Buffer:
 
     Rank r owns global experts [r * E_local, (r + 1) * E_local), E_local = num_experts / W.
     Collective: every rank of the group constructs its Buffer with the same arguments. With
-    hierarchical forwarding (or a timeout) it creates process groups with new_group, which every
-    rank of the default group must enter: construct Buffers on all ranks, in the same order.
+    hierarchical forwarding, a timeout or a non-gloo group (combine_status needs a gloo one) it
+    creates process groups with new_group, which every rank of the default group must enter:
+    construct Buffers on all ranks, in the same order.
 
     hierarchical: "auto" forwards through one rank per node when the group spans several
     nodes; True forces it (on one node it is the same as flat); False always sends directly.
@@ -53,10 +54,16 @@ class Buffer:
     device: where tokens live. None = the current CUDA device on an NCCL group, the CPU
     otherwise. On a CUDA device the tokens move over our own NCCL communicators (one per
     stage), bootstrapped over `group` whatever its backend; on the CPU over `group` (gloo).
+
+    combine_status: combine first sums one ok/error code per rank over gloo on the host
+    (peer_status.py; no GPU synchronisation), so that a bad combine input on one rank makes
+    every rank raise and the Buffer keeps working. False saves that small collective per
+    combine: a bad combine input then raises on its rank only, and its peers end in the timeout.
     """
 
     def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
-                 hierarchical="auto", timeout: Optional[float] = None, device=None):
+                 hierarchical="auto", timeout: Optional[float] = None, device=None,
+                 combine_status: bool = True):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("moe_comm.Buffer needs torch.distributed to be initialised "
                                "(dist.init_process_group) before it is created")
@@ -66,6 +73,8 @@ class Buffer:
             raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if not isinstance(combine_status, bool):
+            raise TypeError(f"combine_status must be True or False, got {combine_status!r}")
 
         base = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(base)
@@ -94,6 +103,13 @@ class Buffer:
             self.stages: List[Stage] = hierarchical_stages(self.group, self.topology, self.experts_per_rank, timeout)
         else:
             self.stages = flat_stages(self.group, self.topology, self.experts_per_rank)
+        self.status_group = None
+        if combine_status and self.world_size > 1:
+            self.status_group = self.group
+            if self.backend != "gloo":  # a host collective: never an NCCL one
+                kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
+                self.status_group = dist.new_group(dist.get_process_group_ranks(self.group), backend="gloo",
+                                                   **kwargs)
         self.comm_stream = None
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.
@@ -107,6 +123,11 @@ class Buffer:
         # agrees across ranks: the roll call of a failed collective uses it (roll_call.py).
         self.uid = next(_BUFFER_NUMBERS)
         self._collectives = collections.Counter()
+        self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
+
+    def begin_call(self, kind: str) -> None:
+        """Numbers dispatch and combine calls in call order (the same on every rank)."""
+        self.call = f"{kind}/{self.next_collective(kind)}"
 
     def next_collective(self, name: str) -> int:
         """Numbers this rank's collectives of one stage name, in call order."""

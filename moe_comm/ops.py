@@ -4,7 +4,8 @@ Wire traffic per call, per stage (one stage flat, two hierarchical):
   dispatch:  a fixed-size header (status + counts; all headers first, then one host
              synchronisation for all), then one row exchange (payload + per-slot expert ids and
              weights)
-  combine:   one row exchange back per stage (partial sums per (token, destination)); a small
+  combine:   a status code per rank summed over gloo on the host (peer_status.py), then one
+             row exchange back per stage (partial sums per (token, destination)); a small
              forward pass of the weights first only when combine's weights are not the
              tensor dispatch got
   backwards: reuse the handle; no header exchange.
@@ -17,7 +18,8 @@ import torch
 from ._native import C
 from .agreement import DTYPE_CODES, F, HeaderLayout, build_header, find_problem, local_problem, relay_header
 from .handle import DispatchHandle
-from .roll_call import clear_reason, post_reason
+from .peer_status import start_status
+from .roll_call import post_reason
 from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
                     slot_meta, source_order)
 from .streams import stream_of, to_device
@@ -89,7 +91,7 @@ def _exchange_headers(buffer, call, problem, status, idx, plan0):
 
 
 def _dispatch_forward(x, topk_idx, topk_weights, buffer):
-    clear_reason(buffer)
+    buffer.begin_call("dispatch")
     rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
     problem = local_problem(buffer.rank, rejected)
     status = plan0 = idx = None
@@ -172,18 +174,22 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights):
+    def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights, status):
         h = handle
+        check_status = status.check if status is not None else None
         if topk_weights is None:
             slot_weights = None
         elif reuse_dispatch_weights:
             slot_weights = h.slot_weights
         else:
+            if check_status is not None:  # this weight exchange comes first: agree before it
+                check_status()
+                check_status = None
             # Receivers need this call's weights: send each token's K weights along the layout.
             sent = send_along(h.buffer, h.plans, topk_weights.detach().contiguous(), "combine-weights")
             slot_weights = sent.masked_fill(h.row_map < 0, 0.0).contiguous()
         y, _ = reduce_back(h.buffer, h.plans, h.num_tokens, expert_y.detach(), h.row_map, slot_weights, None,
-                           "combine")
+                           "combine", before_wire=check_status)
         ctx.handle = h
         ctx.slot_weights = slot_weights
         ctx.save_for_backward(expert_y if topk_weights is not None else None)
@@ -204,7 +210,7 @@ class _Combine(torch.autograd.Function):
             no_rows = torch.empty((h.num_recv_rows, 0), dtype=torch.float32, device=grad_y.device)
             _, grad_w = reduce_back(h.buffer, h.plans, h.num_tokens, no_rows, h.row_map, None, dots,
                                     "combine-backward-weights")
-        return grad_expert_y, grad_w, None, None
+        return grad_expert_y, grad_w, None, None, None
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer):
@@ -224,14 +230,20 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
     when topk_weights is None). expert_y [R, H] in recv_x's row order and dtype -> y [T, H]."""
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: must be the handle returned by moe_comm.dispatch, got {type(handle).__name__}")
+    buffer = handle.buffer
+    buffer.begin_call("combine")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
     if problem is not None:
-        # Combine has no header: the peers will wait in its exchange until the Buffer's
-        # timeout; their error quotes this.
-        post_reason(handle.buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
+        # The peers' error quotes this: after the status exchange, or (combine_status=False)
+        # when their row exchange times out.
+        post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
+        status = start_status(buffer, problem.argument)
+        if status is not None:
+            status.wait()
         raise problem.error
+    status = start_status(buffer)
     reuse = handle.same_weights_as_dispatch(topk_weights)
-    return _Combine.apply(expert_y, topk_weights, handle, reuse)
+    return _Combine.apply(expert_y, topk_weights, handle, reuse, status)
 
 
 __all__ = ["combine", "dispatch"]

@@ -39,42 +39,31 @@ def missing_ranks(buffer, members: List[int], name: str, seq: int) -> Optional[L
     return [r for r in members if r not in signed]
 
 
-def _reason_key(buffer, rank: int) -> str:
-    return f"moe_comm/reason/{buffer.uid}/{rank}"
+def _reason_key(buffer, rank: int, call: str) -> str:
+    return f"moe_comm/reason/{buffer.uid}/{rank}/{call}"
 
 
 def post_reason(buffer, reason: str) -> None:
-    """Leaves why this rank skipped a collective its peers entered (a combine input it rejected
-    on its own), for their timeout errors to quote. Written only on that error path."""
+    """Leaves why this rank gave up on its current call (a combine input it rejected on its
+    own), for its peers' errors to quote. Keyed by the call (`buffer.call`: every rank numbers
+    its calls alike), so a later call never quotes it and nothing needs clearing; written only
+    on that error path."""
     store = _store()
     if store is None:
         return
     try:
-        store.set(_reason_key(buffer, buffer.rank), reason)
-        buffer.reason_posted = True
+        store.set(_reason_key(buffer, buffer.rank, buffer.call), reason)
     except Exception:  # noqa: BLE001 - best effort: the peers' error then names the rank only
         pass
 
 
-def clear_reason(buffer) -> None:
-    """Withdraws a posted reason once this rank goes on (so that no later error quotes it)."""
-    if not getattr(buffer, "reason_posted", False):
-        return
-    buffer.reason_posted = False
-    store = _store()
-    try:
-        if store is not None:
-            store.delete_key(_reason_key(buffer, buffer.rank))
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def posted_reason(buffer, rank: int) -> Optional[str]:
+    """What `rank` posted in the call this rank is in, if anything."""
     store = _store()
     if store is None:
         return None
     try:
-        key = _reason_key(buffer, rank)
+        key = _reason_key(buffer, rank, buffer.call)
         return store.get(key).decode() if store.check([key]) else None
     except Exception:  # noqa: BLE001
         return None

@@ -135,11 +135,14 @@ def send_along(buffer, plans: List[StagePlan], rows: torch.Tensor, name: str) ->
 
 
 def reduce_back(buffer, plans: List[StagePlan], num_tokens: int, rows: torch.Tensor, row_map: torch.Tensor,
-                weights: Optional[torch.Tensor], slot_scalars: Optional[torch.Tensor], name: str):
+                weights: Optional[torch.Tensor], slot_scalars: Optional[torch.Tensor], name: str,
+                before_wire=None):
     """The reverse path. At the final receiver: partial[i] = sum_k weights[i, k] * rows[row_map[i, k]]
     (float32); every forwarding rank sums the partials of each row it forwarded; the source sums
     one partial per destination of each token. Per-slot scalars [n_last, K] ride along and come
     back per (token, k).
+    before_wire: called once before the first exchange (combine's status check: what comes
+    before it is local work that hides the status exchange's latency).
     -> (y [num_tokens, H] in rows' dtype, scalars [num_tokens, K] or None)"""
     dtype, hidden = rows.dtype, rows.shape[1]
     topk = row_map.shape[1]
@@ -158,10 +161,15 @@ def reduce_back(buffer, plans: List[StagePlan], num_tokens: int, rows: torch.Ten
         C.reduce_rows(src, src_map, src_weights, payload(packed, dtype, hidden), stream_of(packed.device))
         if slot_scalars is not None:
             scalars(packed, meta_offset, topk).copy_(slot_scalars)
+        if before_wire is not None:
+            before_wire()
+            before_wire = None
         back = exchange_rows(buffer, plan.stage, packed, plan.recv_splits, plan.send_splits, stage_name)
         src, src_map, src_weights = payload(back, dtype, hidden), plan.first_slot, None
         if slot_scalars is not None:
             slot_scalars = collect_pairs(scalars(back, meta_offset, topk), plan.pair_slot)
+    if before_wire is not None:  # no stage had a wire
+        before_wire()
     y = torch.empty((num_tokens, hidden), dtype=dtype, device=rows.device)
     C.reduce_rows(src, src_map, src_weights, y, stream_of(y.device))
     return y, slot_scalars

@@ -89,6 +89,7 @@ def _buffer_args_worker(rank, world_size):
     _expect(lambda: moe_comm.Buffer(num_experts=4, ranks_per_node=3), ValueError, r"ranks_per_node=3 must be positive and divide")
     _expect(lambda: moe_comm.Buffer(num_experts=4, hierarchical="yes"), ValueError, r"hierarchical must be")
     _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=-1), ValueError, r"timeout must be")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, combine_status="yes"), TypeError, r"combine_status must be")
     _expect(lambda: moe_comm.Buffer(num_experts=4, device="meta"), ValueError, r"^device: must be a CPU or CUDA device")
     if not torch.cuda.is_available():
         _expect(lambda: moe_comm.Buffer(num_experts=4, device="cuda"), ValueError, r"^device: cuda requested")
@@ -120,8 +121,59 @@ def test_missing_peer_ends_in_timeout_naming_rank_stage_and_missing_rank():
     assert 1.5 < first < 7.5 and 1.5 < third < 7.5
 
 
+BAD_COMBINE_INPUTS = {
+    # name: (bad (expert_y, weights) from good ones, error type there, message there, argument)
+    "expert_y rows": (lambda y, w: (y[:, :1], w), ValueError, r"^expert_y: must be \[R, H\]", "expert_y"),
+    "expert_y dtype": (lambda y, w: (y.double(), w), TypeError, r"^expert_y: dtype must match", "expert_y"),
+    "expert_y type": (lambda y, w: (y.tolist(), w), TypeError, r"^expert_y: must be a torch.Tensor", "expert_y"),
+    "weights shape": (lambda y, w: (y, w[:, :1]), ValueError, r"^topk_weights: must be \[5, 2\]", "topk_weights"),
+    "weights dtype": (lambda y, w: (y, w.double()), TypeError, r"^topk_weights: dtype must be float32", "topk_weights"),
+}
+
+
+def combine_one_bad_rank(rank, buf, bad_rank, good_inputs):
+    """Every bad combine input on bad_rank alone, with the dispatch weights and with new ones
+    (whose exchange comes first): every rank raises, then the Buffer works. -> cases run."""
+    x, idx, w = good_inputs(rank)
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    expected = moe_comm.combine(recv_x, handle, w)
+    for name, (transform, exc_type, match, argument) in BAD_COMBINE_INPUTS.items():
+        for weights in (w, w * 2):
+            y, ww = transform(recv_x, weights) if rank == bad_rank else (recv_x, weights)
+            if rank == bad_rank:
+                _expect(lambda: moe_comm.combine(y, handle, ww), exc_type, match)
+            else:
+                _expect(lambda: moe_comm.combine(y, handle, ww), RuntimeError,
+                        rf"^combine: rank {bad_rank} rejected its argument '{argument}'; no rows were exchanged "
+                        rf"\(rank {bad_rank} reported: combine rejected its argument '{argument}': {match[1:]}")
+            assert torch.equal(moe_comm.combine(recv_x, handle, w), expected), name  # still in step
+    return len(BAD_COMBINE_INPUTS)
+
+
 def _bad_combine_worker(rank, world_size):
-    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2)
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=20)
+    start = time.monotonic()
+    cases = combine_one_bad_rank(rank, buf, 1, lambda r: _good(r, E=6))
+    # Two ranks bad at once: the peers name the lowest and mention the other.
+    x, idx, w = _good(rank, E=6)
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    if rank in (0, 2):
+        _expect(lambda: moe_comm.combine(recv_x[1:], handle), ValueError, r"^expert_y: must be")
+    else:
+        _expect(lambda: moe_comm.combine(recv_x, handle), RuntimeError,
+                r"^combine: rank 0 rejected its argument 'expert_y'; rank 2 rejected its input too")
+    return cases, time.monotonic() - start
+
+
+def test_bad_combine_on_one_rank_raises_on_every_rank_and_buffer_survives():
+    results = run_distributed(3, _bad_combine_worker)
+    assert all(cases == len(BAD_COMBINE_INPUTS) for cases, _ in results)
+    assert all(elapsed < 15 for _, elapsed in results)  # statuses, not the 20 s timeout
+
+
+def _unchecked_combine_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2, combine_status=False)
+    assert buf.status_group is None
     x, idx, w = _good(rank, E=6)
     recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
     if rank == 1:
@@ -136,6 +188,6 @@ def _bad_combine_worker(rank, world_size):
     return time.monotonic() - start
 
 
-def test_bad_combine_on_one_rank_ends_peers_in_a_timeout_quoting_its_reason():
-    first, _, third = run_distributed(3, _bad_combine_worker)
+def test_without_combine_status_a_bad_combine_ends_peers_in_a_timeout_quoting_its_reason():
+    first, _, third = run_distributed(3, _unchecked_combine_worker)
     assert first < 7.5 and third < 7.5

@@ -9,7 +9,7 @@ import moe_comm
 from tests.cases import Case, all_inputs, grid
 from tests.distributed import run_distributed
 from tests.test_dispatch_combine import check_case
-from tests.test_errors import _good
+from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank
 from tests.test_gradients import _cases as gradient_cases
 from tests.test_gradients import _grad_worker
 
@@ -96,8 +96,9 @@ def _hier_error_worker(rank, world_size):
         x, idx, w = _good(rank, E=8)
         recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)  # the Buffer still works
         assert moe_comm.combine(recv_x, handle).shape == x.shape
-    return True
+    # Combine's status reaches every rank too, and the two stages stay in step.
+    return combine_one_bad_rank(rank, buf, bad_rank, lambda r: _good(r, E=8))
 
 
 def test_errors_reach_every_rank_through_both_stages():
-    assert run_distributed(4, _hier_error_worker) == [True] * 4
+    assert run_distributed(4, _hier_error_worker) == [len(BAD_COMBINE_INPUTS)] * 4

@@ -13,6 +13,7 @@ from tests.cases import Case, all_inputs, grid
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
 from tests.test_dispatch_combine import check_case
+from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank
 
 pytestmark = [
     pytest.mark.gpu,
@@ -129,10 +130,45 @@ def test_missing_peer_on_cuda_ends_in_timeout_naming_stage():
     assert waited < 10
 
 
-def _dead_peer_in_combine_worker(rank, world_size):
+def _bad_combine_worker(rank, world_size):
+    become_own_host(rank)
+    buf = moe_comm.Buffer(num_experts=6, device="cuda", timeout=60)
+
+    def good_inputs(r):
+        return tuple(t.cuda() for t in _good(r, E=6))
+    return combine_one_bad_rank(rank, buf, 1, good_inputs)
+
+
+def test_bad_combine_on_one_rank_on_cuda_makes_every_rank_raise():
+    assert run_distributed(3, _bad_combine_worker, timeout=300) == [len(BAD_COMBINE_INPUTS)] * 3
+
+
+def _missing_from_combine_status_worker(rank, world_size):
     become_own_host(rank)
     import time
     buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3)
+    x = torch.randn(4, 8, device="cuda")
+    idx = torch.tensor([[0], [1], [0], [1]], device="cuda")
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, None, buf)
+    if rank == 1:
+        time.sleep(12)  # never combines
+        return None
+    start = time.monotonic()
+    with pytest.raises(moe_comm.CommError, match=r"failed in stage 'combine/status' \(rank 1 did not arrive"):
+        moe_comm.combine(recv_x, handle)
+    return time.monotonic() - start
+
+
+def test_peer_missing_from_combine_status_is_named():
+    waited, _ = run_distributed(2, _missing_from_combine_status_worker, timeout=120)
+    assert waited < 10
+
+
+def _dead_peer_in_combine_worker(rank, world_size):
+    become_own_host(rank)
+    import time
+    # No status exchange: the stuck NCCL exchange itself must end (the communicator's watchdog).
+    buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3, combine_status=False)
     x = torch.randn(4, 8, device="cuda")
     idx = torch.tensor([[0], [1], [0], [1]], device="cuda")
     recv_x, _, _, handle = moe_comm.dispatch(x, idx, None, buf)
