@@ -42,6 +42,8 @@ def parse_args(argv=None):
                    help="two-stage forwarding through one rank per node (auto: when there are several nodes)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda (NCCL) when torch sees a GPU, else cpu (gloo)")
+    p.add_argument("--no-combine-status", action="store_true",
+                   help="Buffer(combine_status=False): no ok/error exchange before each combine")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -159,7 +161,8 @@ def report(args, buf, world, records):
     print(f"moe_comm {moe_comm.__version__} | {args.preset}: {world} ranks, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, {args.dtype}, {buf.backend}/{buf.device}, "
           f"{topo.num_nodes}x{topo.ranks_per_node} nodes x ranks{', hierarchical' if buf.hierarchical else ''}"
-          f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}, "
+          f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}"
+          f"{', no combine status' if args.no_combine_status else ''}, "
           f"{args.iters} iters (slowest rank per iter)")
     print(f"{'tokens':>6} {'op':<10} {'impl':<15} {'median us':>11} {'p10 us':>10} {'p90 us':>10} "
           f"{'intra GB/s':>10} {'inter GB/s':>10} {'speed-up':>9}")
@@ -187,7 +190,8 @@ def main(argv=None):
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
     hierarchical = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
-    buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical)
+    buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical,
+                          combine_status=not args.no_combine_status)
     token_counts = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else [args.tokens]
     records = []
     for tokens in token_counts:

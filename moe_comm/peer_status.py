@@ -1,11 +1,12 @@
 """Combine's ok/error agreement. Combine has no header (the handle fixes every count), so a rank
 whose combine input is bad would otherwise leave its peers waiting in the row exchange. With
-`Buffer(combine_status=True)` every rank first puts one code into a [W] vector summed over a
-gloo group on the host: 0 = ok, else which argument it rejected. It is started before the
-first partial sums are packed and waited for just before the first row exchange, so its
-latency hides behind that work, and it never synchronises with the GPU. When any code is
-non-zero every rank raises (the bad rank its own error, the others name it and quote its reason
-from the store) and nobody enters the row exchange: the group stays in step for the next call.
+`Buffer(combine_status=True)` every rank first joins a one-element MAX all-reduce over a gloo
+group on the host: 0 = ok, else (W - rank) << 8 | the argument it rejected, so the result names
+the lowest bad rank (one element: gloo reduces a [W] vector several times slower). It starts
+before the first partial sums are packed and is waited for just before the first row
+exchange, and it never synchronises with the GPU. When the result is non-zero every rank
+raises (the bad rank its own error, the others name it and quote its reason from the store)
+and nobody enters the row exchange: the group stays in step for the next call.
 """
 
 from typing import Optional
@@ -24,25 +25,23 @@ STAGE_NAME = "combine/status"
 class PendingStatus:
     """A started status exchange; `check()` waits for it and raises if any rank was bad."""
 
-    def __init__(self, buffer, codes: torch.Tensor, work):
-        self.buffer, self.codes, self.work = buffer, codes, work
+    def __init__(self, buffer, status: torch.Tensor, work):
+        self.buffer, self.status, self.work = buffer, status, work
 
     def wait(self) -> torch.Tensor:
         with stage_errors(self.buffer, list(range(self.buffer.world_size)), STAGE_NAME):
             self.work.wait()
-        return self.codes
+        return self.status
 
     def check(self) -> None:
-        codes = self.wait()
-        bad = [(r, int(c)) for r, c in enumerate(codes.tolist()) if c]
-        if not bad:
+        value = int(self.wait())
+        if value == 0:
             return
-        rank, code = bad[0]
-        also = "".join(f"; rank {r} rejected its input too" for r, _ in bad[1:])
+        rank, code = self.buffer.world_size - (value >> 8), value & 0xFF
         reason = posted_reason(self.buffer, rank)
         quoted = f" (rank {rank} reported: {reason})" if reason else " (see that rank's error)"
-        raise RuntimeError(f"combine: rank {rank} rejected its argument '{COMBINE_ARGUMENTS.get(code, code)}'"
-                           f"{also}; no rows were exchanged{quoted}")
+        raise RuntimeError(f"combine: rank {rank} rejected its argument '{COMBINE_ARGUMENTS.get(code, code)}'; "
+                           f"no rows were exchanged{quoted}")
 
 
 def start_status(buffer, rejected_argument: Optional[str] = None) -> Optional[PendingStatus]:
@@ -51,8 +50,9 @@ def start_status(buffer, rejected_argument: Optional[str] = None) -> Optional[Pe
     group = buffer.status_group
     if group is None:
         return None
-    codes = torch.zeros(buffer.world_size, dtype=torch.int64)
+    value = 0
     if rejected_argument is not None:
-        codes[buffer.rank] = CODE_OF_ARGUMENT[rejected_argument]
-    work = dist.all_reduce(codes, group=group, async_op=True)
-    return PendingStatus(buffer, codes, work)
+        value = (buffer.world_size - buffer.rank) << 8 | CODE_OF_ARGUMENT[rejected_argument]
+    status = torch.tensor([value], dtype=torch.int64)
+    work = dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group, async_op=True)
+    return PendingStatus(buffer, status, work)
