@@ -80,9 +80,25 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _native_threads():
+    return len(os.listdir("/proc/self/task"))  # every thread, also those C++ started
+
+
+def _child_processes():
+    me, children = str(os.getpid()), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    children.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return children
+
+
 def _soak_worker(rank, world_size, iterations):
     buf = moe_comm.Buffer(num_experts=8, ranks_per_node=1)  # 2 simulated nodes: both stages run
-    threads = threading.active_count()
+    threads, native, children = threading.active_count(), _native_threads(), _child_processes()
     gen = torch.Generator().manual_seed(rank)
     rss = []
     for i in range(iterations):
@@ -97,7 +113,9 @@ def _soak_worker(rank, world_size, iterations):
         assert x.grad.shape == x.shape
         if i in (iterations // 5, iterations - 1):
             rss.append(_rss_bytes())
-    assert threading.active_count() == threads, "threads leaked"
+    assert threading.active_count() == threads, "Python threads leaked"
+    assert _native_threads() == native, f"native threads: {native} before, {_native_threads()} after"
+    assert _child_processes() == children, "child processes leaked"
     return rss
 
 
