@@ -44,7 +44,7 @@ EpCommunicator::EpCommunicator(const std::string& unique_id, int size, int rank,
   MOE_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
   std::ostringstream who;
   who << "rank " << rank_ << " of " << size_;
-  watchdog_ = std::make_unique<Watchdog>(device_, timeout_s_, comm_, who.str());
+  watchdog_ = make_watchdog(device_, timeout_s_, comm_, who.str());
 }
 
 EpCommunicator::~EpCommunicator() {
@@ -156,7 +156,7 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
   }
   if (first != ncclSuccess) fail(stage, std::string(what) + ": " + ncclGetErrorString(first) + ": " + last_error);
   wait_ready(stage);
-  watchdog_->watch(stream, stage);
+  watch_stream(*watchdog_, stream, stage);
 }
 
 void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {

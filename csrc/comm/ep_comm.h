@@ -58,7 +58,7 @@ class EpCommunicator {
   double timeout_s_ = 0;
   cudaEvent_t done_ = nullptr;
   bool aborted_ = false;                 // before the watchdog exists (init)
-  std::unique_ptr<Watchdog> watchdog_;   // then it owns aborting
+  std::unique_ptr<DeadlineWatch> watchdog_;  // then it owns aborting
   void throw_if_aborted(const std::string& stage);
 };
 

@@ -1,87 +1,48 @@
 #include "watchdog.h"
 
-#include <sstream>
+#include "../core/error.h"
 
 namespace moe_comm {
 namespace comm {
+namespace {
 
-Watchdog::Watchdog(int device, double timeout_s, ncclComm_t comm, std::string who)
-    : device_(device), timeout_s_(timeout_s), comm_(comm), who_(std::move(who)), thread_([this] { run(); }) {}
+class EventWork : public WatchedWork {
+ public:
+  explicit EventWork(cudaEvent_t done) : done_(done) {}
+  ~EventWork() override { cudaEventDestroy(done_); }
 
-Watchdog::~Watchdog() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+  WorkState poll(std::string* error) override {
+    const cudaError_t state = cudaEventQuery(done_);
+    if (state == cudaSuccess) return WorkState::kDone;
+    if (state == cudaErrorNotReady) return WorkState::kRunning;
+    *error = std::string("CUDA: ") + cudaGetErrorString(state);
+    return WorkState::kFailed;
   }
-  wake_.notify_all();
-  thread_.join();
-  for (Pending& p : pending_) cudaEventDestroy(p.done);
+
+ private:
+  cudaEvent_t done_;
+};
+
+}  // namespace
+
+std::unique_ptr<DeadlineWatch> make_watchdog(int device, double timeout_s, ncclComm_t comm, std::string who) {
+  WatchHooks hooks;
+  hooks.on_thread_start = [device] { cudaSetDevice(device); };  // the static runtime's device is per thread
+  hooks.health = [comm]() -> std::string {
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(comm, &state);
+    return state == ncclSuccess || state == ncclInProgress ? std::string() : ncclGetErrorString(state);
+  };
+  hooks.abort = [comm] { ncclCommAbort(comm); };
+  return std::make_unique<DeadlineWatch>(timeout_s, std::move(who), std::move(hooks));
 }
 
-void Watchdog::watch(cudaStream_t stream, const std::string& stage) {
+void watch_stream(DeadlineWatch& watch, cudaStream_t stream, const std::string& stage) {
   cudaEvent_t done = nullptr;
-  if (cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) return;
-  if (cudaEventRecord(done, stream) != cudaSuccess) {
-    cudaEventDestroy(done);
-    return;
-  }
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(timeout_s_));
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    pending_.push_back({done, deadline, stage});
-  }
-  wake_.notify_all();
-}
-
-std::string Watchdog::failure() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return failure_;
-}
-
-void Watchdog::abort(const std::string& reason) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  abort_locked(reason);
-}
-
-void Watchdog::abort_locked(const std::string& reason) {
-  if (!failure_.empty()) return;
-  failure_ = reason;
-  std::lock_guard<std::mutex> comm_lock(comm_mutex_);
-  ncclCommAbort(comm_);  // ends the stuck kernels: the caller's stream drains
-  aborted_ = true;
-}
-
-void Watchdog::run() {
-  cudaSetDevice(device_);  // our static runtime's current device is per thread
-  std::unique_lock<std::mutex> lock(mutex_);
-  while (!stop_) {
-    if (pending_.empty() || !failure_.empty()) {
-      wake_.wait(lock);
-      continue;
-    }
-    Pending& oldest = pending_.front();
-    const cudaError_t state = cudaEventQuery(oldest.done);
-    if (state == cudaSuccess) {
-      cudaEventDestroy(oldest.done);
-      pending_.pop_front();
-      continue;
-    }
-    ncclResult_t async = ncclSuccess;
-    ncclCommGetAsyncError(comm_, &async);
-    const bool late = std::chrono::steady_clock::now() > oldest.deadline;
-    if (state != cudaErrorNotReady || (async != ncclSuccess && async != ncclInProgress) || late) {
-      std::ostringstream why;
-      why << who_ << " failed in stage '" << oldest.stage << "': ";
-      if (state != cudaErrorNotReady) why << "CUDA: " << cudaGetErrorString(state);
-      else if (late) why << "not done within " << timeout_s_ << " s (a peer may have died or not arrived)";
-      else why << ncclGetErrorString(async);
-      abort_locked(why.str() + "; the communicator was aborted, create a new Buffer");
-      continue;
-    }
-    wake_.wait_for(lock, std::chrono::milliseconds(1));  // done events drain in one pass
-  }
+  MOE_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  auto work = std::make_unique<EventWork>(done);  // owns the event from here on
+  MOE_CUDA_CHECK(cudaEventRecord(done, stream));
+  watch.watch(std::move(work), stage);
 }
 
 }  // namespace comm
