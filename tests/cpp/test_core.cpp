@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/layout.h"
@@ -13,16 +14,6 @@
 #include "cpu/token_ops.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                  \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
 
 using namespace moe_comm;
 
@@ -79,7 +70,7 @@ void test_conversions() {
   CHECK(std::isnan(fp16_to_float(float_to_fp16(std::nanf("")))));
   for (uint32_t h = 0; h < 0x7c00; ++h) {                  // every finite positive fp16
     CHECK(float_to_fp16(fp16_to_float(static_cast<uint16_t>(h))) == h);
-    if (failures) break;
+    if (moe_comm_test::failures) break;
   }
 }
 
@@ -201,10 +192,5 @@ int main() {
   test_pack_expand_reduce();
   test_node_limited_select();
   test_errors_carry_location();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all core checks passed\n");
-  return 0;
+  return moe_comm_test::report_failures("core");
 }

@@ -9,19 +9,10 @@
 #include <string>
 #include <thread>
 
+#include "check.h"
 #include "core/deadline_watch.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 using namespace moe_comm;
 using Clock = std::chrono::steady_clock;
@@ -217,10 +208,5 @@ int main() {
   test_abort_waits_for_whoever_holds_the_transport();
   test_destroying_with_pending_work_neither_hangs_nor_aborts();
   test_many_done_works_drain();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("deadline_watch: all checks passed\n");
-  return 0;
+  return moe_comm_test::report_failures("deadline_watch");
 }

@@ -143,10 +143,10 @@ def test_bad_combine_on_one_rank_on_cuda_makes_every_rank_raise():
     assert run_distributed(3, _bad_combine_worker, timeout=300) == [len(BAD_COMBINE_INPUTS)] * 3
 
 
-def _missing_from_combine_status_worker(rank, world_size):
+def _peer_missing_from_combine_worker(rank, world_size, combine_status):
     become_own_host(rank)
     import time
-    buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3)
+    buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3, combine_status=combine_status)
     x = torch.randn(4, 8, device="cuda")
     idx = torch.tensor([[0], [1], [0], [1]], device="cuda")
     recv_x, _, _, handle = moe_comm.dispatch(x, idx, None, buf)
@@ -154,28 +154,11 @@ def _missing_from_combine_status_worker(rank, world_size):
         time.sleep(12)  # never combines
         return None
     start = time.monotonic()
-    with pytest.raises(moe_comm.CommError, match=r"failed in stage 'combine/status' \(rank 1 did not arrive"):
-        moe_comm.combine(recv_x, handle)
-    return time.monotonic() - start
-
-
-def test_peer_missing_from_combine_status_is_named():
-    waited, _ = run_distributed(2, _missing_from_combine_status_worker, timeout=120)
-    assert waited < 10
-
-
-def _dead_peer_in_combine_worker(rank, world_size):
-    become_own_host(rank)
-    import time
+    if combine_status:  # the host-side status exchange names the missing rank
+        with pytest.raises(moe_comm.CommError, match=r"failed in stage 'combine/status' \(rank 1 did not arrive"):
+            moe_comm.combine(recv_x, handle)
+        return time.monotonic() - start
     # No status exchange: the stuck NCCL exchange itself must end (the communicator's watchdog).
-    buf = moe_comm.Buffer(num_experts=2, device="cuda", timeout=3, combine_status=False)
-    x = torch.randn(4, 8, device="cuda")
-    idx = torch.tensor([[0], [1], [0], [1]], device="cuda")
-    recv_x, _, _, handle = moe_comm.dispatch(x, idx, None, buf)
-    if rank == 1:
-        time.sleep(12)  # never combines
-        return None
-    start = time.monotonic()
     moe_comm.combine(recv_x, handle)  # enqueued; nobody waits on the host
     torch.cuda.synchronize()  # drains once the watchdog aborts the stuck exchange
     drained = time.monotonic() - start
@@ -184,6 +167,7 @@ def _dead_peer_in_combine_worker(rank, world_size):
     return drained
 
 
-def test_peer_missing_from_combine_ends_in_error_not_hang():
-    drained, _ = run_distributed(2, _dead_peer_in_combine_worker, timeout=120)
-    assert drained < 9
+@pytest.mark.parametrize("combine_status", [True, False])
+def test_peer_missing_from_combine_ends_in_error_not_hang(combine_status):
+    waited, _ = run_distributed(2, _peer_missing_from_combine_worker, combine_status, timeout=120)
+    assert waited < 9
