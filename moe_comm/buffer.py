@@ -55,9 +55,9 @@ class Buffer:
     otherwise. On a CUDA device the tokens move over our own NCCL communicators (one per
     stage), bootstrapped over `group` whatever its backend; on the CPU over `group` (gloo).
 
-    combine_status: combine first sums one ok/error code per rank over gloo on the host
-    (peer_status.py; no GPU synchronisation), so that a bad combine input on one rank makes
-    every rank raise and the Buffer keeps working. False saves that small collective per
+    combine_status: every combine first agrees on an ok/error value with all ranks (a
+    one-element all-reduce over gloo on the host, peer_status.py; no GPU synchronisation), so
+    that a bad combine input on one rank makes every rank raise and the Buffer keeps working. False saves that small collective per
     combine: a bad combine input then raises on its rank only, and its peers end in the timeout.
     """
 

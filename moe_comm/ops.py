@@ -4,8 +4,8 @@ Wire traffic per call, per stage (one stage flat, two hierarchical):
   dispatch:  a fixed-size header (status + counts; all headers first, then one host
              synchronisation for all), then one row exchange (payload + per-slot expert ids and
              weights)
-  combine:   a status code per rank summed over gloo on the host (peer_status.py), then one
-             row exchange back per stage (partial sums per (token, destination)); a small
+  combine:   an ok/error value agreed over gloo on the host (peer_status.py), then one row
+             exchange back per stage (partial sums per (token, destination)); a small
              forward pass of the weights first only when combine's weights are not the
              tensor dispatch got
   backwards: reuse the handle; no header exchange.
