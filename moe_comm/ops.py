@@ -23,7 +23,7 @@ from .roll_call import post_reason
 from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
                     slot_meta, source_order)
 from .streams import stream_of, to_device
-from .transport import exchange_header, exchange_rows, headers_to_host
+from .transport import CommError, exchange_header, exchange_rows, headers_to_host
 from .validation import check_combine_inputs, check_dispatch_inputs, explain_routing, routing_status
 
 
@@ -238,8 +238,11 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
         # when their row exchange times out.
         post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
         status = start_status(buffer, problem.argument)
-        if status is not None:
-            status.wait()
+        try:
+            if status is not None:
+                status.wait()
+        except CommError as lost:  # a peer is missing too: this rank's own error still comes first
+            raise problem.error from lost
         raise problem.error
     status = start_status(buffer)
     reuse = handle.same_weights_as_dispatch(topk_weights)

@@ -171,6 +171,29 @@ def test_bad_combine_on_one_rank_raises_on_every_rank_and_buffer_survives():
     assert all(elapsed < 15 for _, elapsed in results)  # statuses, not the 20 s timeout
 
 
+def _bad_and_missing_in_combine_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2)
+    x, idx, w = _good(rank, E=6)
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    if rank == 2:
+        time.sleep(6)  # never combines
+        return None
+    if rank == 1:  # its own error first, the missing peer as its cause
+        with pytest.raises(ValueError, match=r"^expert_y: must be \[R, H\]") as info:
+            moe_comm.combine(recv_x[:, :1], handle)
+        assert isinstance(info.value.__cause__, moe_comm.CommError)
+        return str(info.value.__cause__)
+    with pytest.raises(moe_comm.CommError) as info:
+        moe_comm.combine(recv_x, handle)
+    return str(info.value)
+
+
+def test_bad_input_and_missing_peer_in_combine():
+    first, second, _ = run_distributed(3, _bad_and_missing_in_combine_worker)
+    for message in (first, second):
+        assert "failed in stage 'combine/status' (rank 2 did not arrive within 2s)" in message, message
+
+
 def _unchecked_combine_worker(rank, world_size):
     buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2, combine_status=False)
     assert buf.status_group is None
