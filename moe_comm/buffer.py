@@ -24,11 +24,16 @@ def resolve_device(device, backend: str) -> torch.device:
         if backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:  # e.g. a bare index on a machine with no accelerator
+        raise ValueError(f"device: not a usable torch device: {device!r} ({exc})") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} requested, but this torch sees no CUDA device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device} requested, but this torch sees {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: must be a CPU or CUDA device, got {device}")
     if device.type == "cuda" and not C.native_build_info()["cuda"]:
@@ -71,11 +76,14 @@ class Buffer:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         if hierarchical not in ("auto", True, False):
             raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if not isinstance(combine_status, bool):
             raise TypeError(f"combine_status must be True or False, got {combine_status!r}")
 
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group: must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
         base = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(base)
         self.rank = dist.get_rank(base)

@@ -89,10 +89,13 @@ def _buffer_args_worker(rank, world_size):
     _expect(lambda: moe_comm.Buffer(num_experts=4, ranks_per_node=3), ValueError, r"ranks_per_node=3 must be positive and divide")
     _expect(lambda: moe_comm.Buffer(num_experts=4, hierarchical="yes"), ValueError, r"hierarchical must be")
     _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=-1), ValueError, r"timeout must be")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=True), ValueError, r"timeout must be")
+    _expect(lambda: moe_comm.Buffer(group="world", num_experts=4), TypeError, r"^group: must be a torch.distributed")
     _expect(lambda: moe_comm.Buffer(num_experts=4, combine_status="yes"), TypeError, r"combine_status must be")
     _expect(lambda: moe_comm.Buffer(num_experts=4, device="meta"), ValueError, r"^device: must be a CPU or CUDA device")
     if not torch.cuda.is_available():
         _expect(lambda: moe_comm.Buffer(num_experts=4, device="cuda"), ValueError, r"^device: cuda requested")
+        _expect(lambda: moe_comm.Buffer(num_experts=4, device=3), ValueError, r"^device: ")
     buf = moe_comm.Buffer(num_experts=4)
     assert buf.device == torch.device("cpu")
     assert buf.topology.ranks_per_node == 2  # same host name for both ranks
