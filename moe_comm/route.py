@@ -38,7 +38,7 @@ def scalars(rows: torch.Tensor, meta_offset: int, topk: int) -> torch.Tensor:
 def slot_meta(rows: torch.Tensor, meta_offset: int, topk: int):
     """The SlotMeta block of dispatch rows -> (expert ids [N, K] int64, weights [N, K] float32)."""
     meta = rows[:, meta_offset:meta_offset + topk * SLOT_META_BYTES].contiguous().view(torch.int32)
-    meta = meta.view(-1, topk, 2)
+    meta = meta.view(rows.shape[0], topk, 2)  # explicit rows: with topk = 0, -1 is ambiguous
     return meta[:, :, 0].to(torch.int64), meta[:, :, 1].contiguous().view(torch.float32)
 
 

@@ -73,6 +73,9 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Op
     if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
         return _value_error("topk_idx", f"must be [tokens, k] = [{x.shape[0]}, k], "
                                         f"got shape {tuple(topk_idx.shape)}")
+    if topk_idx.shape[1] == 0:
+        return _value_error("topk_idx", "must have at least one slot per token (k >= 1); mark unused slots "
+                                        "with -1")
     problem = _check_device("topk_idx", topk_idx, device)
     if problem:
         return problem

@@ -28,6 +28,7 @@ BAD_INPUTS = {
     "x device": (lambda x, i, w: (x.to("meta"), i, w), ValueError, r"^x: must be on the Buffer's device cpu", "x"),
     "idx dtype": (lambda x, i, w: (x, i.float(), w), TypeError, r"^topk_idx: dtype", "topk_idx"),
     "idx rows": (lambda x, i, w: (x, i[1:], w), ValueError, r"^topk_idx: must be \[tokens, k\]", "topk_idx"),
+    "idx no slots": (lambda x, i, w: (x, i[:, :0], None), ValueError, r"^topk_idx: must have at least one slot", "topk_idx"),
     "idx range": (lambda x, i, w: (x, i.index_fill(0, torch.tensor([2]), 4), w), ValueError,
                   r"topk_idx\[2, 0\] = 4 is out of range \[-1, 4\)", "topk_idx"),
     "idx below -1": (lambda x, i, w: (x, i.index_fill(0, torch.tensor([1]), -2), w), ValueError,
