@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ._native import C
 from .nccl_comm import create_nccl_communicator
-from .stages import Stage, flat_stages, hierarchical_stages
+from .stages import Stage, flat_stages, hierarchical_stages, new_gloo_group
 from .topology import Topology, resolve_topology
 
 _BUFFER_NUMBERS = itertools.count()
@@ -115,9 +115,7 @@ class Buffer:
         if combine_status and self.world_size > 1:
             self.status_group = self.group
             if self.backend != "gloo":  # a host collective: never an NCCL one
-                kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
-                self.status_group = dist.new_group(dist.get_process_group_ranks(self.group), backend="gloo",
-                                                   **kwargs)
+                self.status_group = new_gloo_group(dist.get_process_group_ranks(self.group), timeout)
         self.comm_stream = None
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.

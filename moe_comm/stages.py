@@ -35,6 +35,13 @@ class Stage:
         return self.size * self.experts_per_dest
 
 
+def new_gloo_group(global_ranks: List[int], timeout: Optional[float]):
+    """A gloo process group over these default-group ranks (new_group: collective over the
+    default group), with the Buffer's timeout when it has one."""
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
+    return dist.new_group(global_ranks, backend="gloo", **kwargs)
+
+
 def flat_stages(group, topo: Topology, experts_per_rank: int) -> List[Stage]:
     return [Stage("flat", group, topo.world_size, topo.rank, experts_per_rank,
                   list(range(topo.world_size)), crosses_nodes=topo.num_nodes > 1)]
@@ -47,13 +54,10 @@ def hierarchical_stages(group, topo: Topology, experts_per_rank: int, timeout: O
     group_ranks = dist.get_process_group_ranks(group)  # our index -> global rank
     # gloo whatever the Buffer's backend: on the CPU path these groups carry the tokens; on the
     # CUDA path they only bootstrap our NCCL communicators, which must not cost torch NCCL ones.
-    kwargs = {"backend": "gloo"}
-    if timeout is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
     rails = [[n * P + l for n in range(N)] for l in range(P)]
     nodes = [[n * P + l for l in range(P)] for n in range(N)]
-    rail_groups = [dist.new_group([group_ranks[r] for r in ranks], **kwargs) for ranks in rails]
-    node_groups = [dist.new_group([group_ranks[r] for r in ranks], **kwargs) for ranks in nodes]
+    rail_groups = [new_gloo_group([group_ranks[r] for r in ranks], timeout) for ranks in rails]
+    node_groups = [new_gloo_group([group_ranks[r] for r in ranks], timeout) for ranks in nodes]
     local, node = topo.rank % P, topo.node
     return [
         Stage("inter_node", rail_groups[local], N, node, P * experts_per_rank, rails[local], crosses_nodes=True),
