@@ -1,8 +1,8 @@
 """Buffer: the expert-parallel group, its expert placement, topology and transport."""
 
+import atexit
 import collections
-import datetime
-import itertools
+import weakref
 from typing import List, Optional
 
 import torch
@@ -10,13 +10,22 @@ import torch.distributed as dist
 
 from ._native import C
 from .nccl_comm import create_nccl_communicator
-from .stages import Stage, flat_stages, hierarchical_stages, new_gloo_group
+from .groups import buffer_key, connect_gloo_group
+from .stages import Stage, flat_stages, hierarchical_stages
 from .topology import Topology, resolve_topology
 
-_BUFFER_NUMBERS = itertools.count()
+# Bounds every collective of a Buffer made without a timeout: torch's NCCL default, long
+# enough for a slow first step, short enough that a dead peer does not cost gloo's 30 minutes.
+DEFAULT_TIMEOUT_S = 600.0
 
-# Bounds every NCCL wait when the Buffer has no timeout of its own (torch's NCCL default).
-DEFAULT_NCCL_TIMEOUT_S = 600.0
+# Buffers not closed yet; closed at interpreter exit while torch is still whole (Buffer.close).
+_OPEN_BUFFERS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_buffers() -> None:
+    for buffer in list(_OPEN_BUFFERS):
+        buffer.close()
 
 
 def resolve_device(device, backend: str) -> torch.device:
@@ -48,17 +57,21 @@ class Buffer:
     """Binds dispatch/combine to a torch.distributed group.
 
     Rank r owns global experts [r * E_local, (r + 1) * E_local), E_local = num_experts / W.
-    Collective: every rank of the group constructs its Buffer with the same arguments. With
-    hierarchical forwarding, a timeout or a non-gloo group (combine_status needs a gloo one) it
-    creates process groups with new_group, which every rank of the default group must enter:
-    construct Buffers on all ranks, in the same order.
+    Collective over `group` only: every rank of the group constructs its Buffer with the same
+    arguments, and the Buffers of one group in the same order on each of its ranks. Ranks
+    outside the group take no part (a DP x EP job builds each EP group's Buffers on that
+    group alone). The Buffer connects gloo groups of its own (groups.py), never via new_group.
+
+    timeout: seconds that bound every collective of the Buffer (default DEFAULT_TIMEOUT_S,
+    600); a peer that does not arrive ends in moe_comm.CommError naming rank and stage.
 
     hierarchical: "auto" forwards through one rank per node when the group spans several
     nodes; True forces it (on one node it is the same as flat); False always sends directly.
 
     device: where tokens live. None = the current CUDA device on an NCCL group, the CPU
     otherwise. On a CUDA device the tokens move over our own NCCL communicators (one per
-    stage), bootstrapped over `group` whatever its backend; on the CPU over `group` (gloo).
+    stage), bootstrapped over our gloo groups whatever `group`'s backend; on the CPU over our
+    gloo groups. Use it as a context manager or call close() before destroy_process_group.
 
     combine_status: every combine first agrees on an ok/error value with all ranks (a
     one-element all-reduce over gloo on the host, peer_status.py; no GPU synchronisation), so
@@ -93,46 +106,80 @@ class Buffer:
         self.device = resolve_device(device, dist.get_backend(base))  # before any group is made
         self.num_experts = num_experts
         self.experts_per_rank = num_experts // self.world_size
-        self.timeout = timeout
-        self.group = base
-        if timeout is not None:
-            # A private group carries our own deadline; creating it is collective over the group.
-            ranks = dist.get_process_group_ranks(base)
-            self.group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout),
-                                        backend=dist.get_backend(base))
-        self.backend = dist.get_backend(self.group)
-        self.topology: Topology = resolve_topology(self.group, self.world_size, self.rank, ranks_per_node)
+        self.timeout = float(timeout) if timeout is not None else DEFAULT_TIMEOUT_S
+        self.group = base  # the user's group: for the caller's own collectives (nn.py, reference)
+        self.backend = dist.get_backend(base)
+        self.topology: Topology = resolve_topology(base, self.world_size, self.rank, ranks_per_node)
         multi_node = self.topology.num_nodes > 1
         self.hierarchical = multi_node if hierarchical == "auto" else bool(hierarchical)
         if self.hierarchical and not multi_node:
             # One node: the node stage alone is the flat exchange; nothing to forward.
             self.hierarchical = False
+        default_ranks = dist.get_process_group_ranks(base)
+        # Numbered per rank list, so the members of this group name it alike (groups.py); the
+        # roll call of a failed collective keys its store entries by it too.
+        self.uid = buffer_key(default_ranks)
+        self._closed = False
+        # Our own gloo groups, connected by this group's ranks alone, carrying our timeout:
+        # "all" (flat rows and headers on CPU, combine's status, NCCL bootstrap), and in the
+        # hierarchical mode this rank's rail and node groups.
+        self.all_ranks_group = None
+        if self.world_size > 1:
+            self.all_ranks_group = connect_gloo_group(self.uid, "all", default_ranks, self.timeout)
         if self.hierarchical:
-            self.stages: List[Stage] = hierarchical_stages(self.group, self.topology, self.experts_per_rank, timeout)
+            self.stages: List[Stage] = hierarchical_stages(self.uid, default_ranks, self.topology,
+                                                           self.experts_per_rank, self.timeout)
         else:
-            self.stages = flat_stages(self.group, self.topology, self.experts_per_rank)
-        self.status_group = None
-        if combine_status and self.world_size > 1:
-            self.status_group = self.group
-            if self.backend != "gloo":  # a host collective: never an NCCL one
-                self.status_group = new_gloo_group(dist.get_process_group_ranks(self.group), timeout)
+            self.stages = flat_stages(self.all_ranks_group, self.topology, self.experts_per_rank)
+        self.status_group = self.all_ranks_group if combine_status else None
         self.comm_stream = None
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.
             for stage in self.stages:
                 if stage.size > 1:
-                    stage.comm = create_nccl_communicator(stage.group, self.device,
-                                                          timeout or DEFAULT_NCCL_TIMEOUT_S)
+                    stage.comm = create_nccl_communicator(stage.group, self.device, self.timeout)
             self.comm_stream = torch.cuda.Stream(self.device)
         self._workspaces = {}
-        # Every rank creates its Buffers in the same order (see above), so this numbering
-        # agrees across ranks: the roll call of a failed collective uses it (roll_call.py).
-        self.uid = next(_BUFFER_NUMBERS)
         self._collectives = collections.Counter()
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
+        _OPEN_BUFFERS.add(self)
+
+    def close(self) -> None:
+        """Releases the Buffer's process groups, NCCL communicators and wire buffers. Local (no
+        peer takes part) and idempotent; the Buffer is unusable afterwards. Call it (or use the
+        Buffer as a context manager) before `dist.destroy_process_group()`; Buffers still open
+        at interpreter exit are closed by an exit hook, while the interpreter is still whole."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_BUFFERS.discard(self)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # in-flight exchanges drain first
+        for stage in self.stages:
+            stage.comm = None  # the communicator's destructor drains its watchdog
+            stage.group = None
+        self.stages = []
+        self.all_ranks_group = self.status_group = None
+        self._workspaces = {}
+        self.comm_stream = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("buffer: this moe_comm.Buffer was closed; create a new one")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def begin_call(self, kind: str) -> None:
         """Numbers dispatch and combine calls in call order (the same on every rank)."""
+        self.check_open()
         self.call = f"{kind}/{self.next_collective(kind)}"
 
     def next_collective(self, name: str) -> int:

@@ -35,6 +35,15 @@ class DispatchHandle:
 
     def same_weights_as_dispatch(self, topk_weights: Optional[torch.Tensor]) -> bool:
         """True when combine gets the very tensor dispatch got, unmodified: the receivers then
-        already hold its values and no weight exchange is needed."""
+        already hold its values and no weight exchange is needed. An inference tensor
+        (torch.inference_mode) has no version counter to prove it unmodified: its weights are
+        sent again."""
         return (topk_weights is not None and topk_weights is self.dispatch_weights
-                and topk_weights._version == self.dispatch_weights_version)
+                and self.dispatch_weights_version >= 0 and topk_weights._version == self.dispatch_weights_version)
+
+
+def version_of(tensor: Optional[torch.Tensor]) -> int:
+    """The tensor's version counter, or -1 when it has none (None, or an inference tensor)."""
+    if tensor is None or tensor.is_inference():
+        return -1
+    return tensor._version

@@ -1,11 +1,13 @@
 """Our own NCCL communicator over a torch.distributed group (never torch's): rank 0 of the
-group makes an ncclUniqueId, the group shares it over its existing backend, every rank joins.
+group makes an ncclUniqueId, the group (one of the Buffer's gloo groups) shares it, every rank joins.
 Used by the CUDA path; every wait on it is bounded by `timeout_s`."""
 
 import torch
-import torch.distributed as dist
 
 from ._native import C
+from .groups import broadcast_bytes
+
+NCCL_UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
 
 
 def nccl_available() -> bool:
@@ -18,8 +20,7 @@ def create_nccl_communicator(group, device: torch.device, timeout_s: float):
         raise RuntimeError("moe_comm was built without NCCL (pip install nvidia-nccl-cu13, then rebuild)")
     if device.type != "cuda":
         raise ValueError(f"device: the NCCL communicator needs a CUDA device, got {device}")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    box = [C.nccl_unique_id() if rank == 0 else None]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    rank, size = group.rank(), group.size()
+    unique_id = broadcast_bytes(group, C.nccl_unique_id() if rank == 0 else b"", NCCL_UNIQUE_ID_BYTES)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return C.NcclCommunicator(box[0], size, rank, index, float(timeout_s))
+    return C.NcclCommunicator(unique_id, size, rank, index, float(timeout_s))

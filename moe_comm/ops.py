@@ -14,10 +14,11 @@ Wire traffic per call, per stage (one stage flat, two hierarchical):
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._native import C
 from .agreement import DTYPE_CODES, F, HeaderLayout, build_header, find_problem, local_problem, relay_header
-from .handle import DispatchHandle
+from .handle import DispatchHandle, version_of
 from .peer_status import start_status
 from .roll_call import post_reason
 from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
@@ -147,7 +148,7 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
         buffer=buffer, num_tokens=x.shape[0], hidden=hidden, topk=topk, dtype=x.dtype, plans=plans,
         row_map=row_map, slot_weights=slot_weights, tokens_per_expert=tokens_per_expert,
         dispatch_weights=topk_weights,
-        dispatch_weights_version=topk_weights._version if topk_weights is not None else -1,
+        dispatch_weights_version=version_of(topk_weights),
         stats=_link_stats(buffer, plans, hidden, x.element_size()))
     return recv_x, recv_weights, tokens_per_expert, handle
 
@@ -161,6 +162,7 @@ class _Dispatch(torch.autograd.Function):
         return recv_x, recv_weights, tokens_per_expert, handle
 
     @staticmethod
+    @once_differentiable  # double backward raises instead of silently dropping terms (README)
     def backward(ctx, grad_recv_x, grad_recv_weights, _grad_counts, _grad_handle):
         # The transpose of dispatch is an unweighted combine; router-weight gradients ride
         # back in the same rows.
@@ -196,6 +198,7 @@ class _Combine(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         # The transpose of combine is a dispatch of grad_y along the cached layout.
         h = ctx.handle

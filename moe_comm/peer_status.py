@@ -29,8 +29,8 @@ class PendingStatus:
         self.buffer, self.status, self.work = buffer, status, work
 
     def wait(self) -> torch.Tensor:
-        with stage_errors(self.buffer, list(range(self.buffer.world_size)), STAGE_NAME):
-            self.work.wait()
+        with stage_errors(self.buffer, list(range(self.buffer.world_size)), STAGE_NAME) as collective:
+            collective.wait(self.work)
         return self.status
 
     def check(self) -> None:

@@ -1,8 +1,11 @@
-"""Who never arrived: when a collective of a stage fails, the ranks stuck in it sign a roll in
-the default process group's key-value store; after a short grace, the members that did not
-sign are the ones that never reached it (dead, hung, or elsewhere in their program). Nothing is
-written on the happy path; each rank numbers the collectives of each stage in the same order,
-so the roll of one collective never mixes with another's."""
+"""Who never arrived: a rank whose host collective is still running after a second signs a
+roll in the default process group's key-value store (transport.SIGN_AFTER_S), and so does a
+rank whose collective fails; after a short grace, the members that did not sign are the ones
+that never reached it (dead, hung, or elsewhere in their program). A peer that arrived late
+but is stuck too has signed long before anyone's timeout ends, so it is never named. Nothing
+is written on the happy path; each rank numbers the collectives of each stage in the same
+order, so the roll of one collective never mixes with another's (keys carry the Buffer's
+uid, which names its group's ranks)."""
 
 import time
 from typing import List, Optional
@@ -19,13 +22,28 @@ def _store():
         return None
 
 
+def _roll_prefix(buffer, name: str, seq: int) -> str:
+    return f"moe_comm/roll/{buffer.uid}/{name}/{seq}/"
+
+
+def sign_roll(buffer, name: str, seq: int) -> None:
+    """This rank reached collective `seq` of `name` (best effort)."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        store.set(_roll_prefix(buffer, name, seq) + str(buffer.rank), "arrived")
+    except Exception:  # noqa: BLE001 - the store may be gone with failed peers
+        pass
+
+
 def missing_ranks(buffer, members: List[int], name: str, seq: int) -> Optional[List[int]]:
     """-> the Buffer-group ranks among `members` that did not sign the roll of collective `seq`
     of `name`, or None when the store cannot tell."""
     store = _store()
     if store is None:
         return None
-    prefix = f"moe_comm/roll/{buffer.uid}/{name}/{seq}/"
+    prefix = _roll_prefix(buffer, name, seq)
     try:
         store.set(prefix + str(buffer.rank), "stuck")
         deadline = time.monotonic() + GRACE_S

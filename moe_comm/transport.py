@@ -12,12 +12,13 @@ arrived.
 """
 
 import contextlib
+import datetime
 from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .roll_call import missing_ranks, posted_reason
+from .roll_call import missing_ranks, posted_reason, sign_roll
 from .stages import Stage
 
 
@@ -25,17 +26,44 @@ class CommError(RuntimeError):
     """A collective of moe_comm failed or timed out; the message names rank and stage."""
 
 
+# A host collective still running after this long makes its rank sign the roll call as
+# arrived, so a peer that arrived late but is stuck like everyone else is never named as
+# missing. Quick collectives (the happy path) write nothing to the store.
+SIGN_AFTER_S = 1.0
+
+
+class _Collective:
+    """One numbered collective of a stage: waits on its gloo work, signing the roll when slow."""
+
+    def __init__(self, buffer, members: List[int], name: str):
+        self.buffer, self.members, self.name = buffer, members, name
+        self.seq = buffer.next_collective(name)
+
+    def wait(self, work) -> None:
+        first = datetime.timedelta(seconds=min(SIGN_AFTER_S, self.buffer.timeout / 4))
+        try:
+            work.wait(first)
+            return
+        except RuntimeError:
+            if work.is_completed():  # it failed on its own: the second wait raises that error
+                work.wait()
+                return
+        sign_roll(self.buffer, self.name, self.seq)
+        work.wait()  # bounded by the group's timeout, the Buffer's
+
+
 @contextlib.contextmanager
 def stage_errors(buffer, members: List[int], name: str):
-    """members: the Buffer-group ranks taking part (for the roll call of a failure)."""
-    seq = buffer.next_collective(name)
+    """members: the Buffer-group ranks taking part (for the roll call of a failure). Yields the
+    collective, whose `wait(work)` waits for an async gloo work."""
+    collective = _Collective(buffer, members, name)
     try:
-        yield
+        yield collective
     except (RuntimeError, dist.DistBackendError) as exc:
         if isinstance(exc, CommError):
             raise
-        timeout = f"{buffer.timeout}s" if buffer.timeout else "the group's timeout"
-        missing = missing_ranks(buffer, members, name, seq)
+        timeout = f"{buffer.timeout:g}s"
+        missing = missing_ranks(buffer, members, name, collective.seq)
         if missing:
             ranks = ", ".join(map(str, missing))
             who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
@@ -72,9 +100,9 @@ def exchange_header(buffer, stage: Stage, header: torch.Tensor, name: str) -> to
     if stage.size == 1:
         return header.clone()
     received = torch.empty_like(header)
-    with stage_errors(buffer, stage.global_ranks, name):
+    with stage_errors(buffer, stage.global_ranks, name) as collective:
         if header.device.type == "cpu":
-            dist.all_to_all_single(received, header, group=stage.group)
+            collective.wait(dist.all_to_all_single(received, header, group=stage.group, async_op=True))
         else:
             rows = [1] * stage.size
             _nccl_all_to_all(stage, header.view(torch.uint8), rows, received.view(torch.uint8), rows,
@@ -115,8 +143,9 @@ def exchange_rows(buffer, stage: Stage, send: torch.Tensor, send_splits: List[in
         return send
     recv = buffer.workspace(name + "/recv", sum(recv_splits), send.shape[1])
     if send.device.type == "cpu":
-        with stage_errors(buffer, stage.global_ranks, name):
-            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group)
+        with stage_errors(buffer, stage.global_ranks, name) as collective:
+            collective.wait(dist.all_to_all_single(recv, send, recv_splits, send_splits, group=stage.group,
+                                                   async_op=True))
         return recv
     caller = torch.cuda.current_stream(send.device)
     comm_stream = buffer.comm_stream
