@@ -11,8 +11,6 @@ else on CPU tensors over gloo (`--device` forces one).
 """
 
 import argparse
-import os
-import sys
 import time
 
 import torch
@@ -105,9 +103,8 @@ def main(argv=None):
             print(f"step {step:4d}  loss {stats[0] / world:.4f}  aux {stats[1] / world:.4f}  "
                   f"expert load {load}  {rate:.0f} tokens/s", flush=True)
     dist.barrier()
+    buf.close()  # its groups go before the process group they were built beside
     dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # torch 2.13's gloo can abort during interpreter teardown; all work is done
 
 
 if __name__ == "__main__":

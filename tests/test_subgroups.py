@@ -5,6 +5,7 @@ never wait on another group."""
 
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -114,8 +115,18 @@ def test_roll_call_names_only_the_rank_that_never_arrived():
 
 
 def _default_timeout_worker(rank, world_size):
+    from moe_comm.groups import broadcast_bytes
+
     buf = moe_comm.Buffer(num_experts=4)
     backend = buf.all_ranks_group._get_backend(torch.device("cpu"))
+    # How a CUDA Buffer shares its ncclUniqueId: over its own gloo group.
+    shared = broadcast_bytes(buf.all_ranks_group, bytes(range(128)) if rank == 0 else b"", 128)
+    assert shared == bytes(range(128))
+    with buf:
+        pass
+    assert buf.closed
+    with pytest.raises(RuntimeError, match="buffer: this moe_comm.Buffer was closed"):
+        moe_comm.dispatch(*_inputs(rank), buf)
     return buf.timeout, backend.options._timeout.total_seconds()
 
 
