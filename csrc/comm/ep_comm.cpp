@@ -49,12 +49,32 @@ EpCommunicator::EpCommunicator(const std::string& unique_id, int size, int rank,
 
 EpCommunicator::~EpCommunicator() {
   if (done_) cudaEventDestroy(done_);
-  const bool watchdog_aborted = watchdog_ && !watchdog_->failure().empty();
-  watchdog_.reset();  // its thread reads comm_
-  if (comm_ && !aborted_ && !watchdog_aborted) {
-    // Finalize can block on peers; abort is bounded and frees the same resources.
-    ncclCommAbort(comm_);
+  // In-flight exchanges finish first: aborting them would leave this rank's outputs silently
+  // wrong and its peers waiting for rows that never come. Bounded by the timeout.
+  const bool drained = watchdog_ ? watchdog_->drain(timeout_s_) : true;
+  if (watchdog_) watchdog_->stop();  // from here on nothing else aborts comm_
+  const bool watchdog_aborted = watchdog_ && watchdog_->aborted();
+  watchdog_.reset();
+  if (!comm_ || aborted_ || watchdog_aborted) return;  // already aborted: comm_ is gone
+  cudaSetDevice(device_);
+  if (drained && finalize()) {
+    ncclCommDestroy(comm_);
+  } else {
+    ncclCommAbort(comm_);  // stuck or failed: the bounded way out
   }
+}
+
+bool EpCommunicator::finalize() {
+  ncclResult_t res = ncclCommFinalize(comm_);
+  const auto start = Clock::now();
+  ncclResult_t state = res;
+  while (res == ncclSuccess || res == ncclInProgress) {
+    if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) return false;
+    if (state != ncclInProgress) break;
+    if (seconds_since(start) > timeout_s_) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  return (res == ncclSuccess || res == ncclInProgress) && state == ncclSuccess;
 }
 
 void EpCommunicator::fail(const std::string& stage, const std::string& why) {

@@ -24,6 +24,8 @@ class EpCommunicator {
  public:
   // Joins the communicator of `size` ranks; gives up after timeout_s seconds.
   EpCommunicator(const std::string& unique_id, int size, int rank, int device, double timeout_s);
+  // Lets the watched exchanges finish (bounded by the timeout), then finalizes and destroys the
+  // communicator; aborts only when they do not finish or NCCL reports an error.
   ~EpCommunicator();
   EpCommunicator(const EpCommunicator&) = delete;
   EpCommunicator& operator=(const EpCommunicator&) = delete;
@@ -50,6 +52,8 @@ class EpCommunicator {
   // Fails (aborting) once elapsed_s passes the timeout; `what` says what did not happen.
   void check_deadline(double elapsed_s, const std::string& stage, const char* what);
   [[noreturn]] void fail(const std::string& stage, const std::string& why);
+  // ncclCommFinalize, polled to completion within the timeout. -> false on error or timeout.
+  bool finalize();
 
   ncclComm_t comm_ = nullptr;
   int size_ = 0;

@@ -7,13 +7,30 @@ namespace moe_comm {
 DeadlineWatch::DeadlineWatch(double timeout_s, std::string who, WatchHooks hooks)
     : timeout_s_(timeout_s), who_(std::move(who)), hooks_(std::move(hooks)), thread_([this] { run(); }) {}
 
-DeadlineWatch::~DeadlineWatch() {
+DeadlineWatch::~DeadlineWatch() { stop(); }
+
+void DeadlineWatch::stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
   }
   wake_.notify_all();
-  thread_.join();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool DeadlineWatch::drain(double timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_s));
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!pending_.empty() && failure_.empty() && !stop_) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    // The watch thread pops finished work on its 1 ms polls; it does not signal us.
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    lock.lock();
+  }
+  return pending_.empty() && failure_.empty();
 }
 
 void DeadlineWatch::watch(std::unique_ptr<WatchedWork> work, const std::string& stage) {
@@ -60,7 +77,11 @@ void DeadlineWatch::run() {
       pending_.pop_front();
       continue;  // done work drains in one pass
     }
-    const std::string transport_error = hooks_.health ? hooks_.health() : std::string();
+    std::string transport_error;
+    if (hooks_.health) {
+      std::lock_guard<std::mutex> comm_lock(comm_mutex_);  // C1: never beside a caller's NCCL call
+      transport_error = hooks_.health();
+    }
     const bool late = std::chrono::steady_clock::now() > oldest.deadline;
     if (state == WorkState::kFailed || !transport_error.empty() || late) {
       std::ostringstream why;

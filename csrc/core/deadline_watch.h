@@ -47,9 +47,17 @@ class DeadlineWatch {
   std::string failure();
   // Aborts once, keeping `reason` (a later reason is dropped).
   void abort(const std::string& reason);
+  // Teardown: waits until every watched work is done, the transport failed or timeout_s
+  // passed. -> true when everything finished (nothing pending, no failure).
+  bool drain(double timeout_s);
+  // Joins the watch thread (idempotent). Afterwards nothing aborts any more, so aborted() is
+  // final: whoever destroys the transport reads it after stop(), never before (no double abort).
+  void stop();
 
   // Whoever calls into the transport holds this lock and checks aborted() under it: the abort
   // takes the same lock, so nobody uses a transport while (or after) it is torn down.
+  // The watch thread takes it too for the health check (NCCL's ncclCommGetAsyncError is not a
+  // pure read: it can complete and free the communicator's group job).
   // Lock order: the watch's state lock, then this one; never the other way round.
   std::unique_lock<std::mutex> lock_comm() { return std::unique_lock<std::mutex>(comm_mutex_); }
   bool aborted() const { return aborted_.load(); }

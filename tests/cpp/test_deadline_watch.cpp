@@ -198,6 +198,68 @@ void test_many_done_works_drain() {
 
 }  // namespace
 
+void test_health_check_never_runs_beside_a_transport_call() {
+  // C1: the health hook (ncclCommGetAsyncError) must not run while a caller holds the
+  // transport, as all_to_all does around its NCCL calls.
+  std::atomic<bool> held{false};
+  std::atomic<int> calls{0}, overlaps{0};
+  WatchHooks hooks;
+  hooks.health = [&] {
+    ++calls;
+    if (held) ++overlaps;
+    return std::string();
+  };
+  std::atomic<int> state{0}, destroyed{0};
+  DeadlineWatch watch(10.0, "rank 0 of 2", hooks);
+  watch.watch(std::make_unique<FakeWork>(state, destroyed), "combine/flat");
+  wait_for([&] { return calls > 0; }, 2.0);
+  for (int i = 0; i < 20; ++i) {
+    auto guard = watch.lock_comm();
+    held = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    held = false;
+  }
+  state = 1;
+  CHECK(calls > 0);
+  CHECK(overlaps == 0);
+}
+
+void test_drain_waits_for_pending_work_and_reports_timeouts() {
+  FakeTransport t;
+  std::atomic<int> state{0}, destroyed{0};
+  DeadlineWatch watch(10.0, "rank 0 of 2", t.hooks());
+  watch.watch(std::make_unique<FakeWork>(state, destroyed), "combine/flat");
+  const auto start = Clock::now();
+  CHECK(!watch.drain(0.05));  // still running: not drained, and no abort
+  CHECK(std::chrono::duration<double>(Clock::now() - start).count() >= 0.05);
+  CHECK(t.aborts == 0);
+  std::thread finish([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    state = 1;
+  });
+  CHECK(watch.drain(2.0));
+  finish.join();
+  CHECK(destroyed == 1);
+  watch.stop();
+  watch.stop();  // idempotent
+  CHECK(!watch.aborted());
+  CHECK(t.aborts == 0);
+}
+
+void test_drain_stops_at_a_failure_and_aborted_is_final_after_stop() {
+  FakeTransport t;
+  std::atomic<int> state{0}, destroyed{0};
+  DeadlineWatch watch(10.0, "rank 0 of 2", t.hooks());
+  watch.watch(std::make_unique<FakeWork>(state, destroyed), "combine/flat");
+  state = 2;  // the exchange failed: the watch aborts, drain must not wait out its timeout
+  const auto start = Clock::now();
+  CHECK(!watch.drain(5.0));
+  CHECK(std::chrono::duration<double>(Clock::now() - start).count() < 2.0);
+  watch.stop();
+  CHECK(watch.aborted());
+  CHECK(t.aborts == 1);
+}
+
 int main() {
   test_work_done_in_time_is_never_aborted();
   test_late_work_aborts_once_at_its_deadline();
@@ -208,5 +270,8 @@ int main() {
   test_abort_waits_for_whoever_holds_the_transport();
   test_destroying_with_pending_work_neither_hangs_nor_aborts();
   test_many_done_works_drain();
+  test_health_check_never_runs_beside_a_transport_call();
+  test_drain_waits_for_pending_work_and_reports_timeouts();
+  test_drain_stops_at_a_failure_and_aborted_is_final_after_stop();
   return moe_comm_test::report_failures("deadline_watch");
 }
