@@ -14,5 +14,22 @@ from .ops import combine, dispatch
 from .routing import node_limited_topk
 from .transport import CommError
 
-__all__ = ["Buffer", "CommError", "DispatchHandle", "build_info", "combine", "dispatch", "node_limited_topk", "reference"]
+__all__ = ["Buffer", "CommError", "DispatchHandle", "build_info", "combine", "dispatch", "launch", "nn",
+           "node_limited_topk", "plan", "reference"]
 __version__ = "0.1.0"
+
+# Submodules imported on first use (moe_comm.nn.MoELayer works after `import moe_comm`), not at
+# `import moe_comm`: `python -m moe_comm.plan` must find moe_comm.plan not yet imported, and
+# nothing that does not use them pays for them.
+_LAZY_SUBMODULES = ("launch", "nn", "plan")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")  # also sets it as an attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
