@@ -1,4 +1,5 @@
-"""Draws benchmark records: latency and intra-node bandwidth against tokens per rank."""
+"""Draws benchmark records: latency and logical bandwidth (bench/README.md) against tokens per
+rank."""
 
 
 def plot_records(records, path: str) -> None:
@@ -17,13 +18,14 @@ def plot_records(records, path: str) -> None:
             tokens = [r["tokens"] for r in rows]
             lat.plot(tokens, [r["median_us"] for r in rows], style, color=color, marker="o", label=f"{impl} {op}")
             if op != "roundtrip":
-                bw.plot(tokens, [r["gbps_intra"] for r in rows], style, color=color, marker="o",
+                bw.plot(tokens, [r["gbps_logical"] for r in rows], style, color=color, marker="o",
                         label=f"{impl} {op}")
     first = records[0]
     title = (f"{first['world_size']} ranks, hidden {first['hidden']}, {first['experts']} experts, "
              f"top-{first['topk']}, {first['dtype']}, {first['backend']}/{first['device']}")
     lat.set(xlabel="tokens per rank", ylabel="median latency (us)", xscale="log", yscale="log", title=title)
-    bw.set(xlabel="tokens per rank", ylabel="intra-node GB/s per rank", xscale="log", title="bandwidth")
+    bw.set(xlabel="tokens per rank", ylabel="logical GB/s per rank (own rows included)", xscale="log",
+           title="bandwidth (logical bytes / ranks / median)")
     lat.legend(fontsize=7)
     bw.legend(fontsize=7)
     fig.tight_layout()

@@ -6,16 +6,24 @@ token once per destination rank; hierarchical mode once per destination node ove
 (to the same local index), then the forwarder sends it once to every other rank of its node
 that needs it. A rank's rows to itself cross no link. Combine moves the same rows back.
 
+Busiest GPU: every GPU routes its tokens independently from the same distribution, so each
+GPU's rows per link are expected values computed from the probability that a token sends a
+row to each rank and node (estimated from --sample-tokens routed tokens; exact by symmetry
+for unskewed synthetic routing). Taking the max over GPUs of small noisy samples instead
+overstates the busiest GPU (by 3-37% with 256 tokens per GPU at DeepSeek-V3's shape).
+
 Time model, per stage: latency + the busiest GPU's bytes (sent or received, whichever is
 larger) / that link's bandwidth. Flat mode's NVLink and network traffic overlap (one stage:
 the slower of the two); hierarchical mode's two stages run one after the other.
+Bandwidths are achieved all-to-all rates in GB/s (gigabytes, 1e9 bytes, per second), per GPU
+and direction, not line rates; sources in bench/README.md.
 """
 
 import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -28,13 +36,20 @@ PRESETS = {  # tokens per rank, hidden, experts, top-k, bytes per element, max n
     "qwen3-moe": dict(tokens=4096, hidden=4096, experts=128, topk=8, elem_bytes=2, max_nodes=None),
 }
 
+# Achieved, not peak (sources in bench/README.md): NCCL's effective NVLink 4 rate on H100 is
+# ~370 GB/s of the 450 GB/s line rate; a 400 Gb/s (50 GB/s) InfiniBand NIC delivers ~43-49 GB/s.
+DEFAULT_NVLINK_GBYTES_PER_S = 350.0
+DEFAULT_NIC_GBYTES_PER_S = 45.0
+# Enough tokens that skewed routing's per-rank hit probabilities are estimated to ~1-2%.
+DEFAULT_SAMPLE_TOKENS = 16384
+
 
 @dataclass
 class Cluster:
     nodes: int
     gpus_per_node: int
-    nvlink_gbps: float = 450.0     # per GPU, per direction (H100 NVLink 4)
-    nic_gbps: float = 50.0         # per GPU, per direction (one 400 Gb/s NIC)
+    nvlink_gbytes_per_s: float = DEFAULT_NVLINK_GBYTES_PER_S  # per GPU, per direction, achieved
+    nic_gbytes_per_s: float = DEFAULT_NIC_GBYTES_PER_S        # per GPU, per direction, achieved
     nvlink_latency_us: float = 5.0
     nic_latency_us: float = 15.0
 
@@ -52,6 +67,10 @@ def _distinct(keys: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(first).scatter(1, order, first)
 
 
+def _destination_ranks(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
+    return (topk_idx // (num_experts // world_size)).masked_fill(topk_idx < 0, -1)
+
+
 def link_rows(topk_idx: torch.Tensor, source: torch.Tensor, num_experts: int, world_size: int,
               ranks_per_node: int, hierarchical: bool) -> dict:
     """Token rows per rank and link class for one dispatch.
@@ -59,7 +78,7 @@ def link_rows(topk_idx: torch.Tensor, source: torch.Tensor, num_experts: int, wo
     topk_idx [T, K] (every rank's tokens stacked), source [T] (each token's rank).
     -> {"intra_sent", "intra_recv", "inter_sent", "inter_recv"}: [world_size] int64 each."""
     P = ranks_per_node
-    dest = (topk_idx // (num_experts // world_size)).masked_fill(topk_idx < 0, -1)
+    dest = _destination_ranks(topk_idx, num_experts, world_size)
     src = source.unsqueeze(1).expand_as(dest)
     count = lambda who, mask: torch.bincount(who[mask], minlength=world_size)  # noqa: E731
     pair = _distinct(dest)                       # one row per (token, destination rank)
@@ -78,19 +97,60 @@ def link_rows(topk_idx: torch.Tensor, source: torch.Tensor, num_experts: int, wo
             "inter_sent": count(src, inter), "inter_recv": count(forwarder, inter)}
 
 
+def hit_probabilities(topk_idx: torch.Tensor, num_experts: int, world_size: int, ranks_per_node: int):
+    """-> (rank_p [W], node_p [N]) float64: the fraction of tokens in topk_idx [T, K] that send a
+    row to each rank (at least one expert there) and to each node."""
+    tokens = max(topk_idx.shape[0], 1)
+    dest = _destination_ranks(topk_idx, num_experts, world_size)
+    dest_node = (dest // ranks_per_node).masked_fill(dest < 0, -1)
+    rank_hits = torch.bincount(dest[_distinct(dest)], minlength=world_size)
+    node_hits = torch.bincount(dest_node[_distinct(dest_node)], minlength=world_size // ranks_per_node)
+    return rank_hits.double() / tokens, node_hits.double() / tokens
+
+
+def expected_link_rows(rank_p: torch.Tensor, node_p: torch.Tensor, tokens: float, ranks_per_node: int,
+                       hierarchical: bool) -> Dict[str, torch.Tensor]:
+    """link_rows' counts in expectation, when every GPU routes `tokens` tokens that hit rank d
+    with probability rank_p[d] and node m with probability node_p[m] (linearity of expectation:
+    a count of rows is a sum of hit indicators). -> the same keys, [W] float64 each."""
+    W, P = rank_p.numel(), ranks_per_node
+    N = W // P
+    node_of = torch.arange(W) // P
+    node_mass = rank_p.view(N, P).sum(1)[node_of]    # P(hit) summed over each rank's own node
+    if not hierarchical:
+        return {"intra_sent": tokens * (node_mass - rank_p), "inter_sent": tokens * (rank_p.sum() - node_mass),
+                "intra_recv": tokens * (P - 1) * rank_p, "inter_recv": tokens * (W - P) * rank_p}
+    # Forwarder f = node m, local index l serves the N sources with local index l, its own included.
+    return {"inter_sent": tokens * (node_p.sum() - node_p[node_of]),
+            "inter_recv": tokens * (N - 1) * node_p[node_of],
+            "intra_sent": tokens * N * (node_mass - rank_p),
+            "intra_recv": tokens * N * (P - 1) * rank_p}
+
+
 def synthetic_routing(cluster: Cluster, tokens: int, experts: int, topk: int, max_nodes: Optional[int],
-                      skew: float, seed: int = 0):
-    """-> topk_idx [gpus * tokens, K], source [gpus * tokens]: softmax routing over random
-    logits, low experts `skew` hotter, node-limited when max_nodes is set."""
+                      skew: float, seed: int = 0) -> torch.Tensor:
+    """-> topk_idx [tokens, K]: softmax routing over random logits, low experts `skew` hotter,
+    node-limited when max_nodes is set. One sample stands for every GPU's routing (they all
+    draw from the same distribution)."""
     gen = torch.Generator().manual_seed(seed)
-    total = cluster.gpus * tokens
-    logits = torch.randn(total, experts, generator=gen) - skew * torch.linspace(0, 1, experts)
+    logits = torch.randn(tokens, experts, generator=gen) - skew * torch.linspace(0, 1, experts)
     nodes = cluster.nodes
     limit = min(max_nodes or nodes, nodes)
     if experts % nodes:
         nodes, limit = 1, 1  # fewer experts than nodes: no node structure to limit
     idx, _ = node_limited_topk(logits, topk, nodes, limit, score_func="softmax", normalize=False)
-    return idx, torch.arange(cluster.gpus).repeat_interleave(tokens)
+    return idx
+
+
+def expected_rows(cluster: Cluster, topk_idx: torch.Tensor, experts: int, tokens: int, hierarchical: bool,
+                  symmetric: bool) -> Dict[str, torch.Tensor]:
+    """Every GPU's expected rows per link for `tokens` tokens routed like topk_idx. symmetric:
+    the routing treats all experts alike, so every rank (node) is hit equally often and the
+    sample's mean is the exact per-rank probability (no per-rank sampling noise)."""
+    rank_p, node_p = hit_probabilities(topk_idx, experts, cluster.gpus, cluster.gpus_per_node)
+    if symmetric:
+        rank_p, node_p = torch.full_like(rank_p, rank_p.mean()), torch.full_like(node_p, node_p.mean())
+    return expected_link_rows(rank_p, node_p, tokens, cluster.gpus_per_node, hierarchical)
 
 
 @dataclass
@@ -104,88 +164,130 @@ class Prediction:
     combine_us: float
 
 
-def predict(cluster: Cluster, topk_idx, source, experts: int, row_bytes: int, hierarchical: bool,
-            scale: float, scenario: str) -> Prediction:
-    rows = link_rows(topk_idx, source, experts, cluster.gpus, cluster.gpus_per_node, hierarchical)
-    nic = float(torch.maximum(rows["inter_sent"], rows["inter_recv"]).max()) * row_bytes * scale
-    nvl = float(torch.maximum(rows["intra_sent"], rows["intra_recv"]).max()) * row_bytes * scale
-    nic_us = (cluster.nic_latency_us if cluster.nodes > 1 else 0.0) + nic / (cluster.nic_gbps * 1e3)
-    nvl_us = (cluster.nvlink_latency_us if cluster.gpus_per_node > 1 else 0.0) + nvl / (cluster.nvlink_gbps * 1e3)
+def busiest_gpu_bytes(rows: Dict[str, torch.Tensor], link: str, row_bytes: int) -> float:
+    return float(torch.maximum(rows[f"{link}_sent"], rows[f"{link}_recv"]).max()) * row_bytes
+
+
+def predict(cluster: Cluster, rows: Dict[str, torch.Tensor], row_bytes: int, hierarchical: bool,
+            scenario: str) -> Prediction:
+    nic = busiest_gpu_bytes(rows, "inter", row_bytes)
+    nvl = busiest_gpu_bytes(rows, "intra", row_bytes)
+    nic_us = (cluster.nic_latency_us if cluster.nodes > 1 else 0.0) + nic / (cluster.nic_gbytes_per_s * 1e3)
+    nvl_us = ((cluster.nvlink_latency_us if cluster.gpus_per_node > 1 else 0.0)
+              + nvl / (cluster.nvlink_gbytes_per_s * 1e3))
     t = nic_us + nvl_us if hierarchical else max(nic_us, nvl_us)
     return Prediction(scenario, cluster.gpus, cluster.nodes, nic, nvl, t, t)
 
 
 def plan(cluster: Cluster, tokens: int, hidden: int, experts: int, topk: int, elem_bytes: int,
-         max_nodes: Optional[int], skew: float = 0.0, sample_tokens: int = 256,
+         max_nodes: Optional[int], skew: float = 0.0, sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
          topk_idx: Optional[torch.Tensor] = None) -> List[Prediction]:
     """Predictions for one cluster: flat, hierarchical, and (with max_nodes) hierarchical with
-    node-limited routing. Routing is simulated on `sample_tokens` tokens per GPU (or taken from
-    topk_idx [T, K], used as every GPU's routing) and bytes scaled to `tokens`."""
+    node-limited routing. Every GPU routes `tokens` tokens like `sample_tokens` simulated
+    tokens (or like topk_idx [T, K], all of it); the busiest GPU's expected bytes per link."""
     if experts % cluster.gpus:
         raise ValueError(f"experts: {experts} do not split over {cluster.gpus} GPUs")
     row_bytes = hidden * elem_bytes
-    sample = min(tokens, sample_tokens)
     if topk_idx is not None:
-        idx = topk_idx[:sample].repeat(cluster.gpus, 1)
-        source = torch.arange(cluster.gpus).repeat_interleave(idx.shape[0] // cluster.gpus)
-        sample = idx.shape[0] // cluster.gpus
-        routings = [("", idx, source)]
+        routings = [("", topk_idx, False)]
     else:
-        routings = [("", *synthetic_routing(cluster, sample, experts, topk, None, skew))]
+        routings = [("", synthetic_routing(cluster, sample_tokens, experts, topk, None, skew), skew == 0)]
         if max_nodes and cluster.nodes > 1 and max_nodes < cluster.nodes:
             routings.append((f"+node-limited({max_nodes})",
-                             *synthetic_routing(cluster, sample, experts, topk, max_nodes, skew)))
-    scale = tokens / sample
-    out = [predict(cluster, routings[0][1], routings[0][2], experts, row_bytes, False, scale, "flat")]
+                             synthetic_routing(cluster, sample_tokens, experts, topk, max_nodes, skew), skew == 0))
+    _, idx, symmetric = routings[0]
+    out = [predict(cluster, expected_rows(cluster, idx, experts, tokens, False, symmetric), row_bytes, False, "flat")]
     if cluster.nodes > 1:
-        for suffix, idx, source in routings:
-            out.append(predict(cluster, idx, source, experts, row_bytes, True, scale, "hierarchical" + suffix))
+        for suffix, idx, symmetric in routings:
+            rows = expected_rows(cluster, idx, experts, tokens, True, symmetric)
+            out.append(predict(cluster, rows, row_bytes, True, "hierarchical" + suffix))
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_comm.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESETS))
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--nodes", type=int, help="one cluster; default: a sweep from 1 GPU to --max-gpus")
-    p.add_argument("--max-gpus", type=int, default=1024)
-    p.add_argument("--nvlink-gbps", type=float, default=450.0)
-    p.add_argument("--nic-gbps", type=float, default=50.0)
-    p.add_argument("--nvlink-latency-us", type=float, default=5.0)
-    p.add_argument("--nic-latency-us", type=float, default=15.0)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, except where there is none (None: the preset decides)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _DeprecatedBandwidth(argparse.Action):
+    """--nic-gbps / --nvlink-gbps: the old, ambiguous spelling of the GB/s flags; still accepted
+    (they always meant gigabytes/s) with a warning that names the new flag."""
+
+    def __init__(self, option_strings, dest, replacement, **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated (it reads like gigabits/s but has always meant "
+              f"gigaBYTES/s); use {self.replacement} {values}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moe_comm.plan", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESETS), help="model shape")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    p.add_argument("--nodes", type=int,
+                   help="one cluster of this many nodes (default: a sweep from 1 GPU to --max-gpus)")
+    p.add_argument("--max-gpus", type=int, default=1024, help="the sweep's largest cluster (doubling from 1 GPU)")
+    p.add_argument("--nvlink-GBps", dest="nvlink_gbytes_per_s", type=float, default=DEFAULT_NVLINK_GBYTES_PER_S,
+                   help="achieved intra-node bandwidth per GPU and direction, in GB/s (gigabytes per second)")
+    p.add_argument("--nic-GBps", dest="nic_gbytes_per_s", type=float, default=DEFAULT_NIC_GBYTES_PER_S,
+                   help="achieved network bandwidth per GPU and direction, in GB/s (gigabytes per second; "
+                        "a 400 Gb/s NIC is 50 GB/s of line rate)")
+    for old, dest, new in (("--nvlink-gbps", "nvlink_gbytes_per_s", "--nvlink-GBps"),
+                           ("--nic-gbps", "nic_gbytes_per_s", "--nic-GBps")):
+        p.add_argument(old, dest=dest, type=float, action=_DeprecatedBandwidth, replacement=new,
+                      default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--nvlink-latency-us", type=float, default=5.0, help="per intra-node stage")
+    p.add_argument("--nic-latency-us", type=float, default=15.0, help="per network stage")
     for name in ("tokens", "hidden", "experts", "topk", "max-nodes"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--skew", type=float, default=0.0)
-    p.add_argument("--topk-idx", metavar="PATH", help="a saved topk_idx tensor [T, K] (torch.save)")
-    p.add_argument("--sample-tokens", type=int, default=256)
-    p.add_argument("--json", metavar="PATH")
-    args = p.parse_args(argv)
+        what = "tokens per GPU; " if name == "tokens" else ""
+        p.add_argument(f"--{name}", type=int, help=f"{what}default: the preset's")
+    p.add_argument("--skew", type=float, default=0.0, help="0 = uniform routing; larger = hotter low experts")
+    p.add_argument("--topk-idx", metavar="PATH", help="a saved topk_idx tensor [T, K] (torch.save), used as every "
+                                                      "GPU's routing")
+    p.add_argument("--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS,
+                   help="simulated tokens from which each GPU's expected rows are computed (one sample for all GPUs)")
+    p.add_argument("--json", metavar="PATH", help="write the predictions as a JSON list")
+    return p
+
+
+def _cluster_sizes(args) -> List[int]:
+    if args.nodes:
+        return [args.nodes * args.gpus_per_node]
+    sizes, g = [], 1
+    while g <= args.max_gpus:
+        sizes.append(g)
+        g *= 2
+    return sizes
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     shape = dict(PRESETS[args.preset])
     for key in ("tokens", "hidden", "experts", "topk", "max_nodes"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     saved = torch.load(args.topk_idx) if args.topk_idx else None
-    if args.nodes:
-        sizes = [args.nodes * args.gpus_per_node]
-    else:
-        sizes, g = [], 1
-        while g <= args.max_gpus:
-            sizes.append(g)
-            g *= 2
     records = []
     print(f"moe_comm plan | {args.preset}: {shape['tokens']} tokens/GPU, hidden {shape['hidden']}, "
           f"{shape['experts']} experts, top-{shape['topk']}, {shape['elem_bytes']} B/element | "
-          f"NVLink {args.nvlink_gbps} GB/s, NIC {args.nic_gbps} GB/s per GPU")
+          f"NVLink {args.nvlink_gbytes_per_s:g} GB/s, NIC {args.nic_gbytes_per_s:g} GB/s per GPU and direction "
+          f"(achieved, gigabytes/s)")
     print(f"{'GPUs':>5} {'nodes':>5}  {'scenario':<28} {'NIC MB/GPU':>11} {'NVLink MB/GPU':>14} "
           f"{'dispatch us':>12} {'combine us':>11}")
-    for gpus in sizes:
+    for gpus in _cluster_sizes(args):
         per_node = min(args.gpus_per_node, gpus)
         if gpus % per_node or shape["experts"] % gpus:
             print(f"{gpus:>5}        (skipped: {shape['experts']} experts do not split over {gpus} GPUs "
                   f"of {per_node} per node)")
             continue
-        cluster = Cluster(gpus // per_node, per_node, args.nvlink_gbps, args.nic_gbps,
+        cluster = Cluster(gpus // per_node, per_node, args.nvlink_gbytes_per_s, args.nic_gbytes_per_s,
                           args.nvlink_latency_us, args.nic_latency_us)
         for r in plan(cluster, shape["tokens"], shape["hidden"], shape["experts"], shape["topk"],
                       shape["elem_bytes"], shape["max_nodes"], args.skew, args.sample_tokens, saved):

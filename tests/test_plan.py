@@ -1,5 +1,6 @@
 """The planner's row accounting equals handle.stats of real dispatches on simulated
-topologies, and its CLI sweeps clusters and writes JSON."""
+topologies, its expected rows equal that accounting, its busiest GPU matches a large sample,
+and its CLI sweeps clusters, writes JSON and names its units."""
 
 import json
 
@@ -61,3 +62,55 @@ def test_cli_sweep_and_saved_routing(tmp_path, capsys):
     torch.save(torch.randint(0, 16, (100, 1)), saved)
     assert plan.main(["--preset", "tiny", "--nodes", "2", "--gpus-per-node", "2", "--topk-idx", str(saved)]) == 0
     assert "hierarchical" in capsys.readouterr().out
+
+
+def _random_routing(tokens, experts, topk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randn(tokens, experts, generator=gen).topk(topk, dim=1).indices
+    return idx.masked_fill(torch.rand(tokens, topk, generator=gen) < 0.2, -1)  # some unused slots
+
+
+@pytest.mark.parametrize("nodes,ranks_per_node", [(1, 4), (2, 2), (4, 2), (2, 4)])
+def test_expected_rows_equal_link_rows_when_every_gpu_routes_alike(nodes, ranks_per_node):
+    W, T = nodes * ranks_per_node, 50
+    idx = _random_routing(T, 2 * W, 5, seed=W)
+    source = torch.arange(W).repeat_interleave(T)
+    rank_p, node_p = plan.hit_probabilities(idx, 2 * W, W, ranks_per_node)
+    for hierarchical in (False, True):
+        counted = plan.link_rows(idx.repeat(W, 1), source, 2 * W, W, ranks_per_node, hierarchical)
+        expected = plan.expected_link_rows(rank_p, node_p, T, ranks_per_node, hierarchical)
+        for key, rows in counted.items():
+            torch.testing.assert_close(expected[key], rows.double(), msg=f"{key}, hierarchical={hierarchical}")
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.0])
+def test_busiest_gpu_at_default_sampling_matches_a_large_sample(skew):
+    # The old default (the max over GPUs of 256 sampled tokens each) read 5-14% high here unskewed.
+    cluster, experts, topk, per_gpu = plan.Cluster(nodes=4, gpus_per_node=8), 64, 4, 8192
+    idx = plan.synthetic_routing(cluster, cluster.gpus * per_gpu, experts, topk, None, skew, seed=11)
+    source = torch.arange(cluster.gpus).repeat_interleave(per_gpu)
+    predictions = plan.plan(cluster, tokens=per_gpu, hidden=1, experts=experts, topk=topk, elem_bytes=1,
+                            max_nodes=None, skew=skew)
+    for p in predictions:
+        rows = plan.link_rows(idx, source, experts, cluster.gpus, cluster.gpus_per_node, p.scenario != "flat")
+        for link, predicted in (("inter", p.nic_bytes_per_gpu), ("intra", p.nvlink_bytes_per_gpu)):
+            sampled = plan.busiest_gpu_bytes(rows, link, 1)  # one batch: its own max of noise on top
+            assert 0.97 * sampled <= predicted <= 1.02 * sampled, (p.scenario, link, predicted, sampled)
+
+
+def test_bandwidth_flags_say_gigabytes_and_the_old_spelling_warns(capsys):
+    base = ["--preset", "tiny", "--nodes", "2", "--gpus-per-node", "2"]
+    assert plan.main(base + ["--nic-GBps", "25", "--nvlink-GBps", "100"]) == 0
+    new = capsys.readouterr()
+    assert "NVLink 100 GB/s, NIC 25 GB/s" in new.out and new.err == ""
+    assert plan.main(base + ["--nic-gbps", "25", "--nvlink-gbps", "100"]) == 0
+    old = capsys.readouterr()
+    assert old.out == new.out
+    assert "--nic-gbps is deprecated" in old.err and "--nic-GBps 25" in old.err and "--nvlink-GBps 100" in old.err
+    with pytest.raises(SystemExit):
+        plan.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert f"(default: {plan.DEFAULT_NVLINK_GBYTES_PER_S})" in help_text and "gigabytes" in help_text
+    assert "--nic-gbps" not in help_text
+    # Achieved all-to-all rates, below the 450 GB/s NVLink 4 and 50 GB/s (400 Gb/s) NIC line rates.
+    assert plan.Cluster(1, 1).nvlink_gbytes_per_s < 450 and plan.Cluster(1, 1).nic_gbytes_per_s < 50
