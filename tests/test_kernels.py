@@ -12,6 +12,15 @@ from tests.cases import DTYPES
 C = moe_comm.C
 
 
+@pytest.fixture(params=[1, 3, 32], ids=lambda n: f"lanes{n}")
+def lanes(request):
+    """Runs the single-source kernel bodies with this many emulated lanes per row, as a GPU
+    block's threads run them (1 is the CPU backend's default)."""
+    C.set_cpu_lanes(request.param)
+    yield request.param
+    C.set_cpu_lanes(1)
+
+
 def _routing(T, K, E, seed, mask=0.3):
     gen = torch.Generator().manual_seed(seed)
     idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].contiguous()
@@ -77,8 +86,9 @@ def test_plan_send_matches_python(T, K, E, W):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("W", [1, 3])
-def test_pack_then_expand_equals_reference(dtype, W):
-    T, K, E, H = 41, 3, 6 * W, 13
+@pytest.mark.parametrize("H", [13, 64, 69])  # element path; 16-byte vectors; vectors + tail
+def test_pack_then_expand_equals_reference(dtype, W, H, lanes):
+    T, K, E = 41, 3, 6 * W
     dt = DTYPES[dtype]
     idx = _routing(T, K, E, seed=W)
     x = torch.randn(T, H).to(dt)
@@ -127,9 +137,10 @@ def test_expand_follows_row_order():
 @pytest.mark.parametrize("src_dtype,dst_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
                                                  ("float16", "float32"), ("float32", "bfloat16")])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_reduce_rows_matches_torch(src_dtype, dst_dtype, weighted):
+@pytest.mark.parametrize("H", [19, 64, 70])
+def test_reduce_rows_matches_torch(src_dtype, dst_dtype, weighted, H, lanes):
     gen = torch.Generator().manual_seed(5)
-    N, K, H, R = 23, 4, 19, 40
+    N, K, R = 23, 4, 40
     src = torch.randn(R, H, generator=gen).to(DTYPES[src_dtype])
     index = torch.randint(0, R, (N, K), generator=gen).masked_fill(torch.rand(N, K, generator=gen) < 0.3, -1)
     index[0] = -1
@@ -142,7 +153,7 @@ def test_reduce_rows_matches_torch(src_dtype, dst_dtype, weighted):
     assert not dst[0].float().any()
 
 
-def test_reduce_rows_reads_strided_rows():
+def test_reduce_rows_reads_strided_rows(lanes):
     packed = torch.randn(6, 12)
     src = packed[:, :5]  # rows 48 bytes apart
     out = torch.empty(6, 5)
@@ -151,10 +162,11 @@ def test_reduce_rows_reads_strided_rows():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_scatter_rows_and_row_dots(dtype):
+@pytest.mark.parametrize("H", [11, 64, 68])
+def test_scatter_rows_and_row_dots(dtype, H, lanes):
     gen = torch.Generator().manual_seed(9)
     dt = DTYPES[dtype]
-    N, K, H = 17, 3, 11
+    N, K = 17, 3
     perm = torch.randperm(N * K, generator=gen)
     row_map = perm.view(N, K).clone()
     row_map[row_map % 4 == 0] = -1
@@ -209,3 +221,40 @@ def test_kernels_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         C.reduce_rows(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64), None,
                       torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("H", [8, 24, 29])
+def test_lanes_change_no_bit_of_pack_scatter_reduce(dtype, H):
+    """The lane-strided loops and the vector / tail split give the same bytes whatever the
+    number of lanes (the GPU runs 256): only the work division changes."""
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(H)
+    T, K, E = 19, 3, 6
+    idx = _routing(T, K, E, seed=H)
+    x = torch.randn(T, H, generator=gen).to(dt)
+    w = torch.rand(T, K, generator=gen)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, 2)
+    row_bytes = C.row_format(H, x.element_size(), K, SLOT_META_BYTES)[3]
+    out = {}
+    for n in (1, 2, 5, 32, 256):
+        C.set_cpu_lanes(n)
+        try:
+            rows = torch.full((send_token.numel(), row_bytes), 0xAB, dtype=torch.uint8)
+            C.pack_rows(x, send_token, offsets, idx, w, E // 2, rows)
+            map_ = torch.arange(T * K).view(T, K).masked_fill(idx < 0, -1)
+            scattered = torch.zeros(T * K, H, dtype=dt)
+            C.scatter_rows(x, map_, w, scattered)
+            reduced = torch.zeros(T, H, dtype=torch.float32)
+            C.reduce_rows(scattered, map_, w, reduced)
+            out[n] = (rows, scattered, reduced)
+        finally:
+            C.set_cpu_lanes(1)
+    for n, got in out.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, out[1])), f"{n} lanes differ from 1"
+
+
+def test_cpu_lanes_setting_is_checked():
+    with pytest.raises(RuntimeError, match="lanes must be in"):
+        C.set_cpu_lanes(0)
+    assert C.cpu_lanes() == 1

@@ -145,6 +145,9 @@ void register_token_ops(py::module_& m) {
   m.def("reduce_rows", &reduce_rows, py::arg("src"), py::arg("map"), py::arg("weights"), py::arg("dst"),
         py::arg("stream") = 0);
   m.def("row_dots", &row_dots, py::arg("a"), py::arg("b"), py::arg("map"), py::arg("stream") = 0);
+  // Emulated lanes of the CPU token kernels (tests: run the GPU's lane-strided code paths).
+  m.def("set_cpu_lanes", &cpu::set_emulated_lanes, py::arg("lanes"));
+  m.def("cpu_lanes", &cpu::emulated_lanes);
 }
 
 }  // namespace bind

@@ -1,9 +1,12 @@
-// Element types the token kernels handle, and exact float <-> bf16/fp16 conversion on the host
-// (round to nearest even, as torch does), so the CPU path needs no torch headers.
+// Element types the token kernels handle, and exact float <-> bf16/fp16 conversion (round to
+// nearest even, as torch does) in integer arithmetic that host and device run alike, so the CPU
+// and CUDA kernels round identically and the CPU path needs no torch headers.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+
+#include "hd.h"
 
 namespace moe_comm {
 
@@ -11,28 +14,36 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 inline int64_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-inline uint32_t float_bits(float f) {
+MOE_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
+#endif
 }
 
-inline float bits_float(uint32_t u) {
+MOE_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+#endif
 }
 
-inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+MOE_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-inline uint16_t float_to_bf16(float f) {
+MOE_HD uint16_t float_to_bf16(float f) {
   uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float fp16_to_float(uint16_t h) {
+MOE_HD float fp16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t mant = h & 0x3ffu;
@@ -44,7 +55,7 @@ inline float fp16_to_float(uint16_t h) {
   return sign ? -v : v;
 }
 
-inline uint16_t float_to_fp16(float f) {
+MOE_HD uint16_t float_to_fp16(float f) {
   const uint32_t u = float_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t abs = u & 0x7fffffffu;
@@ -70,18 +81,18 @@ inline uint16_t float_to_fp16(float f) {
 template <DType T> struct Elem;
 template <> struct Elem<DType::kFloat32> {
   using Storage = float;
-  static float load(Storage v) { return v; }
-  static Storage store(float f) { return f; }
+  MOE_HD static float load(Storage v) { return v; }
+  MOE_HD static Storage store(float f) { return f; }
 };
 template <> struct Elem<DType::kBFloat16> {
   using Storage = uint16_t;
-  static float load(Storage v) { return bf16_to_float(v); }
-  static Storage store(float f) { return float_to_bf16(f); }
+  MOE_HD static float load(Storage v) { return bf16_to_float(v); }
+  MOE_HD static Storage store(float f) { return float_to_bf16(f); }
 };
 template <> struct Elem<DType::kFloat16> {
   using Storage = uint16_t;
-  static float load(Storage v) { return fp16_to_float(v); }
-  static Storage store(float f) { return float_to_fp16(f); }
+  MOE_HD static float load(Storage v) { return fp16_to_float(v); }
+  MOE_HD static Storage store(float f) { return float_to_fp16(f); }
 };
 
 }  // namespace moe_comm

@@ -1,10 +1,11 @@
 #include "token_ops.h"
 
-#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
 #include "../core/error.h"
+#include "../kernels/bodies/token_rows.h"
 
 namespace moe_comm {
 namespace cpu {
@@ -12,51 +13,33 @@ namespace {
 
 template <typename Fn>
 void with_dtype(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kFloat32: fn(Elem<DType::kFloat32>{}); return;
-    case DType::kBFloat16: fn(Elem<DType::kBFloat16>{}); return;
-    case DType::kFloat16: fn(Elem<DType::kFloat16>{}); return;
-  }
-  MOE_HOST_ASSERT(false, "unknown dtype code " << static_cast<int>(t));
+  MOE_HOST_ASSERT(bodies::with_elem(t, fn), "unknown dtype code " << static_cast<int>(t));
 }
 
-template <typename E>
-const typename E::Storage* row_at(const uint8_t* base, int64_t stride, int64_t i) {
-  return reinterpret_cast<const typename E::Storage*>(base + i * stride);
-}
+std::atomic<int64_t> g_lanes{1};
 
-template <typename E>
-typename E::Storage* row_at(uint8_t* base, int64_t stride, int64_t i) {
-  return reinterpret_cast<typename E::Storage*>(base + i * stride);
+// Runs body(Lanes) for every emulated lane of one row, in lane order.
+template <typename Body>
+void each_lane(Body&& body) {
+  const int64_t count = g_lanes.load(std::memory_order_relaxed);
+  for (int64_t lane = 0; lane < count; ++lane) body(bodies::Lanes{lane, count});
 }
 
 }  // namespace
 
+void set_emulated_lanes(int64_t lanes) {
+  MOE_HOST_ASSERT(lanes >= 1 && lanes <= 1024, "lanes must be in [1, 1024], got " << lanes);
+  g_lanes = lanes;
+}
+
+int64_t emulated_lanes() { return g_lanes.load(); }
+
 void pack_rows(const PackParams& p) {
-  const RowFormat& f = p.fmt;
-  const bool with_meta = p.topk_idx != nullptr;
-  MOE_HOST_ASSERT(!with_meta || f.meta_bytes == p.topk * int64_t(sizeof(SlotMeta)),
-                  "metadata block of " << f.meta_bytes << " bytes for topk " << p.topk);
+  MOE_HOST_ASSERT(!p.topk_idx || p.fmt.meta_bytes == p.topk * int64_t(sizeof(SlotMeta)),
+                  "metadata block of " << p.fmt.meta_bytes << " bytes for topk " << p.topk);
   for (int64_t rank = 0; rank < p.num_ranks; ++rank) {
     for (int64_t j = p.send_offsets[rank]; j < p.send_offsets[rank + 1]; ++j) {
-      const int64_t t = p.send_token[j];
-      uint8_t* out = p.dst + j * f.row_bytes;
-      if (f.payload_bytes) std::memcpy(out, p.src + t * p.src_stride, f.payload_bytes);
-      // Zero the padding so the wire carries no uninitialised bytes.
-      std::memset(out + f.payload_bytes, 0, f.meta_offset - f.payload_bytes);
-      std::memset(out + f.meta_end(), 0, f.row_bytes - f.meta_end());
-      if (!with_meta) {
-        std::memset(out + f.meta_offset, 0, f.meta_bytes);
-        continue;
-      }
-      const int64_t lo = rank * p.experts_per_rank;
-      for (int64_t k = 0; k < p.topk; ++k) {
-        const int64_t e = p.topk_idx[t * p.topk + k];
-        SlotMeta m;
-        m.local_expert = (e >= lo && e < lo + p.experts_per_rank) ? int32_t(e - lo) : -1;
-        m.weight = p.topk_weights ? p.topk_weights[t * p.topk + k] : 1.0f;
-        std::memcpy(out + f.meta_offset + k * sizeof(SlotMeta), &m, sizeof(SlotMeta));
-      }
+      each_lane([&](bodies::Lanes l) { bodies::pack_row(p, j, rank, l); });
     }
   }
 }
@@ -108,69 +91,41 @@ void fill_expand_plan(const ExpandPlanParams& p, const int64_t* expert_offsets, 
 }
 
 void scatter_rows(const ScatterParams& p) {
-  const int64_t bytes = p.hidden * dtype_size(p.dtype);
-  if (!p.weights) {
-    for (int64_t i = 0; i < p.num_src; ++i) {
-      for (int64_t k = 0; k < p.topk; ++k) {
-        const int64_t row = p.row_map[i * p.topk + k];
-        if (row >= 0) std::memcpy(p.dst + row * p.dst_stride, p.src + i * p.src_stride, bytes);
-      }
-    }
-    return;
-  }
   with_dtype(p.dtype, [&](auto elem) {
     using E = decltype(elem);
     for (int64_t i = 0; i < p.num_src; ++i) {
-      const auto* in = row_at<E>(p.src, p.src_stride, i);
-      for (int64_t k = 0; k < p.topk; ++k) {
-        const int64_t row = p.row_map[i * p.topk + k];
-        if (row < 0) continue;
-        const float w = p.weights[i * p.topk + k];
-        auto* out = row_at<E>(p.dst, p.dst_stride, row);
-        for (int64_t h = 0; h < p.hidden; ++h) out[h] = E::store(w * E::load(in[h]));
-      }
+      each_lane([&](bodies::Lanes l) { bodies::scatter_row<E>(p, i, l); });
     }
   });
 }
 
 void reduce_rows(const ReduceParams& p) {
-  std::vector<float> acc(p.hidden);
   with_dtype(p.src_dtype, [&](auto src_elem) {
     using S = decltype(src_elem);
     with_dtype(p.dst_dtype, [&](auto dst_elem) {
       using D = decltype(dst_elem);
+      const bool vectorized = bodies::reduce_vectorizable<S, D>(p);
       for (int64_t i = 0; i < p.num_out; ++i) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t k = 0; k < p.topk; ++k) {
-          const int64_t src_row = p.map[i * p.topk + k];
-          if (src_row < 0) continue;
-          const float w = p.weights ? p.weights[i * p.topk + k] : 1.0f;
-          const auto* in = row_at<S>(p.src, p.src_stride, src_row);
-          for (int64_t h = 0; h < p.hidden; ++h) acc[h] += w * S::load(in[h]);
-        }
-        auto* out = row_at<D>(p.dst, p.dst_stride, i);
-        for (int64_t h = 0; h < p.hidden; ++h) out[h] = D::store(acc[h]);
+        each_lane([&](bodies::Lanes l) { bodies::reduce_row<S, D>(p, i, vectorized, l); });
       }
     });
   });
 }
 
 void row_dots(const DotParams& p) {
+  // The shuffle tree needs a power of two: the largest one within the emulated lanes.
+  int64_t lanes = 1;
+  while (lanes * 2 <= g_lanes.load()) lanes *= 2;
+  std::vector<float> parts(lanes);
   with_dtype(p.a_dtype, [&](auto a_elem) {
     using A = decltype(a_elem);
     with_dtype(p.b_dtype, [&](auto b_elem) {
       using B = decltype(b_elem);
-      for (int64_t i = 0; i < p.num_rows; ++i) {
-        const auto* a = row_at<A>(p.a, p.a_stride, i);
-        for (int64_t k = 0; k < p.topk; ++k) {
-          const int64_t row = p.map[i * p.topk + k];
-          float dot = 0.0f;
-          if (row >= 0) {
-            const auto* b = row_at<B>(p.b, p.b_stride, row);
-            for (int64_t h = 0; h < p.hidden; ++h) dot += A::load(a[h]) * B::load(b[h]);
-          }
-          p.out[i * p.topk + k] = dot;
+      for (int64_t pair = 0; pair < p.num_rows * p.topk; ++pair) {
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+          parts[lane] = bodies::dot_part<A, B>(p, pair, bodies::Lanes{lane, lanes});
         }
+        p.out[pair] = bodies::sum_lane_parts(parts.data(), lanes);
       }
     });
   });

@@ -31,6 +31,13 @@ void count_recv_experts(const ExpandPlanParams& p, int64_t* tokens_per_expert);
 void fill_expand_plan(const ExpandPlanParams& p, const int64_t* expert_offsets, int64_t* row_map,
                       float* slot_weights, float* recv_weights);
 
+// The token kernels below run the single-source bodies (csrc/kernels/bodies) once per emulated
+// lane for each row, as a GPU block's threads do. 1 (the default) is the fast path; tests set
+// several (C.set_cpu_lanes) so that CI runs the lane-strided loops and vector/tail splits the
+// GPU takes.
+void set_emulated_lanes(int64_t lanes);
+int64_t emulated_lanes();
+
 void pack_rows(const PackParams& p);
 void scatter_rows(const ScatterParams& p);
 void reduce_rows(const ReduceParams& p);
