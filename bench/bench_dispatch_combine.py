@@ -492,10 +492,8 @@ def main(argv=None):
         plot_records(records, args.plot)
         print(f"wrote {args.plot}")
     dist.barrier()
+    buf.close()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    # torch 2.13's gloo can abort during interpreter teardown; all work is done and flushed.
-    os._exit(0)
 
 
 if __name__ == "__main__":
