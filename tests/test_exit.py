@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_script.py")
-RUNS = {"flat": 10, "hierarchical": 3}  # the hierarchical Buffer adds two groups per rank
+RUNS = {"flat": 10, "hierarchical": 2}  # the hierarchical Buffer adds two groups per rank
 
 
 def _run_once(world: int, hierarchical: bool):

@@ -49,8 +49,6 @@ def _ep_groups_worker(rank, world_size, group_size):
         buffers.append(moe_comm.Buffer(group=group, num_experts=2 * group_size, timeout=10, combine_status=False))
     buffers.append(moe_comm.Buffer(group=group, num_experts=4 * group_size, ranks_per_node=1, hierarchical=True,
                                    timeout=30))
-    if group_size >= 4:
-        buffers.append(moe_comm.Buffer(group=group, num_experts=2 * group_size, ranks_per_node=2, timeout=30))
     for buf in buffers:
         assert buf.world_size == group_size and buf.rank == rank - groups[mine][0]
         for _ in range(2):
@@ -68,9 +66,6 @@ def test_two_disjoint_ep_groups_of_two():
 def test_four_disjoint_ep_groups_of_two():
     assert run_distributed(8, _ep_groups_worker, 2, timeout=300) == [1] * 8
 
-
-def test_two_disjoint_ep_groups_of_four_hierarchical():
-    assert run_distributed(8, _ep_groups_worker, 4, timeout=300) == [2] * 8
 
 
 class _SlowWork:
