@@ -10,16 +10,9 @@ uid, which names its group's ranks)."""
 import time
 from typing import List, Optional
 
-import torch.distributed as dist
+from .groups import default_store as _store  # None: the errors then name no ranks
 
 GRACE_S = 1.5  # how long the first rank to fail waits for its stuck peers to sign
-
-
-def _store():
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - private API: without it the error just names no ranks
-        return None
 
 
 def _roll_prefix(buffer, name: str, seq: int) -> str:

@@ -35,8 +35,8 @@ SIGN_AFTER_S = 1.0
 class _Collective:
     """One numbered collective of a stage: waits on its gloo work, signing the roll when slow."""
 
-    def __init__(self, buffer, members: List[int], name: str):
-        self.buffer, self.members, self.name = buffer, members, name
+    def __init__(self, buffer, name: str):
+        self.buffer, self.name = buffer, name
         self.seq = buffer.next_collective(name)
 
     def wait(self, work) -> None:
@@ -56,7 +56,7 @@ class _Collective:
 def stage_errors(buffer, members: List[int], name: str):
     """members: the Buffer-group ranks taking part (for the roll call of a failure). Yields the
     collective, whose `wait(work)` waits for an async gloo work."""
-    collective = _Collective(buffer, members, name)
+    collective = _Collective(buffer, name)
     try:
         yield collective
     except (RuntimeError, dist.DistBackendError) as exc:

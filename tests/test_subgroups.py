@@ -96,11 +96,11 @@ def _roll_call_worker(rank, world_size):
     buf = moe_comm.Buffer(num_experts=3, timeout=30)
     name = "dispatch/flat/header"
     if rank == 1:
-        _Collective(buf, [0, 1, 2], name).wait(_SlowWork(6.0))
+        _Collective(buf, name).wait(_SlowWork(6.0))
         return None
     if rank == 2:
         return None
-    collective = _Collective(buf, [0, 1, 2], name)
+    collective = _Collective(buf, name)
     time.sleep(2.0)  # rank 1 has been waiting for longer than transport.SIGN_AFTER_S
     return missing_ranks(buf, [0, 1, 2], name, collective.seq)
 
