@@ -218,7 +218,8 @@ def main():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(CSRC, "bindings", "*.cpp")))
                + sorted(glob.glob(os.path.join(CSRC, "core", "*.cpp")))
-               + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))]
+               + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+               + sorted(glob.glob(os.path.join(CSRC, "engine", "*.cpp")))]
     define_macros = []
     include_dirs = [CSRC]
     libraries = []

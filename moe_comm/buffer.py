@@ -10,9 +10,10 @@ import torch.distributed as dist
 
 from ._native import C
 from .nccl_comm import create_nccl_communicator
-from .groups import buffer_key, connect_gloo_group
+from .groups import buffer_key, connect_gloo_group, default_store
 from .stages import Stage, flat_stages, hierarchical_stages
 from .topology import Topology, resolve_topology
+from .transport import SIGN_AFTER_S
 
 # Bounds every collective of a Buffer made without a timeout: torch's NCCL default, long
 # enough for a slow first step, short enough that a dead peer does not cost gloo's 30 minutes.
@@ -131,7 +132,13 @@ class Buffer:
                                                            self.experts_per_rank, self.timeout)
         else:
             self.stages = flat_stages(self.all_ranks_group, self.topology, self.experts_per_rank)
+        self.combine_status = combine_status
+        # cuda_ops: combine's status travels over gloo on the host there (peer_status.py)
         self.status_group = self.all_ranks_group if combine_status else None
+        self.engine = None
+        if self.device.type == "cpu":
+            self.engine = C.Engine(self._engine_stages(), self.rank, self.world_size, num_experts, default_store(),
+                                   self.uid, min(SIGN_AFTER_S, self.timeout / 4))
         self.comm_stream = None
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.
@@ -143,6 +150,33 @@ class Buffer:
         self._collectives = collections.Counter()
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
         _OPEN_BUFFERS.add(self)
+
+    def _engine_stages(self) -> list:
+        """The stages as the engine takes them: name, size, index, experts per destination,
+        Buffer ranks, which destinations are on another node, and the gloo group."""
+        topo = self.topology
+        return [(stage.name, stage.size, stage.index, stage.experts_per_dest, stage.global_ranks,
+                 [stage.crosses_nodes and topo.node_of(r) != topo.node for r in stage.global_ranks],
+                 stage.group._get_backend(torch.device("cpu")) if stage.size > 1 else None)
+                for stage in self.stages]
+
+    def stage_members(self, stage_name: str) -> List[int]:
+        """The Buffer ranks of the stage an exchange name ("dispatch/flat/header") belongs to."""
+        parts = stage_name.split("/")
+        for stage in self.stages:
+            if len(parts) > 1 and parts[1] == stage.name:
+                return stage.global_ranks
+        return list(range(self.world_size))
+
+    @property
+    def counters(self) -> dict:
+        """Events of the last call of each kind (dispatch, combine, dispatch_backward,
+        combine_backward), counted by the engine: launches (device-work calls, one kernel each
+        on CUDA), exchanges (one NCCL group each), host_waits, host_collectives. README: Engine."""
+        if self.engine is None:
+            return {}
+        return {kind: self.engine.counters(kind)
+                for kind in ("dispatch", "combine", "dispatch_backward", "combine_backward")}
 
     def close(self) -> None:
         """Releases the Buffer's process groups, NCCL communicators and wire buffers. Local (no
@@ -160,6 +194,7 @@ class Buffer:
             stage.group = None
         self.stages = []
         self.all_ranks_group = self.status_group = None
+        self.engine = None
         self._workspaces = {}
         self.comm_stream = None
 
@@ -190,7 +225,8 @@ class Buffer:
     @property
     def workspace_bytes(self) -> int:
         """Bytes held by this Buffer's reused wire buffers (see README: Memory)."""
-        return sum(t.numel() for t in self._workspaces.values())
+        native = self.engine.workspace_bytes if self.engine is not None else 0
+        return native + sum(t.numel() for t in self._workspaces.values())
 
     def workspace(self, name: str, rows: int, row_bytes: int) -> torch.Tensor:
         """A uint8 [rows, row_bytes] scratch tensor for wire rows, reused across calls (grow-only):

@@ -17,10 +17,11 @@ class DispatchHandle:
     hidden: int                     # H
     topk: int                       # K
     dtype: torch.dtype
-    plans: list                     # route.StagePlan per stage: where every row went
     row_map: torch.Tensor           # [N, K] int64: expert-major row of (received row, k), -1 masked
-    slot_weights: torch.Tensor      # [N, K] float32: dispatch router weights at the receiver
     tokens_per_expert: torch.Tensor  # [E_local] int64
+    layout: object = None           # C.DispatchLayout: the engine's plans and maps (CPU Buffers)
+    plans: list = None              # cuda_ops: route.StagePlan per stage (CUDA Buffers)
+    slot_weights: torch.Tensor = None  # cuda_ops: [N, K] dispatch router weights at the receiver
     dispatch_weights: Optional[torch.Tensor] = None  # the topk_weights given to dispatch
     dispatch_weights_version: int = -1
     stats: dict = field(default_factory=dict)

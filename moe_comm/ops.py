@@ -1,14 +1,17 @@
-"""dispatch() and combine() as autograd functions, over the Buffer's stages (stages.py).
+"""dispatch() and combine() as autograd functions: each call is one call into the C++ engine
+(csrc/engine), which plans, exchanges headers and rows, expands and reduces over the Buffer's
+stages (one flat, two hierarchical). Python keeps what needs no device work: argument checks
+(validation.py), the autograd wrappers and the errors every rank raises.
 
-Wire traffic per call, per stage (one stage flat, two hierarchical):
-  dispatch:  a fixed-size header (status + counts; all headers first, then one host
-             synchronisation for all), then one row exchange (payload + per-slot expert ids and
-             weights)
-  combine:   an ok/error value agreed over gloo on the host (peer_status.py), then one row
-             exchange back per stage (partial sums per (token, destination)); a small
-             forward pass of the weights first only when combine's weights are not the
-             tensor dispatch got
-  backwards: reuse the handle; no header exchange.
+Wire traffic per call, per stage:
+  dispatch:  a fixed-size header (status + counts), then one row exchange
+  combine:   one row exchange back, carrying each rank's ok/error status in-band (no separate
+             collective); a forward pass of the weights first only when combine's weights are
+             not the tensor dispatch got (then that pass carries the status)
+  backwards: reuse the handle; no header.
+
+CUDA Buffers still run the Python-orchestrated path of cuda_ops.py until the engine has its
+CUDA backend.
 """
 
 from typing import Optional
@@ -16,141 +19,30 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._native import C
-from .agreement import DTYPE_CODES, F, HeaderLayout, build_header, find_problem, local_problem, relay_header
+from . import cuda_ops
+from .errors import DISAGREEMENT, agreed_combine_error, dispatch_problem_error, native_errors
 from .handle import DispatchHandle, version_of
-from .peer_status import start_status
 from .roll_call import post_reason
-from .route import (SLOT_META_BYTES, gather_masked, payload, plan_stage, reduce_back, row_format, send_along,
-                    slot_meta, source_order)
-from .streams import stream_of, to_device
-from .transport import CommError, exchange_header, exchange_rows, headers_to_host
-from .validation import check_combine_inputs, check_dispatch_inputs, explain_routing, routing_status
+from .validation import CODE_OF, check_combine_inputs, check_dispatch_inputs
 
-
-def _source_ranks(buffer, senders: int, blocks: int) -> torch.Tensor:
-    """[senders, blocks] source rank of each arrival block at the final stage. Flat: sender s is
-    the source. Hierarchical: the node stage's sender is the forwarder with local index l, its
-    block b is what rail peer b (node b) sent it, so the source is b * P + l."""
-    if len(buffer.stages) == 1:
-        return torch.arange(senders).unsqueeze(1)
-    P = buffer.topology.ranks_per_node
-    return torch.arange(blocks).unsqueeze(0) * P + torch.arange(senders).unsqueeze(1)
-
-
-def _link_stats(buffer, plans, hidden: int, elem_size: int) -> dict:
-    """Token rows this rank put on the wire in this dispatch, by link class; rows a rank sends
-    itself cross no link."""
-    intra = inter = 0
-    for plan in plans:
-        stage = plan.stage
-        for d, n in enumerate(plan.send_splits):
-            if d == stage.index:
-                continue
-            if stage.crosses_nodes and (buffer.topology.node_of(stage.global_ranks[d]) != buffer.topology.node):
-                inter += n
-            else:
-                intra += n
-    row = hidden * elem_size
-    return {"rows_sent_intra_node": intra, "rows_sent_inter_node": inter,
-            "bytes_sent_intra_node": intra * row, "bytes_sent_inter_node": inter * row}
-
-
-def _layouts(buffer):
-    """HeaderLayout per stage: flat [rows | pairs per expert of d]; hierarchical rail [rows |
-    rows per local index of node n | pairs of node n's experts], node [rows per source node |
-    pairs per expert of l]."""
-    if len(buffer.stages) == 1:
-        return [HeaderLayout(1, 0, buffer.experts_per_rank)]
-    rail, node = buffer.stages
-    return [HeaderLayout(1, node.size, rail.experts_per_dest), HeaderLayout(rail.size, 0, node.experts_per_dest)]
-
-
-def _exchange_headers(buffer, call, problem, status, idx, plan0):
-    """Every stage's header, one host synchronisation. -> (sent, received) per stage, on the
-    host."""
-    device, layouts = buffer.device, _layouts(buffer)
-    first, rank = buffer.stages[0], buffer.rank
-    if problem is None:
-        forward = None
-        if len(buffer.stages) == 2:  # rows each rail peer will forward to each of its node's ranks
-            forward = C.count_layout(idx, buffer.num_experts, buffer.world_size, stream_of(device))[0]
-            forward = forward.view(first.size, -1)
-        header = build_header(first, call, rank, layouts[0], device, status=status,
-                              rows=plan0.rows_per_dest.unsqueeze(1), forward=forward,
-                              expert_pairs=plan0.pairs_per_expert.view(first.size, -1))
-    else:
-        header = build_header(first, call, rank, layouts[0], device, problem=problem)
-    headers = [header, exchange_header(buffer, first, header, f"dispatch/{first.name}/header")]
-    if len(buffer.stages) == 2:
-        node = buffer.stages[1]
-        relayed = relay_header(node, call, rank, layouts[1], device, headers[1], layouts[0], first.global_ranks,
-                               problem=problem, status=status)
-        headers += [relayed, exchange_header(buffer, node, relayed, f"dispatch/{node.name}/header")]
-    host = headers_to_host(buffer, headers, f"dispatch/{buffer.stages[-1].name}/header")
-    return host[0::2], host[1::2], layouts
+COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
 
 
 def _dispatch_forward(x, topk_idx, topk_weights, buffer):
     buffer.begin_call("dispatch")
     rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
-    problem = local_problem(buffer.rank, rejected)
-    status = plan0 = idx = None
-    if problem is None:
-        idx = topk_idx.to(torch.int64).contiguous()
-        status = routing_status(idx, buffer.num_experts)
-        # Plan on a routing that is safe to index even if the status turns out bad (then every
-        # slot is masked, nothing is sent and the header tells every rank why).
-        checked_idx, idx = idx, idx.masked_fill(status.bool(), -1)
-        weights = topk_weights.detach().contiguous() if topk_weights is not None else None
-        rows = x.detach()
-        if rows.shape[1] > 1 and rows.stride(1) != 1:
-            rows = rows.contiguous()
-        hidden, topk = x.shape[1], idx.shape[1]
-        _, meta_offset, _, row_bytes = row_format(hidden, x.dtype, topk, SLOT_META_BYTES)
-        call = dict(hidden=hidden, dtype=DTYPE_CODES[x.dtype], topk=topk, num_experts=buffer.num_experts)
-        plan0 = plan_stage(buffer.stages[0], idx)
-    else:
-        call = dict(hidden=0, dtype=0, topk=0, num_experts=buffer.num_experts)
-
-    sent, received, layouts = _exchange_headers(buffer, call, problem, status, idx, plan0)
-    if problem is None and int(sent[0][0, F["status"]]):
-        problem = local_problem(buffer.rank, explain_routing(checked_idx, buffer.num_experts))
-    for stage, got in zip(buffer.stages, received):
-        if problem is None:
-            problem = find_problem(stage, call, got, buffer.rank)
-    if problem is not None:
-        raise problem.exception()  # no token has moved, on any rank
-
-    device, stream = buffer.device, stream_of(buffer.device)
-    plans = []
-    for stage, layout, mine, got in zip(buffer.stages, layouts, sent, received):
-        plan = plan0 if not plans else plan_stage(stage, idx)
-        plan.set_splits(layout.rows(mine).sum(dim=1).tolist(), layout.rows(got).sum(dim=1).tolist())
-        name = f"dispatch/{stage.name}"
-        send = buffer.workspace(name + "/send", len(plan.send_token), row_bytes)
-        C.pack_rows(rows, plan.send_token, plan.send_offsets, idx, weights, stage.experts_per_dest, send, stream)
-        recv = exchange_rows(buffer, stage, send, plan.send_splits, plan.recv_splits, name)
-        plans.append(plan)
-        # What arrived is the next stage's input: rows with stage-local expert ids.
-        rows = payload(recv, x.dtype, hidden)
-        idx, weights = slot_meta(recv, meta_offset, topk)
-
-    # The last header announced every arrival: recv_x is sized without waiting on the device.
-    arrived = layouts[-1].rows(received[-1])
-    tokens_per_expert = layouts[-1].expert_pairs(received[-1]).sum(dim=0)
-    order = source_order(arrived, _source_ranks(buffer, *arrived.shape))
-    if order is not None:
-        order = to_device(order, device)
-    recv_x, recv_weights, tokens_per_expert, row_map, slot_weights = C.expand_rows(
-        recv, hidden, x.dtype, topk, buffer.experts_per_rank, order, tokens_per_expert, stream)
+    code = CODE_OF[rejected.argument] if rejected is not None else 0
+    weights = topk_weights.detach() if (topk_weights is not None and not code) else None
+    with native_errors(buffer):
+        problem, routing, recv_x, recv_weights, counts, layout = buffer.engine.dispatch(
+            None if code else x.detach(), None if code else topk_idx, weights, code)
+    if problem[0]:
+        raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     handle = DispatchHandle(
-        buffer=buffer, num_tokens=x.shape[0], hidden=hidden, topk=topk, dtype=x.dtype, plans=plans,
-        row_map=row_map, slot_weights=slot_weights, tokens_per_expert=tokens_per_expert,
-        dispatch_weights=topk_weights,
-        dispatch_weights_version=version_of(topk_weights),
-        stats=_link_stats(buffer, plans, hidden, x.element_size()))
-    return recv_x, recv_weights, tokens_per_expert, handle
+        buffer=buffer, num_tokens=x.shape[0], hidden=x.shape[1], topk=topk_idx.shape[1], dtype=x.dtype,
+        layout=layout, row_map=layout.row_map, tokens_per_expert=counts, dispatch_weights=topk_weights,
+        dispatch_weights_version=version_of(topk_weights), stats=layout.stats)
+    return recv_x, recv_weights, counts, handle
 
 
 class _Dispatch(torch.autograd.Function):
@@ -168,30 +60,23 @@ class _Dispatch(torch.autograd.Function):
         # back in the same rows.
         h = ctx.handle
         want_w = ctx.needs_input_grad[1]
-        slot_grads = gather_masked(grad_recv_weights, h.row_map) if want_w else None
-        grad_x, grad_w = reduce_back(h.buffer, h.plans, h.num_tokens, grad_recv_x.contiguous(), h.row_map,
-                                     None, slot_grads, "dispatch-backward")
+        with native_errors(h.buffer):
+            grad_x, grad_w = h.buffer.engine.dispatch_backward(
+                h.layout, grad_recv_x.contiguous(), grad_recv_weights.contiguous() if want_w else None)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights, status):
+    def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights):
         h = handle
-        check_status = status.check if status is not None else None
-        if topk_weights is None:
-            slot_weights = None
-        elif reuse_dispatch_weights:
-            slot_weights = h.slot_weights
-        else:
-            if check_status is not None:  # this weight exchange comes first: agree before it
-                check_status()
-                check_status = None
-            # Receivers need this call's weights: send each token's K weights along the layout.
-            sent = send_along(h.buffer, h.plans, topk_weights.detach().contiguous(), "combine-weights")
-            slot_weights = sent.masked_fill(h.row_map < 0, 0.0).contiguous()
-        y, _ = reduce_back(h.buffer, h.plans, h.num_tokens, expert_y.detach(), h.row_map, slot_weights, None,
-                           "combine", before_wire=check_status)
+        status_code = 0 if h.buffer.combine_status else -1
+        weights = topk_weights.detach() if topk_weights is not None else None
+        with native_errors(h.buffer):
+            status, y, slot_weights = h.buffer.engine.combine(h.layout, expert_y.detach(), weights,
+                                                               reuse_dispatch_weights, status_code)
+        if status:
+            raise agreed_combine_error(h.buffer, status)
         ctx.handle = h
         ctx.slot_weights = slot_weights
         ctx.save_for_backward(expert_y if topk_weights is not None else None)
@@ -203,17 +88,42 @@ class _Combine(torch.autograd.Function):
         # The transpose of combine is a dispatch of grad_y along the cached layout.
         h = ctx.handle
         (expert_y,) = ctx.saved_tensors
-        grad_rows = send_along(h.buffer, h.plans, grad_y.contiguous(), "combine-backward")
-        stream = stream_of(grad_y.device)
-        grad_expert_y = torch.empty((h.num_recv_rows, h.hidden), dtype=grad_y.dtype, device=grad_y.device)
-        C.scatter_rows(grad_rows, h.row_map, ctx.slot_weights, grad_expert_y, stream)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            dots = C.row_dots(grad_rows, expert_y.detach(), h.row_map, stream)  # [n_last, K]
-            no_rows = torch.empty((h.num_recv_rows, 0), dtype=torch.float32, device=grad_y.device)
-            _, grad_w = reduce_back(h.buffer, h.plans, h.num_tokens, no_rows, h.row_map, None, dots,
-                                    "combine-backward-weights")
-        return grad_expert_y, grad_w, None, None, None
+        want_w = ctx.needs_input_grad[1]
+        with native_errors(h.buffer):
+            grad_expert_y, grad_w = h.buffer.engine.combine_backward(
+                h.layout, grad_y.contiguous(), ctx.slot_weights, expert_y.detach() if want_w else None)
+        return grad_expert_y, grad_w, None, None
+
+
+def _reject_combine(handle: DispatchHandle, topk_weights, problem):
+    """This rank's combine input is bad: it raises its own error, after joining the exchange
+    with zeros (and the error code in-band) so that its peers raise too instead of waiting."""
+    buffer = handle.buffer
+    post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
+    if not buffer.combine_status or buffer.world_size == 1:
+        raise problem.error
+    weights, reuse = None, False
+    if topk_weights is not None:
+        # Take the path the peers take: they reuse dispatch's weights when given that tensor.
+        if problem.argument == "topk_weights":
+            reuse = _views_dispatch_weights(topk_weights, handle)
+        else:
+            reuse = handle.same_weights_as_dispatch(topk_weights)
+        weights = torch.zeros((handle.num_tokens, handle.topk), dtype=torch.float32, device=buffer.device)
+    try:
+        with native_errors(buffer):
+            buffer.engine.combine(handle.layout, None, weights, reuse, COMBINE_ARGUMENT_CODES[problem.argument])
+    except Exception as lost:  # a peer is missing too: this rank's own error still comes first
+        raise problem.error from lost
+    raise problem.error
+
+
+def _views_dispatch_weights(topk_weights, handle: DispatchHandle) -> bool:
+    """A rejected topk_weights that is a view or reinterpretation of dispatch's tensor stands
+    for it (its peers reuse dispatch's weights); anything else stands for new weights."""
+    mine = handle.dispatch_weights
+    return (isinstance(topk_weights, torch.Tensor) and mine is not None
+            and topk_weights.untyped_storage().data_ptr() == mine.untyped_storage().data_ptr())
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer):
@@ -225,6 +135,8 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU), handle.
     """
+    if buffer.device.type == "cuda":
+        return cuda_ops.dispatch(x, topk_idx, topk_weights, buffer)
     return _Dispatch.apply(x, topk_weights, topk_idx, buffer)
 
 
@@ -233,23 +145,14 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
     when topk_weights is None). expert_y [R, H] in recv_x's row order and dtype -> y [T, H]."""
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: must be the handle returned by moe_comm.dispatch, got {type(handle).__name__}")
-    buffer = handle.buffer
-    buffer.begin_call("combine")
+    if handle.layout is None:
+        return cuda_ops.combine(expert_y, handle, topk_weights)
+    handle.buffer.begin_call("combine")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
     if problem is not None:
-        # The peers' error quotes this: after the status exchange, or (combine_status=False)
-        # when their row exchange times out.
-        post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
-        status = start_status(buffer, problem.argument)
-        try:
-            if status is not None:
-                status.wait()
-        except CommError as lost:  # a peer is missing too: this rank's own error still comes first
-            raise problem.error from lost
-        raise problem.error
-    status = start_status(buffer)
+        _reject_combine(handle, topk_weights, problem)
     reuse = handle.same_weights_as_dispatch(topk_weights)
-    return _Combine.apply(expert_y, topk_weights, handle, reuse, status)
+    return _Combine.apply(expert_y, topk_weights, handle, reuse)
 
 
-__all__ = ["combine", "dispatch"]
+__all__ = ["combine", "dispatch", "DISAGREEMENT"]

@@ -47,6 +47,8 @@ def check_routing_args(scores, k, num_nodes, max_nodes, score_func, bias, node_s
         raise ValueError(f"node_score_topk: must be in [1, {per_node}], got {node_score_topk}")
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         raise ValueError("scores: contains NaN or infinity")
+    if bias is not None and bias.numel() and not bool(torch.isfinite(bias).all()):
+        raise ValueError("bias: contains NaN or infinity")
     return node_score_topk
 
 

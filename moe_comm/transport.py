@@ -52,6 +52,24 @@ class _Collective:
         work.wait()  # bounded by the group's timeout, the Buffer's
 
 
+def comm_error(buffer, members: List[int], name: str, seq: int, exc: Exception) -> "CommError":
+    """The error of collective `seq` of stage `name` that failed with `exc`: names this rank, the
+    stage and, from the roll call, the members (Buffer-group ranks) that never arrived."""
+    timeout = f"{buffer.timeout:g}s"
+    missing = missing_ranks(buffer, members, name, seq)
+    if missing:
+        ranks = ", ".join(map(str, missing))
+        who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
+        reasons = [(r, posted_reason(buffer, r)) for r in missing]
+        who += "".join(f"; rank {r} reported: {why}" for r, why in reasons if why)
+    elif missing == []:
+        who = "every peer arrived; the collective itself failed"
+    else:
+        who = f"a peer may have died or not arrived within {timeout}"
+    return CommError(f"moe_comm: rank {buffer.rank} of {buffer.world_size} failed in stage '{name}' "
+                     f"({who}): {exc}")
+
+
 @contextlib.contextmanager
 def stage_errors(buffer, members: List[int], name: str):
     """members: the Buffer-group ranks taking part (for the roll call of a failure). Yields the
@@ -62,19 +80,7 @@ def stage_errors(buffer, members: List[int], name: str):
     except (RuntimeError, dist.DistBackendError) as exc:
         if isinstance(exc, CommError):
             raise
-        timeout = f"{buffer.timeout:g}s"
-        missing = missing_ranks(buffer, members, name, collective.seq)
-        if missing:
-            ranks = ", ".join(map(str, missing))
-            who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
-            reasons = [(r, posted_reason(buffer, r)) for r in missing]
-            who += "".join(f"; rank {r} reported: {why}" for r, why in reasons if why)
-        elif missing == []:
-            who = "every peer arrived; the collective itself failed"
-        else:
-            who = f"a peer may have died or not arrived within {timeout}"
-        raise CommError(f"moe_comm: rank {buffer.rank} of {buffer.world_size} failed in stage '{name}' "
-                        f"({who}): {exc}") from exc
+        raise comm_error(buffer, members, name, collective.seq, exc) from exc
 
 
 def _byte_ranges(rows: List[int], row_bytes: int) -> Tuple[List[int], List[int]]:

@@ -95,9 +95,9 @@ def routing_status(topk_idx64: torch.Tensor, num_experts: int) -> torch.Tensor:
     return (out_of_range | repeated).to(torch.int64) * CODE_OF["topk_idx"]
 
 
-def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputError]:
-    """The first broken rule of topk_idx, as an error naming the slot (reads it on the CPU)."""
-    kind, token, slot, value = C.check_routing(topk_idx64.cpu(), num_experts)
+def routing_error(kind: int, token: int, slot: int, value: int, num_experts: int) -> Optional[InputError]:
+    """The error of a broken rule of topk_idx (core/layout.h RoutingProblem: kind 1 out of
+    range, 2 a repeated expert), naming the slot; None for kind 0."""
     if kind == 1:
         return _value_error("topk_idx", f"topk_idx[{token}, {slot}] = {value} is out of range "
                                         f"[-1, {num_experts}) (num_experts = {num_experts})")
@@ -105,6 +105,11 @@ def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputE
         return _value_error("topk_idx", f"expert {value} appears twice in row {token} "
                                         f"(again at slot {slot}); an expert may not repeat in a row")
     return None
+
+
+def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputError]:
+    """The first broken rule of topk_idx, as an error naming the slot (reads it on the CPU)."""
+    return routing_error(*C.check_routing(topk_idx64.cpu(), num_experts), num_experts)
 
 
 def explain_routing(topk_idx64: torch.Tensor, num_experts: int) -> InputError:

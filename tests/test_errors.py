@@ -131,7 +131,9 @@ BAD_COMBINE_INPUTS = {
     "expert_y dtype": (lambda y, w: (y.double(), w), TypeError, r"^expert_y: dtype must match", "expert_y"),
     "expert_y type": (lambda y, w: (y.tolist(), w), TypeError, r"^expert_y: must be a torch.Tensor", "expert_y"),
     "weights shape": (lambda y, w: (y, w[:, :1]), ValueError, r"^topk_weights: must be \[5, 2\]", "topk_weights"),
-    "weights dtype": (lambda y, w: (y, w.double()), TypeError, r"^topk_weights: dtype must be float32", "topk_weights"),
+    # A reinterpretation of the same weights: the bad rank takes its peers' path (reuse or resend).
+    "weights dtype": (lambda y, w: (y, w.view(torch.int32)), TypeError, r"^topk_weights: dtype must be float32",
+                      "topk_weights"),
 }
 
 
@@ -148,7 +150,7 @@ def combine_one_bad_rank(rank, buf, bad_rank, good_inputs):
                 _expect(lambda: moe_comm.combine(y, handle, ww), exc_type, match)
             else:
                 _expect(lambda: moe_comm.combine(y, handle, ww), RuntimeError,
-                        rf"^combine: rank {bad_rank} rejected its argument '{argument}'; no rows were exchanged "
+                        rf"^combine: rank {bad_rank} rejected its argument '{argument}'; nothing was combined "
                         rf"\(rank {bad_rank} reported: combine rejected its argument '{argument}': {match[1:]}")
             assert torch.equal(moe_comm.combine(recv_x, handle, w), expected), name  # still in step
     return len(BAD_COMBINE_INPUTS)
@@ -165,7 +167,7 @@ def _bad_combine_worker(rank, world_size):
         _expect(lambda: moe_comm.combine(recv_x[1:], handle), ValueError, r"^expert_y: must be")
     else:
         _expect(lambda: moe_comm.combine(recv_x, handle), RuntimeError,
-                r"^combine: rank 0 rejected its argument 'expert_y'; no rows were exchanged")
+                r"^combine: rank 0 rejected its argument 'expert_y'; nothing was combined")
     return cases, time.monotonic() - start
 
 
@@ -195,7 +197,7 @@ def _bad_and_missing_in_combine_worker(rank, world_size):
 def test_bad_input_and_missing_peer_in_combine():
     first, second, _ = run_distributed(3, _bad_and_missing_in_combine_worker)
     for message in (first, second):
-        assert "failed in stage 'combine/status' (rank 2 did not arrive within 2s)" in message, message
+        assert "failed in stage 'combine/flat' (rank 2 did not arrive within 2s)" in message, message
 
 
 def _unchecked_combine_worker(rank, world_size):

@@ -5,7 +5,7 @@ import torch
 
 import moe_comm
 from moe_comm import reference
-from moe_comm.ops import SLOT_META_BYTES
+from moe_comm.route import SLOT_META_BYTES
 from moe_comm.validation import check_routing, explain_routing, routing_status
 from tests.cases import DTYPES
 

@@ -81,3 +81,18 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
     scores, k, num_nodes, max_nodes = (args.pop(n) for n in ("scores", "k", "num_nodes", "max_nodes"))
     with pytest.raises(error, match=match):
         moe_comm.node_limited_topk(scores, k, num_nodes, max_nodes, **args)
+
+
+def test_non_finite_bias_is_rejected_and_the_kernel_body_survives_nan_scores():
+    scores = _scores(4, 16, seed=3)
+    bias = torch.zeros(16)
+    bias[5] = float("nan")
+    with pytest.raises(ValueError, match=r"^bias: contains NaN or infinity"):
+        moe_comm.node_limited_topk(scores, 4, 4, 2, score_func="none", bias=bias)
+    # The single-source body itself (what a GPU thread runs) on scores that order nothing:
+    # picks end early with -1 instead of reading out of bounds.
+    nan_scores = torch.full((3, 16), float("nan"))
+    nan_scores[1, :8] = torch.arange(8.0)
+    idx = moe_comm.C.node_limited_select(nan_scores, 4, 4, 2, 2)
+    assert idx.shape == (3, 4)
+    assert bool(((idx >= -1) & (idx < 16)).all())

@@ -40,4 +40,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_token_ops(m);
   register_expand_ops(m);
   register_nccl_ops(m);
+  register_engine_ops(m);
 }

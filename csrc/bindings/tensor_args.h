@@ -122,6 +122,7 @@ void register_layout_ops(py::module_& m);
 void register_token_ops(py::module_& m);
 void register_expand_ops(py::module_& m);
 void register_nccl_ops(py::module_& m);
+void register_engine_ops(py::module_& m);
 
 }  // namespace bind
 }  // namespace moe_comm

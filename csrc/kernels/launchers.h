@@ -8,6 +8,7 @@
 
 #include "../core/routing.h"
 #include "../core/token_params.h"
+#include "bodies/routing.h"
 
 namespace moe_comm {
 namespace cuda {
@@ -86,8 +87,8 @@ cudaError_t launch_expand_count(const ExpandPlanKernelParams& p, cudaStream_t st
 cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t stream);
 
 // Node-limited top-k on the device (twin of core/routing.h node_limited_select; the parameters
-// must pass check_node_limited). At most kMaxRoutingNodes nodes (per-thread node scores).
-constexpr int64_t kMaxRoutingNodes = 256;
+// must pass check_node_limited). At most kMaxRoutingNodes nodes (the body's kept-node mask).
+constexpr int64_t kMaxRoutingNodes = bodies::kMaxRoutingNodes;
 cudaError_t launch_node_limited_select(const NodeLimitedParams& p, cudaStream_t stream);
 
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.

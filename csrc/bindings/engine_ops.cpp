@@ -1,0 +1,249 @@
+// Binding of the engine (csrc/engine): one call per dispatch, combine and backward. Tensors
+// become pointers here; the engine's memory is torch tensors (handed back as outputs), its CPU
+// wire the Buffer's gloo groups (gloo_transport.h). The GIL is released for every call.
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../cpu/cpu_device.h"
+#include "../engine/engine.h"
+#include "gloo_transport.h"
+#include "tensor_args.h"
+
+namespace moe_comm {
+namespace bind {
+namespace {
+
+using engine::Array;
+using engine::DispatchLayout;
+using engine::Engine;
+using engine::RowsIn;
+
+class TorchAllocator final : public engine::Allocator {
+ public:
+  explicit TorchAllocator(c10::Device device) : device_(device) {}
+  Array allocate(int64_t bytes) override {
+    auto t = std::make_shared<Tensor>(torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).device(device_)));
+    Array a;
+    a.data = static_cast<uint8_t*>(t->data_ptr());
+    a.bytes = bytes;
+    a.owner = t;
+    return a;
+  }
+
+ private:
+  c10::Device device_;
+};
+
+// The tensor behind an engine Array, as [rows, cols] of `dtype`.
+Tensor as_tensor(const Array& a, c10::ScalarType dtype, std::vector<int64_t> shape) {
+  MOE_HOST_ASSERT(a.owner, "an engine output was never allocated");
+  return std::static_pointer_cast<Tensor>(a.owner)->view(dtype).view(shape);
+}
+
+c10::ScalarType scalar_type(DType t) {
+  switch (t) {
+    case DType::kBFloat16: return torch::kBFloat16;
+    case DType::kFloat16: return torch::kFloat16;
+    default: return torch::kFloat32;
+  }
+}
+
+// Rows with unit stride inside a row (a copy otherwise, kept alive by `keep`).
+RowsIn rows_of(const Tensor& t, const char* name, Tensor& keep) {
+  keep = (t.dim() == 2 && t.size(1) > 1 && t.stride(1) != 1) ? t.contiguous() : t;
+  const RowView v = row_view(keep, name, keep.device());
+  return RowsIn{v.data, v.stride_bytes, v.rows, v.cols, v.dtype};
+}
+
+// Null means "no weights" to the engine: an empty tensor (0 tokens here) still has weights.
+const float* weights_of(const std::optional<Tensor>& w, Tensor& keep) {
+  static const float kNoTokens = 0.0f;
+  if (!w) return nullptr;
+  keep = w->contiguous();
+  return keep.numel() ? keep.data_ptr<float>() : &kNoTokens;
+}
+
+py::dict counters_dict(const engine::Counters& c) {
+  py::dict d;
+  d["launches"] = c.launches;
+  d["exchanges"] = c.exchanges;
+  d["host_waits"] = c.host_waits;
+  d["host_collectives"] = c.host_collectives;
+  return d;
+}
+
+class PyEngine {
+ public:
+  PyEngine(const py::list& stages, int64_t rank, int64_t world_size, int64_t num_experts, const py::object& store,
+           const std::string& uid, double sign_after_s)
+      : last_failure_("", "", -1) {
+    RollCall roll{store.is_none() ? c10::intrusive_ptr<c10d::Store>() : store.cast<c10::intrusive_ptr<c10d::Store>>(),
+                  uid, rank, sign_after_s};
+    std::vector<engine::StageSpec> specs;
+    for (const py::handle& s : stages) {
+      auto t = s.cast<py::tuple>();
+      engine::StageSpec spec;
+      spec.name = t[0].cast<std::string>();
+      spec.size = t[1].cast<int64_t>();
+      spec.index = t[2].cast<int64_t>();
+      spec.experts_per_dest = t[3].cast<int64_t>();
+      spec.global_ranks = t[4].cast<std::vector<int64_t>>();
+      for (bool remote : t[5].cast<std::vector<bool>>()) spec.remote.push_back(remote ? 1 : 0);
+      if (spec.size > 1) {
+        spec.transport = std::make_shared<GlooTransport>(t[6].cast<c10::intrusive_ptr<c10d::Backend>>(), roll);
+      }
+      specs.push_back(std::move(spec));
+    }
+    engine_ = std::make_unique<Engine>(std::move(specs), rank, world_size, num_experts,
+                                       std::make_shared<cpu::CpuDevice>(),
+                                       std::make_shared<TorchAllocator>(c10::Device(c10::kCPU)));
+  }
+
+  // -> (problem (code, rank, seen_by, field, mine, theirs), routing (kind, token, slot, value),
+  //     recv_x, recv_weights, tokens_per_expert, layout) ; outputs None when a problem was agreed.
+  py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
+                     const std::optional<Tensor>& topk_weights, int64_t rejected) {
+    Tensor xk, idx, wk;
+    RowsIn rows;
+    const float* w = nullptr;
+    int64_t topk = 0;
+    if (!rejected) {
+      rows = rows_of(*x, "x", xk);
+      idx = topk_idx->to(torch::kInt64).contiguous();
+      topk = idx.size(1);
+      w = weights_of(topk_weights, wk);
+    }
+    engine::DispatchResult r;
+    {
+      py::gil_scoped_release release;
+      r = guarded([&] { return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected); });
+    }
+    const auto& p = r.problem;
+    py::tuple problem = py::make_tuple(p.code, p.rank, p.seen_by, p.field, p.mine, p.theirs);
+    py::tuple routing = py::make_tuple(static_cast<int>(r.routing.kind), r.routing.token, r.routing.slot,
+                                       r.routing.value);
+    if (p.any()) return py::make_tuple(problem, routing, py::none(), py::none(), py::none(), py::none());
+    const DispatchLayout& l = *r.layout;
+    Tensor recv_x = as_tensor(r.recv_x, scalar_type(l.dtype), {l.num_recv_rows, l.hidden});
+    Tensor recv_weights = as_tensor(r.recv_weights, torch::kFloat32, {l.num_recv_rows});
+    Tensor counts = torch::tensor(l.tokens_per_expert, torch::TensorOptions().dtype(torch::kInt64));
+    return py::make_tuple(problem, routing, recv_x, recv_weights, counts, r.layout);
+  }
+
+  // -> (agreed status, y or None, slot_weights or None)
+  py::tuple combine(const std::shared_ptr<DispatchLayout>& layout, const std::optional<Tensor>& expert_y,
+                    const std::optional<Tensor>& weights, bool reuse, int64_t status_code) {
+    Tensor yk, wk;
+    RowsIn rows;
+    const float* w = nullptr;
+    if (status_code <= 0) rows = rows_of(*expert_y, "expert_y", yk);
+    w = weights_of(weights, wk);  // a rejecting rank's are zeros: only the path they select matters
+    engine::CombineResult r;
+    {
+      py::gil_scoped_release release;
+      r = guarded([&] { return engine_->combine(*layout, rows, w, reuse, status_code); });
+    }
+    if (r.status != 0 || status_code > 0) return py::make_tuple(r.status, py::none(), py::none());
+    Tensor y = as_tensor(r.y, scalar_type(layout->dtype), {layout->num_tokens, layout->hidden});
+    py::object slot = r.slot_weights.owner
+                          ? py::cast(as_tensor(r.slot_weights, torch::kFloat32, {layout->num_last, layout->topk}))
+                          : py::none();
+    return py::make_tuple(r.status, y, slot);
+  }
+
+  // -> (grad_x [T, H], grad_weights [T, K] or None)
+  py::tuple dispatch_backward(const std::shared_ptr<DispatchLayout>& layout, const Tensor& grad_recv_x,
+                              const std::optional<Tensor>& grad_recv_weights) {
+    Tensor gk, wk;
+    const RowsIn rows = rows_of(grad_recv_x, "grad_recv_x", gk);
+    const float* gw = weights_of(grad_recv_weights, wk);
+    engine::BackwardResult r;
+    {
+      py::gil_scoped_release release;
+      r = guarded([&] { return engine_->dispatch_backward(*layout, rows, gw); });
+    }
+    return backward_tuple(r, scalar_type(rows.dtype), {layout->num_tokens, layout->hidden}, *layout);
+  }
+
+  // -> (grad_expert_y [R, H], grad_weights [T, K] or None)
+  py::tuple combine_backward(const std::shared_ptr<DispatchLayout>& layout, const Tensor& grad_y,
+                             const std::optional<Tensor>& slot_weights, const std::optional<Tensor>& expert_y) {
+    Tensor gk, sk, yk;
+    const RowsIn rows = rows_of(grad_y, "grad_y", gk);
+    const float* sw = weights_of(slot_weights, sk);
+    RowsIn ey;
+    if (expert_y) ey = rows_of(*expert_y, "expert_y", yk);
+    engine::BackwardResult r;
+    {
+      py::gil_scoped_release release;
+      r = guarded([&] { return engine_->combine_backward(*layout, rows, sw, expert_y ? &ey : nullptr); });
+    }
+    return backward_tuple(r, scalar_type(rows.dtype), {layout->num_recv_rows, layout->hidden}, *layout);
+  }
+
+  py::dict counters(const std::string& kind) const { return counters_dict(engine_->counters(kind)); }
+  int64_t workspace_bytes() const { return engine_->workspace_bytes(); }
+  py::tuple last_failure() const { return py::make_tuple(last_failure_.stage, last_failure_.seq); }
+
+ private:
+  template <typename Fn>
+  auto guarded(Fn&& fn) -> decltype(fn()) {
+    try {
+      return fn();
+    } catch (const engine::CommFailure& f) {
+      last_failure_ = f;
+      throw;
+    }
+  }
+
+  static py::tuple backward_tuple(const engine::BackwardResult& r, c10::ScalarType dtype, std::vector<int64_t> shape,
+                                  const DispatchLayout& l) {
+    py::object w = r.grad_weights.owner ? py::cast(as_tensor(r.grad_weights, torch::kFloat32, {l.num_tokens, l.topk}))
+                                        : py::none();
+    return py::make_tuple(as_tensor(r.grad_rows, dtype, std::move(shape)), w);
+  }
+
+  std::unique_ptr<Engine> engine_;
+  engine::CommFailure last_failure_;
+};
+
+}  // namespace
+
+void register_engine_ops(py::module_& m) {
+  // Registered after moe_comm::Error (module.cpp), so tried first for this subclass.
+  py::register_exception<engine::CommFailure>(m, "NativeCommFailure", PyExc_RuntimeError);
+  py::class_<DispatchLayout, std::shared_ptr<DispatchLayout>>(m, "DispatchLayout")
+      .def_readonly("num_tokens", &DispatchLayout::num_tokens)
+      .def_readonly("num_recv_rows", &DispatchLayout::num_recv_rows)
+      .def_readonly("num_arrived", &DispatchLayout::num_last)
+      .def_property_readonly("row_map",
+                             [](const DispatchLayout& l) { return as_tensor(l.row_map, torch::kInt64, {l.num_last, l.topk}); })
+      .def_property_readonly("stats", [](const DispatchLayout& l) {
+        py::dict d;
+        d["rows_sent_intra_node"] = l.stats.rows_intra;
+        d["rows_sent_inter_node"] = l.stats.rows_inter;
+        d["bytes_sent_intra_node"] = l.stats.bytes_intra;
+        d["bytes_sent_inter_node"] = l.stats.bytes_inter;
+        return d;
+      })
+      .def_property_readonly("counters", [](const DispatchLayout& l) { return counters_dict(l.counters); });
+  py::class_<PyEngine>(m, "Engine")
+      .def(py::init<const py::list&, int64_t, int64_t, int64_t, const py::object&, const std::string&, double>(),
+           py::arg("stages"), py::arg("rank"), py::arg("world_size"), py::arg("num_experts"), py::arg("store"),
+           py::arg("uid"), py::arg("sign_after_s"))
+      .def("dispatch", &PyEngine::dispatch)
+      .def("combine", &PyEngine::combine)
+      .def("dispatch_backward", &PyEngine::dispatch_backward)
+      .def("combine_backward", &PyEngine::combine_backward)
+      .def("counters", &PyEngine::counters)
+      .def_property_readonly("workspace_bytes", &PyEngine::workspace_bytes)
+      .def_property_readonly("last_failure", &PyEngine::last_failure);
+}
+
+}  // namespace bind
+}  // namespace moe_comm

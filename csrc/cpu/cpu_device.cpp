@@ -1,0 +1,126 @@
+#include "cpu_device.h"
+
+#include <cstring>
+#include <vector>
+
+#include "../core/error.h"
+#include "token_ops.h"
+
+namespace moe_comm {
+namespace cpu {
+
+void CpuDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
+  const int64_t W = r.num_ranks, T = r.num_tokens, K = r.topk;
+  plan.num_in = T;
+  plan.rows_per_dest = alloc.allocate(W * int64_t(sizeof(int64_t)));
+  plan.pairs_per_expert = alloc.allocate(r.num_experts * int64_t(sizeof(int64_t)));
+  plan.send_offsets = alloc.allocate((W + 1) * int64_t(sizeof(int64_t)));
+  int64_t* rows = plan.rows_per_dest.as<int64_t>();
+  count_layout(r, rows, plan.pairs_per_expert.as<int64_t>());
+  int64_t* offsets = plan.send_offsets.as<int64_t>();
+  offsets[0] = 0;
+  for (int64_t d = 0; d < W; ++d) offsets[d + 1] = offsets[d] + rows[d];
+  plan.num_send = offsets[W];
+  plan.send_token = alloc.allocate(plan.num_send * int64_t(sizeof(int64_t)));
+  plan.pair_slot = alloc.allocate(T * K * int64_t(sizeof(int64_t)));
+  plan.first_slot = alloc.allocate(T * K * int64_t(sizeof(int64_t)));
+  fill_send_plan(r, offsets, plan.send_token.as<int64_t>(), plan.pair_slot.as<int64_t>(),
+                 plan.first_slot.as<int64_t>());
+}
+
+void CpuDevice::count_tokens(const Routing& r, int64_t* tokens_per_rank) {
+  count_layout(r, tokens_per_rank, nullptr);
+}
+
+void CpuDevice::pack_rows(const PackParams& p) { cpu::pack_rows(p); }
+
+void CpuDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk,
+                               int64_t* idx, float* weights) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    for (int64_t k = 0; k < topk; ++k) {
+      SlotMeta m;
+      std::memcpy(&m, rows + i * fmt.row_bytes + fmt.meta_offset + k * int64_t(sizeof(SlotMeta)), sizeof(SlotMeta));
+      idx[i * topk + k] = m.local_expert;
+      weights[i * topk + k] = m.weight;
+    }
+  }
+}
+
+void CpuDevice::expand(const engine::ExpandArgs& a) {
+  ExpandPlanParams plan;
+  plan.rows = a.rows;
+  plan.num_rows = a.num_rows;
+  plan.fmt = a.fmt;
+  plan.topk = a.topk;
+  plan.experts_per_rank = a.experts_per_rank;
+  plan.row_order = a.row_order;
+  std::vector<int64_t> counts(a.experts_per_rank);
+  count_recv_experts(plan, counts.data());
+  for (int64_t e = 0; e < a.experts_per_rank; ++e) {
+    // The outputs were sized from the header's counts: prove them right (free on the CPU).
+    MOE_HOST_ASSERT(counts[e] == a.expert_offsets[e + 1] - a.expert_offsets[e],
+                    "the header announced " << a.expert_offsets[e + 1] - a.expert_offsets[e]
+                                            << " rows for local expert " << e << ", " << counts[e] << " arrived");
+  }
+  fill_expand_plan(plan, a.expert_offsets, a.row_map, a.slot_weights, a.recv_weights);
+  ScatterParams s;
+  s.src = a.rows;
+  s.src_stride = a.fmt.row_bytes;
+  s.num_src = a.num_rows;
+  s.row_map = a.row_map;
+  s.topk = a.topk;
+  s.hidden = a.hidden;
+  s.dtype = a.dtype;
+  s.dst = a.recv_x;
+  s.dst_stride = a.hidden * dtype_size(a.dtype);
+  cpu::scatter_rows(s);
+}
+
+void CpuDevice::scatter_rows(const ScatterParams& p) { cpu::scatter_rows(p); }
+void CpuDevice::reduce_rows(const ReduceParams& p) { cpu::reduce_rows(p); }
+void CpuDevice::row_dots(const DotParams& p) { cpu::row_dots(p); }
+
+void CpuDevice::compose_own_slot(const int64_t* first_slot, int64_t num_in, int64_t topk, const int64_t* map,
+                                 const float* weights, int64_t* out_map, float* out_weights) {
+  for (int64_t i = 0; i < num_in; ++i) {
+    int64_t slot = -1;
+    for (int64_t k = 0; k < topk; ++k) slot = first_slot[i * topk + k] > slot ? first_slot[i * topk + k] : slot;
+    for (int64_t k = 0; k < topk; ++k) {
+      out_map[i * topk + k] = slot >= 0 ? map[slot * topk + k] : -1;
+      if (out_weights) out_weights[i * topk + k] = slot >= 0 ? weights[slot * topk + k] : 0.0f;
+    }
+  }
+}
+
+void CpuDevice::collect_pairs(const float* per_slot, int64_t per_slot_stride, const int64_t* pair_slot,
+                              int64_t num_in, int64_t topk, float* out) {
+  for (int64_t i = 0; i < num_in * topk; ++i) {
+    const int64_t slot = pair_slot[i];
+    out[i] = slot >= 0 ? per_slot[slot * per_slot_stride + i % topk] : 0.0f;
+  }
+}
+
+void CpuDevice::gather_masked(const float* values, const int64_t* index, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = index[i] >= 0 ? values[index[i]] : 0.0f;
+}
+
+void CpuDevice::write_scalars(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t offset, int64_t topk,
+                              const float* src) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    std::memcpy(rows + i * row_bytes + offset, src + i * topk, topk * sizeof(float));
+  }
+}
+
+void CpuDevice::mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,
+                            float* out) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    for (int64_t k = 0; k < topk; ++k) {
+      float w;
+      std::memcpy(&w, rows + i * stride + k * sizeof(float), sizeof(float));
+      out[i * topk + k] = map[i * topk + k] < 0 ? 0.0f : w;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace moe_comm

@@ -1,0 +1,34 @@
+// The engine's CPU backend: each device call runs on the calling thread, over the same
+// single-source row bodies the CUDA kernels launch (csrc/kernels/bodies) where there is one.
+#pragma once
+
+#include "../engine/device.h"
+
+namespace moe_comm {
+namespace cpu {
+
+class CpuDevice final : public engine::Device {
+ public:
+  bool host_readable() const override { return true; }
+  void plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) override;
+  void count_tokens(const Routing& r, int64_t* tokens_per_rank) override;
+  void pack_rows(const PackParams& p) override;
+  void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk, int64_t* idx,
+                      float* weights) override;
+  void expand(const engine::ExpandArgs& a) override;
+  void scatter_rows(const ScatterParams& p) override;
+  void reduce_rows(const ReduceParams& p) override;
+  void row_dots(const DotParams& p) override;
+  void compose_own_slot(const int64_t* first_slot, int64_t num_in, int64_t topk, const int64_t* map,
+                        const float* weights, int64_t* out_map, float* out_weights) override;
+  void collect_pairs(const float* per_slot, int64_t per_slot_stride, const int64_t* pair_slot, int64_t num_in,
+                     int64_t topk, float* out) override;
+  void gather_masked(const float* values, const int64_t* index, int64_t count, float* out) override;
+  void write_scalars(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t offset, int64_t topk,
+                     const float* src) override;
+  void mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,
+                   float* out) override;
+};
+
+}  // namespace cpu
+}  // namespace moe_comm

@@ -1,0 +1,85 @@
+// Device work of the engine: every call is one kernel launch on CUDA (a grid over rows or
+// tokens) and the same per-row code in loops on the CPU (csrc/cpu/cpu_device.h). Arrays live on
+// the device; the engine reads none of them on the host except where `host_readable()`.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/layout.h"
+#include "../core/row_format.h"
+#include "../core/token_params.h"
+#include "interfaces.h"
+
+namespace moe_comm {
+namespace engine {
+
+// Where every input row of one stage goes (core/layout.h fill_send_plan over the stage's
+// destinations). The input of stage 0 is this rank's tokens; of stage j > 0 what stage j - 1
+// delivered, in arrival order.
+struct StagePlan {
+  int64_t num_in = 0;     // input rows
+  int64_t num_send = 0;   // send slots (rows on the wire, own included)
+  int64_t num_recv = 0;   // rows received
+  Array rows_per_dest;    // [size] int64
+  Array pairs_per_expert; // [size * experts_per_dest] int64
+  Array send_offsets;     // [size + 1] int64
+  Array send_token;       // [num_send] int64: input row of each send slot, destination-major
+  Array pair_slot;        // [num_in, K] int64: send slot of (row, k), -1 masked
+  Array first_slot;       // [num_in, K] int64: the same on each destination's first slot only
+  std::vector<int64_t> send_rows, recv_rows;  // per peer, from the header exchange
+};
+
+// Receiver side of dispatch: arrived rows -> expert-major rows and the maps combine reuses.
+struct ExpandArgs {
+  const uint8_t* rows = nullptr;  // [num_rows, fmt.row_bytes] with SlotMeta
+  int64_t num_rows = 0;
+  RowFormat fmt;
+  int64_t topk = 0;
+  int64_t experts_per_rank = 0;
+  DType dtype = DType::kFloat32;
+  int64_t hidden = 0;
+  const int64_t* row_order = nullptr;  // [num_rows] (source rank, token) order; null: arrival
+  const int64_t* expert_offsets = nullptr;  // [experts_per_rank + 1], from the headers (host)
+  int64_t* row_map = nullptr;      // [num_rows, topk] out
+  float* slot_weights = nullptr;   // [num_rows, topk] out
+  float* recv_weights = nullptr;   // [R] out
+  uint8_t* recv_x = nullptr;       // [R, hidden] out
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual bool host_readable() const = 0;
+
+  // The send plan of one stage; allocates its arrays. Indices must be valid (or masked).
+  virtual void plan_send(const Routing& r, Allocator& alloc, StagePlan& plan) = 0;
+  // tokens_per_rank[num_ranks] of a routing (the hierarchical forward counts).
+  virtual void count_tokens(const Routing& r, int64_t* tokens_per_rank) = 0;
+  virtual void pack_rows(const PackParams& p) = 0;
+  // idx[i, k] / weights[i, k] from the SlotMeta block of arrived dispatch rows.
+  virtual void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk,
+                              int64_t* idx, float* weights) = 0;
+  virtual void expand(const ExpandArgs& a) = 0;
+  virtual void scatter_rows(const ScatterParams& p) = 0;
+  virtual void reduce_rows(const ReduceParams& p) = 0;
+  virtual void row_dots(const DotParams& p) = 0;
+  // A stage with one destination: out_map[i, k] = map[s, k] (weights likewise) where s is row
+  // i's only send slot, -1 / 0 when it sent nothing.
+  virtual void compose_own_slot(const int64_t* first_slot, int64_t num_in, int64_t topk, const int64_t* map,
+                                const float* weights, int64_t* out_map, float* out_weights) = 0;
+  // out[i, k] = per_slot[pair_slot[i, k], k] (a [rows, stride]-strided float block), 0 masked.
+  virtual void collect_pairs(const float* per_slot, int64_t per_slot_stride, const int64_t* pair_slot,
+                             int64_t num_in, int64_t topk, float* out) = 0;
+  // out[i, k] = values[index[i, k]], 0 where index < 0.
+  virtual void gather_masked(const float* values, const int64_t* index, int64_t count, float* out) = 0;
+  // dst rows' float block [rows, topk] at byte offset `offset` of each row_bytes-wide row = src.
+  virtual void write_scalars(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t offset, int64_t topk,
+                             const float* src) = 0;
+  // out[i, k] = map[i, k] < 0 ? 0 : rows[i, k] for float rows [num_rows, stride bytes]
+  // (combine's own weights at the receiver).
+  virtual void mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,
+                           float* out) = 0;
+};
+
+}  // namespace engine
+}  // namespace moe_comm

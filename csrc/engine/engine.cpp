@@ -1,0 +1,545 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <utility>
+
+namespace moe_comm {
+namespace engine {
+namespace {
+
+constexpr int64_t kScalarBytes = 4;  // one float32 per slot on the return wire
+
+int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+
+// Rows per peer of a header: what each row's block columns add up to.
+std::vector<int64_t> header_rows(const std::vector<int64_t>& header, int64_t size, const HeaderLayout& layout) {
+  std::vector<int64_t> rows(size, 0);
+  for (int64_t d = 0; d < size; ++d) {
+    for (int64_t b = 0; b < layout.blocks; ++b) rows[d] += header[d * layout.width() + layout.rows_col() + b];
+  }
+  return rows;
+}
+
+}  // namespace
+
+struct Engine::Headers {
+  std::vector<HeaderLayout> layouts;
+  std::vector<std::vector<int64_t>> sent, received;
+};
+
+Engine::Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, int64_t num_experts,
+               std::shared_ptr<Device> device, std::shared_ptr<Allocator> allocator)
+    : stages_(std::move(stages)), rank_(rank), world_size_(world_size), num_experts_(num_experts),
+      experts_per_rank_(num_experts / world_size), device_(std::move(device)), allocator_(std::move(allocator)) {
+  MOE_HOST_ASSERT(stages_.size() == 1 || stages_.size() == 2, "an engine has 1 or 2 stages, got " << stages_.size());
+  MOE_HOST_ASSERT(device_->host_readable(), "this engine backend reads its headers on the host");
+  for (const StageSpec& s : stages_) {
+    MOE_HOST_ASSERT(s.size == 1 || s.transport, "stage " << s.name << " of size " << s.size << " has no transport");
+    MOE_HOST_ASSERT(int64_t(s.global_ranks.size()) == s.size && int64_t(s.remote.size()) == s.size,
+                    "stage " << s.name << ": ranks and remote flags must list every destination");
+  }
+}
+
+void Engine::begin(const std::string& kind) {
+  current_ = &counters_[kind];
+  *current_ = Counters{};
+}
+
+const Counters& Engine::counters(const std::string& kind) const {
+  static const Counters none;
+  auto it = counters_.find(kind);
+  return it == counters_.end() ? none : it->second;
+}
+
+int64_t Engine::workspace_bytes() const {
+  int64_t total = 0;
+  for (const auto& w : workspaces_) total += w.second.bytes;
+  return total;
+}
+
+uint8_t* Engine::workspace(const std::string& name, int64_t bytes) {
+  Array& w = workspaces_[name];
+  if (w.bytes < bytes) w = allocate(bytes + bytes / 4);  // grow-only: fresh pages fault on every call
+  return w.data;
+}
+
+void Engine::exchange(const StageSpec& stage, const uint8_t* send, const std::vector<int64_t>& send_rows,
+                      uint8_t* recv, const std::vector<int64_t>& recv_rows, int64_t row_bytes, int64_t* status,
+                      const std::string& name) {
+  std::vector<int64_t> send_bytes(send_rows.size()), recv_bytes(recv_rows.size());
+  for (size_t p = 0; p < send_rows.size(); ++p) send_bytes[p] = send_rows[p] * row_bytes;
+  for (size_t p = 0; p < recv_rows.size(); ++p) recv_bytes[p] = recv_rows[p] * row_bytes;
+  std::vector<int64_t> status_out, status_in;
+  if (status) {
+    status_out.assign(stage.size, *status);
+    status_in.assign(stage.size, 0);
+  }
+  ++current_->exchanges;
+  stage.transport->all_to_all(send, send_bytes, recv, recv_bytes, status ? status_out.data() : nullptr,
+                              status ? status_in.data() : nullptr, name, ++sequence_[name]);
+  if (status) {
+    for (int64_t s : status_in) *status = std::max(*status, s);  // MAX: the lowest bad rank wins
+  }
+}
+
+// ---- dispatch -------------------------------------------------------------------------------
+
+Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
+                                 const int64_t* forward, Headers& h) {
+  const StageSpec& first = stages_[0];
+  if (stages_.size() == 1) {
+    h.layouts = {HeaderLayout{1, 0, experts_per_rank_}};
+  } else {
+    h.layouts = {HeaderLayout{1, stages_[1].size, first.experts_per_dest},
+                 HeaderLayout{first.size, 0, stages_[1].experts_per_dest}};
+  }
+  h.sent.resize(stages_.size());
+  h.received.resize(stages_.size());
+  const HeaderLayout& l0 = h.layouts[0];
+  h.sent[0].assign(first.size * l0.width(), 0);
+  fill_fixed(h.sent[0].data(), first.size, l0, call, rank_, local);
+  if (!local.any()) {
+    const int64_t* rows = plan0->rows_per_dest.as<int64_t>();
+    const int64_t* pairs = plan0->pairs_per_expert.as<int64_t>();
+    for (int64_t d = 0; d < first.size; ++d) {
+      int64_t* row = h.sent[0].data() + d * l0.width();
+      row[l0.rows_col()] = rows[d];
+      for (int64_t l = 0; l < l0.forward; ++l) row[l0.forward_col() + l] = forward[d * l0.forward + l];
+      for (int64_t e = 0; e < l0.experts; ++e) row[l0.experts_col() + e] = pairs[d * l0.experts + e];
+    }
+  }
+  for (size_t j = 0; j < stages_.size(); ++j) {
+    const StageSpec& stage = stages_[j];
+    const int64_t width = h.layouts[j].width();
+    if (j == 1) {
+      h.sent[1].assign(stage.size * width, 0);
+      relay_header(h.received[0].data(), h.layouts[0], first.global_ranks, h.sent[1].data(), stage.size,
+                   h.layouts[1], call, rank_, local);
+    }
+    if (stage.size == 1) {
+      h.received[j] = h.sent[j];
+      continue;
+    }
+    h.received[j].assign(stage.size * width, 0);
+    const std::vector<int64_t> one(stage.size, 1);
+    exchange(stage, reinterpret_cast<const uint8_t*>(h.sent[j].data()), one,
+             reinterpret_cast<uint8_t*>(h.received[j].data()), one, width * int64_t(sizeof(int64_t)), nullptr,
+             "dispatch/" + stage.name + "/header");
+  }
+  ++current_->host_waits;  // the dispatch's one: the headers size everything that follows
+  Problem problem = local;
+  for (size_t j = 0; j < stages_.size() && !problem.any(); ++j) {
+    problem = find_problem(h.received[j].data(), stages_[j].size, h.layouts[j], call, stages_[j].global_ranks,
+                           rank_);
+  }
+  return problem;
+}
+
+std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
+                                         Headers& h, DispatchLayout& layout) {
+  const RowFormat fmt = make_row_format(x.cols, dtype_size(x.dtype), topk, sizeof(SlotMeta));
+  RowsIn rows = x;
+  const int64_t* idx = topk_idx;
+  const float* w = weights;
+  Array next_idx, next_weights;  // the next stage's routing, read from what arrived
+  std::vector<uint8_t*> arrived;
+  for (size_t j = 0; j < stages_.size(); ++j) {
+    const StageSpec& stage = stages_[j];
+    StagePlan& plan = layout.plans[j];
+    if (j > 0) {
+      Routing r{idx, rows.rows, topk, stage.size * stage.experts_per_dest, stage.size};
+      launch();
+      device_->plan_send(r, *allocator_, plan);
+    }
+    plan.send_rows = header_rows(h.sent[j], stage.size, h.layouts[j]);
+    plan.recv_rows = header_rows(h.received[j], stage.size, h.layouts[j]);
+    plan.num_recv = sum(plan.recv_rows);
+    const int64_t* planned = plan.rows_per_dest.as<int64_t>();
+    for (int64_t d = 0; d < stage.size; ++d) {
+      // What the headers announced must be what the plan sends.
+      MOE_HOST_ASSERT(planned[d] == plan.send_rows[d], "stage '" << stage.name << "' announced "
+                                                                 << plan.send_rows[d] << " rows to destination " << d
+                                                                 << " but its plan sends " << planned[d]);
+    }
+    const std::string name = "dispatch/" + stage.name;
+    uint8_t* send = workspace(name + "/send", plan.num_send * fmt.row_bytes);
+    PackParams p;
+    p.src = rows.data;
+    p.src_stride = rows.stride_bytes;
+    p.send_token = plan.send_token.as<int64_t>();
+    p.send_offsets = plan.send_offsets.as<int64_t>();
+    p.num_ranks = stage.size;
+    p.num_rows = plan.num_send;
+    p.dst = send;
+    p.fmt = fmt;
+    p.topk_idx = idx;
+    p.topk_weights = w;
+    p.topk = topk;
+    p.experts_per_rank = stage.experts_per_dest;
+    launch();
+    device_->pack_rows(p);
+    uint8_t* recv = send;
+    if (stage.size > 1) {
+      recv = workspace(name + "/recv", plan.num_recv * fmt.row_bytes);
+      exchange(stage, send, plan.send_rows, recv, plan.recv_rows, fmt.row_bytes, nullptr, name);
+    }
+    arrived.push_back(recv);
+    rows = RowsIn{recv, fmt.row_bytes, plan.num_recv, x.cols, x.dtype};
+    if (j + 1 < stages_.size()) {
+      next_idx = allocate(plan.num_recv * topk * int64_t(sizeof(int64_t)));
+      next_weights = allocate(plan.num_recv * topk * int64_t(sizeof(float)));
+      launch();
+      device_->read_slot_meta(recv, plan.num_recv, fmt, topk, next_idx.as<int64_t>(), next_weights.as<float>());
+      idx = next_idx.as<int64_t>();
+      w = next_weights.as<float>();
+    }
+  }
+  return arrived;
+}
+
+DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
+                                int64_t rejected) {
+  begin("dispatch");
+  DispatchResult out;
+  CallFacts call;
+  call.num_experts = num_experts_;
+  Problem local;
+  if (rejected) {
+    local = Problem{rejected, rank_, rank_};
+  } else {
+    call.hidden = x.cols;
+    call.dtype = static_cast<int64_t>(x.dtype);
+    call.topk = topk;
+    out.routing = find_routing_problem(Routing{topk_idx, x.rows, topk, num_experts_, world_size_});
+    if (out.routing.kind != RoutingProblem::kOk) local = Problem{2, rank_, rank_};  // topk_idx
+  }
+  auto layout = std::make_shared<DispatchLayout>();
+  layout->plans.resize(stages_.size());
+  std::vector<int64_t> forward;
+  if (!local.any()) {
+    launch();
+    device_->plan_send(Routing{topk_idx, x.rows, topk, num_experts_, stages_[0].size}, *allocator_,
+                       layout->plans[0]);
+    if (stages_.size() == 2) {  // rows each rail peer will forward to each rank of its node
+      forward.assign(world_size_, 0);
+      launch();
+      device_->count_tokens(Routing{topk_idx, x.rows, topk, num_experts_, world_size_}, forward.data());
+    }
+  }
+  Headers h;
+  out.problem = exchange_headers(call, local, &layout->plans[0], forward.data(), h);
+  if (out.problem.any()) return out;  // no token has moved, on any rank
+
+  std::vector<uint8_t*> arrived = run_stages(x, topk_idx, topk, weights, h, *layout);
+
+  // The last header announced every arrival: outputs are sized without waiting on the device.
+  const size_t last = stages_.size() - 1;
+  const HeaderLayout& hl = h.layouts[last];
+  const std::vector<int64_t>& got = h.received[last];
+  const int64_t senders = stages_[last].size;
+  layout->tokens_per_expert.assign(experts_per_rank_, 0);
+  for (int64_t s = 0; s < senders; ++s) {
+    for (int64_t e = 0; e < experts_per_rank_; ++e) {
+      layout->tokens_per_expert[e] += got[s * hl.width() + hl.experts_col() + e];
+    }
+  }
+  std::vector<int64_t> expert_offsets(experts_per_rank_ + 1, 0);
+  std::partial_sum(layout->tokens_per_expert.begin(), layout->tokens_per_expert.end(), expert_offsets.begin() + 1);
+  const int64_t R = expert_offsets.back();
+  const int64_t N = layout->plans[last].num_recv;
+
+  // Arrival order is (sender, block); the API wants (source rank, token) order. Flat: sender s
+  // is the source. Hierarchical: the node stage's sender is the forwarder with local index l,
+  // its block b is what rail peer b (node b) sent it, so the source is b * P + l.
+  std::vector<int64_t> row_order;
+  if (hl.blocks > 1) {
+    std::vector<std::pair<int64_t, int64_t>> blocks;  // (source rank, arrival block index)
+    std::vector<int64_t> starts;
+    int64_t start = 0;
+    for (int64_t s = 0; s < senders; ++s) {
+      for (int64_t b = 0; b < hl.blocks; ++b) {
+        blocks.emplace_back(b * senders + s, s * hl.blocks + b);
+        starts.push_back(start);
+        start += got[s * hl.width() + hl.rows_col() + b];
+      }
+    }
+    std::stable_sort(blocks.begin(), blocks.end());
+    row_order.reserve(N);
+    for (const auto& [source, block] : blocks) {
+      const int64_t count = got[(block / hl.blocks) * hl.width() + hl.rows_col() + block % hl.blocks];
+      for (int64_t r = 0; r < count; ++r) row_order.push_back(starts[block] + r);
+    }
+  }
+  const int64_t elem = dtype_size(x.dtype);
+  out.recv_x = allocate(R * x.cols * elem);
+  out.recv_weights = allocate(R * int64_t(sizeof(float)));
+  layout->row_map = allocate(N * topk * int64_t(sizeof(int64_t)));
+  layout->slot_weights = allocate(N * topk * int64_t(sizeof(float)));
+  ExpandArgs a;
+  a.rows = arrived[last];
+  a.num_rows = N;
+  a.fmt = make_row_format(x.cols, elem, topk, sizeof(SlotMeta));
+  a.topk = topk;
+  a.experts_per_rank = experts_per_rank_;
+  a.dtype = x.dtype;
+  a.hidden = x.cols;
+  a.row_order = row_order.empty() ? nullptr : row_order.data();
+  a.expert_offsets = expert_offsets.data();
+  a.row_map = layout->row_map.as<int64_t>();
+  a.slot_weights = layout->slot_weights.as<float>();
+  a.recv_weights = out.recv_weights.as<float>();
+  a.recv_x = out.recv_x.data;
+  launch();
+  device_->expand(a);
+
+  layout->num_tokens = x.rows;
+  layout->hidden = x.cols;
+  layout->topk = topk;
+  layout->dtype = x.dtype;
+  layout->num_last = N;
+  layout->num_recv_rows = R;
+  for (size_t j = 0; j < stages_.size(); ++j) {
+    const StageSpec& stage = stages_[j];
+    for (int64_t d = 0; d < stage.size; ++d) {
+      if (d == stage.index) continue;  // rows a rank sends itself cross no link
+      (stage.remote[d] ? layout->stats.rows_inter : layout->stats.rows_intra) += layout->plans[j].send_rows[d];
+    }
+  }
+  layout->stats.bytes_intra = layout->stats.rows_intra * x.cols * elem;
+  layout->stats.bytes_inter = layout->stats.rows_inter * x.cols * elem;
+  layout->counters = *current_;
+  out.layout = layout;
+  return out;
+}
+
+// ---- the reverse path and the forward path reused -------------------------------------------
+
+RowsIn Engine::send_along(const DispatchLayout& layout, const RowsIn& rows, const std::string& name,
+                          int64_t* status) {
+  const RowFormat fmt = make_row_format(rows.cols, dtype_size(rows.dtype), 0, 0);
+  RowsIn in = rows;
+  for (size_t j = 0; j < stages_.size(); ++j) {
+    const StageSpec& stage = stages_[j];
+    const StagePlan& plan = layout.plans[j];
+    const std::string stage_name = name + "/" + stage.name;
+    uint8_t* send = workspace(stage_name + "/send", plan.num_send * fmt.row_bytes);
+    PackParams p;
+    p.src = in.data;
+    p.src_stride = in.stride_bytes;
+    p.send_token = plan.send_token.as<int64_t>();
+    p.send_offsets = plan.send_offsets.as<int64_t>();
+    p.num_ranks = stage.size;
+    p.num_rows = plan.num_send;
+    p.dst = send;
+    p.fmt = fmt;
+    launch();
+    device_->pack_rows(p);
+    uint8_t* recv = send;
+    if (stage.size > 1) {
+      recv = workspace(stage_name + "/recv", plan.num_recv * fmt.row_bytes);
+      exchange(stage, send, plan.send_rows, recv, plan.recv_rows, fmt.row_bytes, status, stage_name);
+    }
+    in = RowsIn{recv, fmt.row_bytes, plan.num_recv, rows.cols, rows.dtype};
+  }
+  return in;
+}
+
+void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const int64_t* row_map,
+                         const float* weights, const float* slot_scalars, const std::string& name, int64_t* status,
+                         Array& y, Array& scalars_out) {
+  const int64_t topk = layout.topk;
+  const RowFormat fmt = make_row_format(rows.cols, dtype_size(rows.dtype), slot_scalars ? topk : 0, kScalarBytes);
+  RowsIn src = rows;
+  const int64_t* src_map = row_map;
+  const float* src_weights = weights;
+  const float* scalars = slot_scalars;
+  int64_t scalar_stride = topk;  // floats between rows of `scalars`
+  Array composed_map, composed_weights, collected;
+  for (size_t jj = stages_.size(); jj-- > 0;) {
+    const StageSpec& stage = stages_[jj];
+    const StagePlan& plan = layout.plans[jj];
+    if (stage.size == 1) {
+      // No wire (world size 1, or one rank per node): compose the maps instead of
+      // materialising partials that would only be summed once more.
+      Array m = allocate(plan.num_in * topk * int64_t(sizeof(int64_t)));
+      Array w = src_weights ? allocate(plan.num_in * topk * int64_t(sizeof(float))) : Array{};
+      launch();
+      device_->compose_own_slot(plan.first_slot.as<int64_t>(), plan.num_in, topk, src_map, src_weights,
+                                m.as<int64_t>(), w.as<float>());
+      composed_map = m;
+      composed_weights = w;
+      src_map = m.as<int64_t>();
+      src_weights = w.as<float>();
+      if (scalars) {
+        Array c = allocate(plan.num_in * topk * int64_t(sizeof(float)));
+        launch();
+        device_->collect_pairs(scalars, scalar_stride, plan.pair_slot.as<int64_t>(), plan.num_in, topk, c.as<float>());
+        collected = c;
+        scalars = c.as<float>();
+        scalar_stride = topk;
+      }
+      continue;
+    }
+    const std::string stage_name = name + "/" + stage.name;
+    uint8_t* packed = workspace(stage_name + "/send", plan.num_recv * fmt.row_bytes);
+    ReduceParams r;
+    r.src = src.data;
+    r.src_stride = src.stride_bytes;
+    r.src_dtype = src.dtype;
+    r.map = src_map;
+    r.num_out = plan.num_recv;
+    r.topk = topk;
+    r.weights = src_weights;
+    r.hidden = src.cols;
+    r.dst = packed;
+    r.dst_stride = fmt.row_bytes;
+    r.dst_dtype = src.dtype;
+    launch();
+    device_->reduce_rows(r);
+    if (scalars) {
+      launch();
+      device_->write_scalars(packed, plan.num_recv, fmt.row_bytes, fmt.meta_offset, topk, scalars);
+    }
+    uint8_t* back = workspace(stage_name + "/recv", plan.num_send * fmt.row_bytes);
+    exchange(stage, packed, plan.recv_rows, back, plan.send_rows, fmt.row_bytes, status, stage_name);
+    src = RowsIn{back, fmt.row_bytes, plan.num_send, rows.cols, rows.dtype};
+    src_map = plan.first_slot.as<int64_t>();
+    src_weights = nullptr;
+    if (scalars) {
+      Array c = allocate(plan.num_in * topk * int64_t(sizeof(float)));
+      launch();
+      device_->collect_pairs(reinterpret_cast<const float*>(back + fmt.meta_offset), fmt.row_bytes / kScalarBytes,
+                             plan.pair_slot.as<int64_t>(), plan.num_in, topk, c.as<float>());
+      collected = c;
+      scalars = c.as<float>();
+      scalar_stride = topk;
+    }
+  }
+  y = allocate(layout.num_tokens * rows.cols * dtype_size(rows.dtype));
+  ReduceParams r;
+  r.src = src.data;
+  r.src_stride = src.stride_bytes;
+  r.src_dtype = src.dtype;
+  r.map = src_map;
+  r.num_out = layout.num_tokens;
+  r.topk = topk;
+  r.weights = src_weights;
+  r.hidden = src.cols;
+  r.dst = y.data;
+  r.dst_stride = rows.cols * dtype_size(rows.dtype);
+  r.dst_dtype = rows.dtype;
+  if (rows.cols > 0) {
+    launch();
+    device_->reduce_rows(r);
+  }
+  scalars_out = collected;
+}
+
+CombineResult Engine::combine(const DispatchLayout& layout, const RowsIn& expert_y, const float* weights, bool reuse,
+                              int64_t status_code) {
+  begin("combine");
+  CombineResult out;
+  int64_t status = status_code > 0 ? ((world_size_ - rank_) << 8 | status_code) : 0;
+  int64_t* carried = status_code >= 0 ? &status : nullptr;
+  const int64_t N = layout.num_last, K = layout.topk;
+  const float* slot_weights = nullptr;
+  if (weights && reuse) {
+    out.slot_weights = layout.slot_weights;
+  } else if (weights) {
+    // Receivers need this call's weights: each token's K weights go along the layout first,
+    // and carry the status (every rank knows before any partial moves).
+    const RowsIn sent = send_along(layout, RowsIn{reinterpret_cast<const uint8_t*>(weights),
+                                                  K * int64_t(sizeof(float)), layout.num_tokens, K, DType::kFloat32},
+                                   "combine-weights", carried);
+    if (status != 0) {
+      out.status = status;
+      return out;
+    }
+    out.slot_weights = allocate(N * K * int64_t(sizeof(float)));
+    launch();
+    device_->mask_by_map(sent.data, sent.stride_bytes, layout.row_map.as<int64_t>(), N, K,
+                         out.slot_weights.as<float>());
+  }
+  if (out.slot_weights.data) slot_weights = out.slot_weights.as<float>();
+  RowsIn rows = expert_y;
+  Array zeros;
+  if (status_code > 0) {  // this rank rejected its input: it still joins, sending zeros
+    rows = RowsIn{nullptr, layout.hidden * dtype_size(layout.dtype), layout.num_recv_rows, layout.hidden,
+                  layout.dtype};
+    zeros = allocate(std::max<int64_t>(layout.num_recv_rows * rows.stride_bytes, 16));
+    std::memset(zeros.data, 0, zeros.bytes);
+    rows.data = zeros.data;
+  }
+  Array unused;
+  reduce_back(layout, rows, layout.row_map.as<int64_t>(), slot_weights, nullptr, "combine", carried, out.y, unused);
+  out.status = status;
+  return out;
+}
+
+BackwardResult Engine::dispatch_backward(const DispatchLayout& layout, const RowsIn& grad_recv_x,
+                                         const float* grad_recv_weights) {
+  // The transpose of dispatch is an unweighted combine; router-weight gradients ride back in
+  // the same rows.
+  begin("dispatch_backward");
+  BackwardResult out;
+  Array slot_grads;
+  if (grad_recv_weights) {
+    slot_grads = allocate(layout.num_last * layout.topk * int64_t(sizeof(float)));
+    launch();
+    device_->gather_masked(grad_recv_weights, layout.row_map.as<int64_t>(), layout.num_last * layout.topk,
+                           slot_grads.as<float>());
+  }
+  reduce_back(layout, grad_recv_x, layout.row_map.as<int64_t>(), nullptr,
+              grad_recv_weights ? slot_grads.as<float>() : nullptr, "dispatch-backward", nullptr, out.grad_rows,
+              out.grad_weights);
+  return out;
+}
+
+BackwardResult Engine::combine_backward(const DispatchLayout& layout, const RowsIn& grad_y, const float* slot_weights,
+                                        const RowsIn* expert_y) {
+  // The transpose of combine is a dispatch of grad_y along the cached layout.
+  begin("combine_backward");
+  BackwardResult out;
+  const RowsIn grad_rows = send_along(layout, grad_y, "combine-backward", nullptr);
+  const int64_t R = layout.num_recv_rows, H = layout.hidden;
+  out.grad_rows = allocate(R * H * dtype_size(grad_y.dtype));
+  ScatterParams s;
+  s.src = grad_rows.data;
+  s.src_stride = grad_rows.stride_bytes;
+  s.num_src = grad_rows.rows;
+  s.row_map = layout.row_map.as<int64_t>();
+  s.weights = slot_weights;
+  s.topk = layout.topk;
+  s.hidden = H;
+  s.dtype = grad_y.dtype;
+  s.dst = out.grad_rows.data;
+  s.dst_stride = H * dtype_size(grad_y.dtype);
+  launch();
+  device_->scatter_rows(s);
+  if (expert_y) {  // the gradient of combine's weights: dot(grad_y row, expert_y row) per slot
+    Array dots = allocate(layout.num_last * layout.topk * int64_t(sizeof(float)));
+    DotParams d;
+    d.a = grad_rows.data;
+    d.a_stride = grad_rows.stride_bytes;
+    d.a_dtype = grad_rows.dtype;
+    d.b = expert_y->data;
+    d.b_stride = expert_y->stride_bytes;
+    d.b_dtype = expert_y->dtype;
+    d.map = layout.row_map.as<int64_t>();
+    d.num_rows = layout.num_last;
+    d.topk = layout.topk;
+    d.hidden = H;
+    d.out = dots.as<float>();
+    launch();
+    device_->row_dots(d);
+    Array no_y;
+    reduce_back(layout, RowsIn{nullptr, 0, R, 0, DType::kFloat32}, layout.row_map.as<int64_t>(), nullptr,
+                dots.as<float>(), "combine-backward-weights", nullptr, no_y, out.grad_weights);
+  }
+  return out;
+}
+
+}  // namespace engine
+}  // namespace moe_comm

@@ -1,0 +1,136 @@
+// The dispatch/combine engine: plan -> header -> pack -> exchange -> expand / reduce, over one
+// stage (flat) or two (hierarchical: rail, then node), forward and backward, for one Buffer.
+// One call from Python per dispatch, combine and backward; device work and the wire go through
+// the interfaces of device.h and interfaces.h, so the CPU and CUDA backends run the same
+// control flow, and the counters it keeps are the same on both.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../core/layout.h"
+#include "device.h"
+#include "header.h"
+#include "interfaces.h"
+
+namespace moe_comm {
+namespace engine {
+
+struct StageSpec {
+  std::string name;              // "flat", "inter_node" or "intra_node": names every error
+  int64_t size = 1;              // destinations
+  int64_t index = 0;             // this rank's place among them
+  int64_t experts_per_dest = 0;  // destination d owns experts [d * epd, (d + 1) * epd) of the stage
+  std::vector<int64_t> global_ranks;  // destination -> rank in the Buffer's group
+  std::vector<uint8_t> remote;        // destination -> on another node
+  std::shared_ptr<Transport> transport;  // null when size == 1
+};
+
+// Rows of a 2-D tensor: unit stride inside a row, any stride between rows.
+struct RowsIn {
+  const uint8_t* data = nullptr;
+  int64_t stride_bytes = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype = DType::kFloat32;
+};
+
+struct LinkStats {
+  int64_t rows_intra = 0, rows_inter = 0, bytes_intra = 0, bytes_inter = 0;
+};
+
+// Everything combine and the backwards reuse: the handle's native part.
+struct DispatchLayout {
+  int64_t num_tokens = 0, hidden = 0, topk = 0;
+  DType dtype = DType::kFloat32;
+  std::vector<StagePlan> plans;
+  int64_t num_last = 0;       // rows that arrived at the final stage (N)
+  int64_t num_recv_rows = 0;  // expert-major rows (R)
+  Array row_map;              // [N, K] int64: expert-major row of (arrived row, k), -1 masked
+  Array slot_weights;         // [N, K] float32: dispatch router weights at the receiver
+  std::vector<int64_t> tokens_per_expert;
+  LinkStats stats;
+  Counters counters;          // of the dispatch call
+};
+
+struct DispatchResult {
+  Problem problem;                  // agreed over the header exchange; nothing moved when set
+  RoutingProblem routing;           // this rank's own routing problem, when it had one
+  Array recv_x, recv_weights;
+  std::shared_ptr<DispatchLayout> layout;
+};
+
+struct CombineResult {
+  int64_t status = 0;   // agreed: 0 ok, else (world - bad rank) << 8 | argument code
+  Array y;              // [T, H] in expert_y's dtype
+  Array slot_weights;   // [N, K] the weights used at the receiver (null: unweighted)
+};
+
+struct BackwardResult {
+  Array grad_rows;   // dispatch backward: grad_x [T, H]; combine backward: grad_expert_y [R, H]
+  Array grad_weights;  // [T, K] float32, or empty
+};
+
+class Engine {
+ public:
+  Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, int64_t num_experts,
+         std::shared_ptr<Device> device, std::shared_ptr<Allocator> allocator);
+
+  // x [T, H]; topk_idx [T, K] int64 (host-readable where the device is); weights [T, K] or
+  // null. rejected: the argument code this rank's Python checks rejected (0: none); the rank
+  // then joins the header exchange only, with zeros but num_experts.
+  DispatchResult dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
+                          int64_t rejected);
+
+  // expert_y [R, H] (ignored when this rank rejected its input, status_code > 0: zeros are sent);
+  // weights [T, K] or null; reuse: they are dispatch's weights, already at the receivers.
+  // status_code: -1 no status travels; else this rank's code, agreed in-band.
+  CombineResult combine(const DispatchLayout& layout, const RowsIn& expert_y, const float* weights, bool reuse,
+                        int64_t status_code);
+
+  // grad_recv_x [R, H]; grad_recv_weights [R] or null (then no weight gradient).
+  BackwardResult dispatch_backward(const DispatchLayout& layout, const RowsIn& grad_recv_x,
+                                   const float* grad_recv_weights);
+  // grad_y [T, H]; slot_weights from combine or null; expert_y [R, H], or null: no weight
+  // gradient.
+  BackwardResult combine_backward(const DispatchLayout& layout, const RowsIn& grad_y, const float* slot_weights,
+                                  const RowsIn* expert_y);
+
+  const Counters& counters(const std::string& kind) const;
+  int64_t workspace_bytes() const;
+  int64_t rank() const { return rank_; }
+
+ private:
+  struct Headers;
+  Problem exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
+                           const int64_t* forward, Headers& h);
+  std::vector<uint8_t*> run_stages(const RowsIn& x, const int64_t* idx, int64_t topk, const float* weights,
+                                   Headers& h, DispatchLayout& layout);
+  // The reverse path: partials summed at every hop. -> y [T, H] in rows' dtype; scalars [T, K].
+  void reduce_back(const DispatchLayout& layout, const RowsIn& rows, const int64_t* row_map, const float* weights,
+                   const float* slot_scalars, const std::string& name, int64_t* status, Array& y,
+                   Array& scalars_out);
+  // Sends each token row [T, H'] along the dispatch's path. -> [N, H'] rows (stride: row_bytes).
+  RowsIn send_along(const DispatchLayout& layout, const RowsIn& rows, const std::string& name, int64_t* status);
+  void exchange(const StageSpec& stage, const uint8_t* send, const std::vector<int64_t>& send_rows, uint8_t* recv,
+                const std::vector<int64_t>& recv_rows, int64_t row_bytes, int64_t* status, const std::string& name);
+  uint8_t* workspace(const std::string& name, int64_t bytes);
+  Array allocate(int64_t bytes) { return allocator_->allocate(bytes); }
+  void launch() { ++current_->launches; }
+  void begin(const std::string& kind);
+
+  std::vector<StageSpec> stages_;
+  int64_t rank_, world_size_, num_experts_, experts_per_rank_;
+  std::shared_ptr<Device> device_;
+  std::shared_ptr<Allocator> allocator_;
+  std::map<std::string, Array> workspaces_;
+  std::map<std::string, int64_t> sequence_;
+  std::map<std::string, Counters> counters_;
+  Counters* current_ = nullptr;
+};
+
+}  // namespace engine
+}  // namespace moe_comm

@@ -1,0 +1,50 @@
+"""The errors of the engine's calls, raised alike on every rank: a problem the dispatch
+headers agreed on, a combine status agreed in-band, and a failed exchange (CommError, naming
+this rank, the stage and, from the roll call, the ranks that never arrived)."""
+
+import contextlib
+
+from ._native import C
+from .roll_call import posted_reason
+from .transport import comm_error
+from .validation import ARGUMENT_CODES, routing_error
+
+DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
+FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts"}  # header.h Field
+COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
+
+
+@contextlib.contextmanager
+def native_errors(buffer):
+    """Turns the engine's failed exchange into a CommError naming rank, stage and missing ranks."""
+    try:
+        yield
+    except C.NativeCommFailure as exc:
+        stage, seq = buffer.engine.last_failure
+        raise comm_error(buffer, buffer.stage_members(stage), stage, seq, exc) from exc
+
+
+def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
+    code, bad_rank, seen_by, field, mine, theirs = problem
+    if rejected is not None:
+        return rejected.error
+    if bad_rank == buffer.rank and routing[0]:
+        return routing_error(*routing, buffer.num_experts).error
+    if code == DISAGREEMENT:
+        if field >= 0:  # seen directly in a header this rank received
+            return ValueError(f"{FIELD_LABELS[field]} is {mine} on rank {buffer.rank} but {theirs} on rank "
+                              f"{bad_rank}: every rank of the group must agree")
+        a, b = sorted((bad_rank, seen_by))
+        return ValueError(f"dispatch: rank {a} and rank {b} disagree on the hidden size, dtype, top-k or "
+                          f"num_experts; every rank of the group must agree")
+    return RuntimeError(f"dispatch: rank {bad_rank} rejected its argument '{ARGUMENT_CODES.get(code, code)}' "
+                        f"(see that rank's error); no tokens were exchanged")
+
+
+def agreed_combine_error(buffer, status: int) -> Exception:
+    """status: (world - bad rank) << 8 | argument code, the MAX over ranks (the lowest bad rank)."""
+    rank, code = buffer.world_size - (status >> 8), status & 0xFF
+    reason = posted_reason(buffer, rank)
+    quoted = f" (rank {rank} reported: {reason})" if reason else " (see that rank's error)"
+    return RuntimeError(f"combine: rank {rank} rejected its argument '{COMBINE_ARGUMENTS.get(code, code)}'; "
+                        f"nothing was combined{quoted}")
