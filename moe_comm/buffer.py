@@ -194,6 +194,8 @@ class Buffer:
             stage.group = None
         self.stages = []
         self.all_ranks_group = self.status_group = None
+        if self.engine is not None:
+            self.engine.close()  # its transports hold the gloo groups
         self.engine = None
         self._workspaces = {}
         self.comm_stream = None

@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -26,12 +27,13 @@ using engine::RowsIn;
 class TorchAllocator final : public engine::Allocator {
  public:
   explicit TorchAllocator(c10::Device device) : device_(device) {}
+  // Never a null pointer, even for 0 bytes: the engine reads "null" as "absent" (no weights).
   Array allocate(int64_t bytes) override {
-    auto t = std::make_shared<Tensor>(torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).device(device_)));
+    Tensor storage = torch::empty({std::max<int64_t>(bytes, 16)}, torch::TensorOptions().dtype(torch::kUInt8).device(device_));
     Array a;
-    a.data = static_cast<uint8_t*>(t->data_ptr());
+    a.data = static_cast<uint8_t*>(storage.data_ptr());
     a.bytes = bytes;
-    a.owner = t;
+    a.owner = std::make_shared<Tensor>(storage.narrow(0, 0, bytes));
     return a;
   }
 
@@ -186,13 +188,30 @@ class PyEngine {
     return backward_tuple(r, scalar_type(rows.dtype), {layout->num_recv_rows, layout->hidden}, *layout);
   }
 
-  py::dict counters(const std::string& kind) const { return counters_dict(engine_->counters(kind)); }
-  int64_t workspace_bytes() const { return engine_->workspace_bytes(); }
+  // Gloo's worker threads take the GIL to drop the thread-local state their work captured:
+  // the groups must go without it held, as torch's own ProcessGroup wrappers do, or the join
+  // in ~ProcessGroupGloo deadlocks.
+  ~PyEngine() { close(); }
+  void close() {
+    if (!engine_) return;
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      engine_.reset();
+    } else {
+      engine_.reset();
+    }
+  }
+
+  py::dict counters(const std::string& kind) const {
+    return counters_dict(engine_ ? engine_->counters(kind) : engine::Counters{});
+  }
+  int64_t workspace_bytes() const { return engine_ ? engine_->workspace_bytes() : 0; }
   py::tuple last_failure() const { return py::make_tuple(last_failure_.stage, last_failure_.seq); }
 
  private:
   template <typename Fn>
   auto guarded(Fn&& fn) -> decltype(fn()) {
+    MOE_HOST_ASSERT(engine_, "buffer: this moe_comm.Buffer was closed; create a new one");
     try {
       return fn();
     } catch (const engine::CommFailure& f) {
@@ -241,6 +260,7 @@ void register_engine_ops(py::module_& m) {
       .def("dispatch_backward", &PyEngine::dispatch_backward)
       .def("combine_backward", &PyEngine::combine_backward)
       .def("counters", &PyEngine::counters)
+      .def("close", &PyEngine::close)
       .def_property_readonly("workspace_bytes", &PyEngine::workspace_bytes)
       .def_property_readonly("last_failure", &PyEngine::last_failure);
 }

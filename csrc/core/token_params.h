@@ -54,6 +54,10 @@ struct ReduceParams {
   uint8_t* dst = nullptr;
   int64_t dst_stride = 0;
   DType dst_dtype = DType::kFloat32;
+  // Optional per-slot scalars [num_out, topk] float32 that ride in each output row, at byte
+  // offset scalars_offset (router-weight gradients on the backward wire): no separate pass.
+  const float* scalars = nullptr;
+  int64_t scalars_offset = 0;
 };
 
 // out[i, k] = dot(a[i], b[map[i, k]]) in float32; 0 where map < 0. The gradient of a

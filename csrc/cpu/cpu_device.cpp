@@ -104,12 +104,6 @@ void CpuDevice::gather_masked(const float* values, const int64_t* index, int64_t
   for (int64_t i = 0; i < count; ++i) out[i] = index[i] >= 0 ? values[index[i]] : 0.0f;
 }
 
-void CpuDevice::write_scalars(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t offset, int64_t topk,
-                              const float* src) {
-  for (int64_t i = 0; i < num_rows; ++i) {
-    std::memcpy(rows + i * row_bytes + offset, src + i * topk, topk * sizeof(float));
-  }
-}
 
 void CpuDevice::mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,
                             float* out) {

@@ -24,8 +24,6 @@ class CpuDevice final : public engine::Device {
   void collect_pairs(const float* per_slot, int64_t per_slot_stride, const int64_t* pair_slot, int64_t num_in,
                      int64_t topk, float* out) override;
   void gather_masked(const float* values, const int64_t* index, int64_t count, float* out) override;
-  void write_scalars(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t offset, int64_t topk,
-                     const float* src) override;
   void mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,
                    float* out) override;
 };

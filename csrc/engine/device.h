@@ -72,9 +72,6 @@ class Device {
                              int64_t num_in, int64_t topk, float* out) = 0;
   // out[i, k] = values[index[i, k]], 0 where index < 0.
   virtual void gather_masked(const float* values, const int64_t* index, int64_t count, float* out) = 0;
-  // dst rows' float block [rows, topk] at byte offset `offset` of each row_bytes-wide row = src.
-  virtual void write_scalars(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t offset, int64_t topk,
-                             const float* src) = 0;
   // out[i, k] = map[i, k] < 0 ? 0 : rows[i, k] for float rows [num_rows, stride bytes]
   // (combine's own weights at the receiver).
   virtual void mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,

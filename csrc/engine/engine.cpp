@@ -396,12 +396,11 @@ void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const
     r.dst = packed;
     r.dst_stride = fmt.row_bytes;
     r.dst_dtype = src.dtype;
+    r.scalars = scalars;
+    r.scalars_offset = fmt.meta_offset;
+    MOE_HOST_ASSERT(!scalars || scalar_stride == topk, "per-slot scalars must be dense [rows, topk]");
     launch();
     device_->reduce_rows(r);
-    if (scalars) {
-      launch();
-      device_->write_scalars(packed, plan.num_recv, fmt.row_bytes, fmt.meta_offset, topk, scalars);
-    }
     uint8_t* back = workspace(stage_name + "/recv", plan.num_send * fmt.row_bytes);
     exchange(stage, packed, plan.recv_rows, back, plan.send_rows, fmt.row_bytes, status, stage_name);
     src = RowsIn{back, fmt.row_bytes, plan.num_send, rows.cols, rows.dtype};

@@ -29,7 +29,9 @@ struct Array {
 class Allocator {
  public:
   virtual ~Allocator() = default;
-  virtual Array allocate(int64_t bytes) = 0;  // 16-byte aligned, contents undefined
+  // 16-byte aligned, contents undefined, data never null (0 bytes included): the engine
+  // passes null pointers to mean "absent".
+  virtual Array allocate(int64_t bytes) = 0;
 };
 
 // Events of one call, counted by the engine as it drives the backend (CPU and CUDA alike):

@@ -70,6 +70,15 @@ MOE_HD void set_elem(Vec16& v, int j, T e) {
 #endif
 }
 
+// A float32 at a 4-byte aligned byte address.
+MOE_HD void store_f32(uint8_t* p, float v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float*>(p) = v;
+#else
+  std::memcpy(p, &v, sizeof(float));
+#endif
+}
+
 MOE_HD bool aligned16(const void* a, const void* b) {
   return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
@@ -216,6 +225,11 @@ MOE_HD void reduce_row(const ReduceParams& p, int64_t i, bool vectorized, Lanes 
       acc += w * S::load(reinterpret_cast<const TS*>(p.src + row * p.src_stride)[h]);
     }
     o[h] = D::store(acc);
+  }
+  if (p.scalars) {
+    for (int64_t k = l.id; k < p.topk; k += l.count) {
+      store_f32(out + p.scalars_offset + k * int64_t(sizeof(float)), p.scalars[i * p.topk + k]);
+    }
   }
 }
 
