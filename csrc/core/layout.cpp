@@ -32,7 +32,7 @@ void count_layout(const Routing& r, int64_t* tokens_per_rank, int64_t* pairs_per
     const int64_t* row = r.topk_idx + t * r.topk;
     for (int64_t k = 0; k < r.topk; ++k) {
       const int64_t e = row[k];
-      if (e < 0) continue;
+      if (e < 0 || e >= r.num_experts) continue;  // masked (or out of range: then nothing is sent)
       if (pairs_per_expert) ++pairs_per_expert[e];
       const int64_t rank = e / per_rank;
       if (seen_by[rank] != t) {
@@ -54,7 +54,7 @@ void fill_send_plan(const Routing& r, const int64_t* send_offsets, int64_t* send
     for (int64_t k = 0; k < r.topk; ++k) {
       const int64_t flat = t * r.topk + k;
       const int64_t e = row[k];
-      if (e < 0) {
+      if (e < 0 || e >= r.num_experts) {
         pair_slot[flat] = -1;
         first_slot[flat] = -1;
         continue;

@@ -28,6 +28,8 @@ struct RoutingProblem {
 
 RoutingProblem find_routing_problem(const Routing& routing);
 
+// Indices out of [0, num_experts) count as masked in both passes, so that a plan made before
+// the routing's status is known never indexes out of bounds (a bad routing sends nothing).
 // Pass 1. tokens_per_rank[W]: distinct tokens sent to each rank. pairs_per_expert[E] (may be
 // null): valid (token, expert) pairs per global expert.
 void count_layout(const Routing& routing, int64_t* tokens_per_rank, int64_t* pairs_per_expert);

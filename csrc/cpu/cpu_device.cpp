@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "../core/error.h"
+#include "../kernels/bodies/maps.h"
 #include "token_ops.h"
 
 namespace moe_comm {
@@ -12,6 +13,8 @@ namespace cpu {
 void CpuDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
   const int64_t W = r.num_ranks, T = r.num_tokens, K = r.topk;
   plan.num_in = T;
+  plan.status = alloc.allocate(int64_t(sizeof(int64_t)));
+  *plan.status.as<int64_t>() = find_routing_problem(r).kind == RoutingProblem::kOk ? 0 : engine::kRoutingCode;
   plan.rows_per_dest = alloc.allocate(W * int64_t(sizeof(int64_t)));
   plan.pairs_per_expert = alloc.allocate(r.num_experts * int64_t(sizeof(int64_t)));
   plan.send_offsets = alloc.allocate((W + 1) * int64_t(sizeof(int64_t)));
@@ -32,17 +35,26 @@ void CpuDevice::count_tokens(const Routing& r, int64_t* tokens_per_rank) {
   count_layout(r, tokens_per_rank, nullptr);
 }
 
+void CpuDevice::fill_header(const engine::HeaderFill& h) {
+  for (int64_t d = 0; d < h.size; ++d) engine::fill_header_row(h, d);
+}
+
+void CpuDevice::relay_header(const engine::HeaderRelay& h) {
+  for (int64_t l = 0; l < h.size; ++l) engine::relay_header_row(h, l);
+}
+
+void CpuDevice::download(const std::vector<Transfer>& items) {
+  for (const Transfer& t : items) {
+    if (t.bytes) std::memcpy(t.dst, t.src, t.bytes);
+  }
+}
+
 void CpuDevice::pack_rows(const PackParams& p) { cpu::pack_rows(p); }
 
 void CpuDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk,
                                int64_t* idx, float* weights) {
-  for (int64_t i = 0; i < num_rows; ++i) {
-    for (int64_t k = 0; k < topk; ++k) {
-      SlotMeta m;
-      std::memcpy(&m, rows + i * fmt.row_bytes + fmt.meta_offset + k * int64_t(sizeof(SlotMeta)), sizeof(SlotMeta));
-      idx[i * topk + k] = m.local_expert;
-      weights[i * topk + k] = m.weight;
-    }
+  for (int64_t at = 0; at < num_rows * topk; ++at) {
+    bodies::read_slot_meta(rows, fmt.row_bytes, fmt.meta_offset, topk, at, idx, weights);
   }
 }
 
@@ -82,38 +94,23 @@ void CpuDevice::row_dots(const DotParams& p) { cpu::row_dots(p); }
 
 void CpuDevice::compose_own_slot(const int64_t* first_slot, int64_t num_in, int64_t topk, const int64_t* map,
                                  const float* weights, int64_t* out_map, float* out_weights) {
-  for (int64_t i = 0; i < num_in; ++i) {
-    int64_t slot = -1;
-    for (int64_t k = 0; k < topk; ++k) slot = first_slot[i * topk + k] > slot ? first_slot[i * topk + k] : slot;
-    for (int64_t k = 0; k < topk; ++k) {
-      out_map[i * topk + k] = slot >= 0 ? map[slot * topk + k] : -1;
-      if (out_weights) out_weights[i * topk + k] = slot >= 0 ? weights[slot * topk + k] : 0.0f;
-    }
+  for (int64_t at = 0; at < num_in * topk; ++at) {
+    bodies::compose_own_slot(first_slot, topk, map, weights, at, out_map, out_weights);
   }
 }
 
 void CpuDevice::collect_pairs(const float* per_slot, int64_t per_slot_stride, const int64_t* pair_slot,
                               int64_t num_in, int64_t topk, float* out) {
-  for (int64_t i = 0; i < num_in * topk; ++i) {
-    const int64_t slot = pair_slot[i];
-    out[i] = slot >= 0 ? per_slot[slot * per_slot_stride + i % topk] : 0.0f;
-  }
+  for (int64_t at = 0; at < num_in * topk; ++at) bodies::collect_pair(per_slot, per_slot_stride, pair_slot, topk, at, out);
 }
 
 void CpuDevice::gather_masked(const float* values, const int64_t* index, int64_t count, float* out) {
-  for (int64_t i = 0; i < count; ++i) out[i] = index[i] >= 0 ? values[index[i]] : 0.0f;
+  for (int64_t at = 0; at < count; ++at) bodies::gather_masked(values, index, at, out);
 }
-
 
 void CpuDevice::mask_by_map(const uint8_t* rows, int64_t stride, const int64_t* map, int64_t num_rows, int64_t topk,
                             float* out) {
-  for (int64_t i = 0; i < num_rows; ++i) {
-    for (int64_t k = 0; k < topk; ++k) {
-      float w;
-      std::memcpy(&w, rows + i * stride + k * sizeof(float), sizeof(float));
-      out[i * topk + k] = map[i * topk + k] < 0 ? 0.0f : w;
-    }
-  }
+  for (int64_t at = 0; at < num_rows * topk; ++at) bodies::mask_by_map(rows, stride, map, topk, at, out);
 }
 
 }  // namespace cpu

@@ -12,6 +12,9 @@ class CpuDevice final : public engine::Device {
   bool host_readable() const override { return true; }
   void plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) override;
   void count_tokens(const Routing& r, int64_t* tokens_per_rank) override;
+  void fill_header(const engine::HeaderFill& h) override;
+  void relay_header(const engine::HeaderRelay& h) override;
+  void download(const std::vector<Transfer>& items) override;
   void pack_rows(const PackParams& p) override;
   void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk, int64_t* idx,
                       float* weights) override;

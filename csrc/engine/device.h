@@ -4,10 +4,12 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "../core/layout.h"
 #include "../core/row_format.h"
 #include "../core/token_params.h"
+#include "header.h"
 #include "interfaces.h"
 
 namespace moe_comm {
@@ -20,6 +22,7 @@ struct StagePlan {
   int64_t num_in = 0;     // input rows
   int64_t num_send = 0;   // send slots (rows on the wire, own included)
   int64_t num_recv = 0;   // rows received
+  Array status;           // [1] int64: kRoutingCode when the routing breaks a rule, else 0
   Array rows_per_dest;    // [size] int64
   Array pairs_per_expert; // [size * experts_per_dest] int64
   Array send_offsets;     // [size + 1] int64
@@ -51,8 +54,19 @@ class Device {
   virtual ~Device() = default;
   virtual bool host_readable() const = 0;
 
-  // The send plan of one stage; allocates its arrays. Indices must be valid (or masked).
+  // The send plan of one stage; allocates its arrays, and checks the routing into
+  // plan.status on the way (an index out of range counts as masked; nothing is sent then).
   virtual void plan_send(const Routing& r, Allocator& alloc, StagePlan& plan) = 0;
+  // Headers, a row per thread (header.h bodies).
+  virtual void fill_header(const HeaderFill& h) = 0;
+  virtual void relay_header(const HeaderRelay& h) = 0;
+  // Device -> host copies, then one wait for all of them (the dispatch's host wait).
+  struct Transfer {
+    const void* src;
+    void* dst;
+    int64_t bytes;
+  };
+  virtual void download(const std::vector<Transfer>& items) = 0;
   // tokens_per_rank[num_ranks] of a routing (the hierarchical forward counts).
   virtual void count_tokens(const Routing& r, int64_t* tokens_per_rank) = 0;
   virtual void pack_rows(const PackParams& p) = 0;

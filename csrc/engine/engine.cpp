@@ -26,7 +26,8 @@ std::vector<int64_t> header_rows(const std::vector<int64_t>& header, int64_t siz
 
 struct Engine::Headers {
   std::vector<HeaderLayout> layouts;
-  std::vector<std::vector<int64_t>> sent, received;
+  std::vector<Array> sent_on_device, received_on_device;
+  std::vector<std::vector<int64_t>> sent, received;  // host copies, after the one wait
 };
 
 Engine::Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, int64_t num_experts,
@@ -34,7 +35,6 @@ Engine::Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, 
     : stages_(std::move(stages)), rank_(rank), world_size_(world_size), num_experts_(num_experts),
       experts_per_rank_(num_experts / world_size), device_(std::move(device)), allocator_(std::move(allocator)) {
   MOE_HOST_ASSERT(stages_.size() == 1 || stages_.size() == 2, "an engine has 1 or 2 stages, got " << stages_.size());
-  MOE_HOST_ASSERT(device_->host_readable(), "this engine backend reads its headers on the host");
   for (const StageSpec& s : stages_) {
     MOE_HOST_ASSERT(s.size == 1 || s.transport, "stage " << s.name << " of size " << s.size << " has no transport");
     MOE_HOST_ASSERT(int64_t(s.global_ranks.size()) == s.size && int64_t(s.remote.size()) == s.size,
@@ -95,42 +95,55 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
     h.layouts = {HeaderLayout{1, stages_[1].size, first.experts_per_dest},
                  HeaderLayout{first.size, 0, stages_[1].experts_per_dest}};
   }
-  h.sent.resize(stages_.size());
-  h.received.resize(stages_.size());
-  const HeaderLayout& l0 = h.layouts[0];
-  h.sent[0].assign(first.size * l0.width(), 0);
-  fill_fixed(h.sent[0].data(), first.size, l0, call, rank_, local);
-  if (!local.any()) {
-    const int64_t* rows = plan0->rows_per_dest.as<int64_t>();
-    const int64_t* pairs = plan0->pairs_per_expert.as<int64_t>();
-    for (int64_t d = 0; d < first.size; ++d) {
-      int64_t* row = h.sent[0].data() + d * l0.width();
-      row[l0.rows_col()] = rows[d];
-      for (int64_t l = 0; l < l0.forward; ++l) row[l0.forward_col() + l] = forward[d * l0.forward + l];
-      for (int64_t e = 0; e < l0.experts; ++e) row[l0.experts_col() + e] = pairs[d * l0.experts + e];
-    }
-  }
-  for (size_t j = 0; j < stages_.size(); ++j) {
+  const size_t n = stages_.size();
+  h.sent_on_device.resize(n);
+  h.received_on_device.resize(n);
+  HeaderFixed fixed{call, rank_, local, local.any() ? nullptr : plan0->status.as<int64_t>()};
+  for (size_t j = 0; j < n; ++j) {
     const StageSpec& stage = stages_[j];
-    const int64_t width = h.layouts[j].width();
-    if (j == 1) {
-      h.sent[1].assign(stage.size * width, 0);
-      relay_header(h.received[0].data(), h.layouts[0], first.global_ranks, h.sent[1].data(), stage.size,
-                   h.layouts[1], call, rank_, local);
+    const int64_t bytes = stage.size * h.layouts[j].width() * int64_t(sizeof(int64_t));
+    h.sent_on_device[j] = allocate(bytes);
+    if (j == 0) {
+      HeaderFill fill{h.sent_on_device[0].as<int64_t>(), stage.size, h.layouts[0], fixed, nullptr, forward, nullptr};
+      if (!local.any()) {
+        fill.rows_per_dest = plan0->rows_per_dest.as<int64_t>();
+        fill.pairs = plan0->pairs_per_expert.as<int64_t>();
+      }
+      launch();
+      device_->fill_header(fill);
+    } else {  // the forwarder's node header, from what its rail peers told it, where it lives
+      const StageSpec& rail = stages_[0];
+      HeaderRelay relay{h.received_on_device[0].as<int64_t>(), h.layouts[0], rail.size,
+                        rail.global_ranks[0], rail.size > 1 ? rail.global_ranks[1] - rail.global_ranks[0] : 1,
+                        h.sent_on_device[1].as<int64_t>(), stage.size, h.layouts[1], fixed};
+      launch();
+      device_->relay_header(relay);
     }
     if (stage.size == 1) {
-      h.received[j] = h.sent[j];
+      h.received_on_device[j] = h.sent_on_device[j];
       continue;
     }
-    h.received[j].assign(stage.size * width, 0);
+    h.received_on_device[j] = allocate(bytes);
     const std::vector<int64_t> one(stage.size, 1);
-    exchange(stage, reinterpret_cast<const uint8_t*>(h.sent[j].data()), one,
-             reinterpret_cast<uint8_t*>(h.received[j].data()), one, width * int64_t(sizeof(int64_t)), nullptr,
-             "dispatch/" + stage.name + "/header");
+    exchange(stage, h.sent_on_device[j].data, one, h.received_on_device[j].data, one,
+             h.layouts[j].width() * int64_t(sizeof(int64_t)), nullptr, "dispatch/" + stage.name + "/header");
   }
-  ++current_->host_waits;  // the dispatch's one: the headers size everything that follows
+  // The dispatch's one host wait: every header at once; they size everything that follows.
+  std::vector<Device::Transfer> copies;
+  h.sent.resize(n);
+  h.received.resize(n);
+  for (size_t j = 0; j < n; ++j) {
+    const int64_t count = stages_[j].size * h.layouts[j].width();
+    h.sent[j].resize(count);
+    h.received[j].resize(count);
+    copies.push_back({h.sent_on_device[j].data, h.sent[j].data(), count * int64_t(sizeof(int64_t))});
+    copies.push_back({h.received_on_device[j].data, h.received[j].data(), count * int64_t(sizeof(int64_t))});
+  }
+  ++current_->host_waits;
+  device_->download(copies);
   Problem problem = local;
-  for (size_t j = 0; j < stages_.size() && !problem.any(); ++j) {
+  if (!problem.any() && h.sent[0][kStatus] != 0) problem = Problem{h.sent[0][kStatus], rank_, rank_};  // own routing
+  for (size_t j = 0; j < n && !problem.any(); ++j) {
     problem = find_problem(h.received[j].data(), stages_[j].size, h.layouts[j], call, stages_[j].global_ranks,
                            rank_);
   }
@@ -157,7 +170,7 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
     plan.recv_rows = header_rows(h.received[j], stage.size, h.layouts[j]);
     plan.num_recv = sum(plan.recv_rows);
     const int64_t* planned = plan.rows_per_dest.as<int64_t>();
-    for (int64_t d = 0; d < stage.size; ++d) {
+    for (int64_t d = 0; d < stage.size && device_->host_readable(); ++d) {
       // What the headers announced must be what the plan sends.
       MOE_HOST_ASSERT(planned[d] == plan.send_rows[d], "stage '" << stage.name << "' announced "
                                                                  << plan.send_rows[d] << " rows to destination " << d
@@ -206,31 +219,34 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   CallFacts call;
   call.num_experts = num_experts_;
   Problem local;
-  if (rejected) {
-    local = Problem{rejected, rank_, rank_};
-  } else {
+  if (rejected) local = Problem{rejected, rank_, rank_};
+  auto layout = std::make_shared<DispatchLayout>();
+  layout->plans.resize(stages_.size());
+  Array forward;
+  if (!local.any()) {
     call.hidden = x.cols;
     call.dtype = static_cast<int64_t>(x.dtype);
     call.topk = topk;
-    out.routing = find_routing_problem(Routing{topk_idx, x.rows, topk, num_experts_, world_size_});
-    if (out.routing.kind != RoutingProblem::kOk) local = Problem{2, rank_, rank_};  // topk_idx
-  }
-  auto layout = std::make_shared<DispatchLayout>();
-  layout->plans.resize(stages_.size());
-  std::vector<int64_t> forward;
-  if (!local.any()) {
     launch();
     device_->plan_send(Routing{topk_idx, x.rows, topk, num_experts_, stages_[0].size}, *allocator_,
                        layout->plans[0]);
     if (stages_.size() == 2) {  // rows each rail peer will forward to each rank of its node
-      forward.assign(world_size_, 0);
+      forward = allocate(world_size_ * int64_t(sizeof(int64_t)));
       launch();
-      device_->count_tokens(Routing{topk_idx, x.rows, topk, num_experts_, world_size_}, forward.data());
+      device_->count_tokens(Routing{topk_idx, x.rows, topk, num_experts_, world_size_}, forward.as<int64_t>());
     }
   }
   Headers h;
-  out.problem = exchange_headers(call, local, &layout->plans[0], forward.data(), h);
-  if (out.problem.any()) return out;  // no token has moved, on any rank
+  out.problem = exchange_headers(call, local, &layout->plans[0], forward.as<int64_t>(), h);
+  if (out.problem.any()) {
+    if (!local.any() && out.problem.rank == rank_ && out.problem.code == kRoutingCode) {
+      // This rank's own routing: find the slot to name (the error path may wait on the device).
+      std::vector<int64_t> idx(x.rows * topk);
+      device_->download({{topk_idx, idx.data(), int64_t(idx.size() * sizeof(int64_t))}});
+      out.routing = find_routing_problem(Routing{idx.data(), x.rows, topk, num_experts_, world_size_});
+    }
+    return out;  // no token has moved, on any rank
+  }
 
   std::vector<uint8_t*> arrived = run_stages(x, topk_idx, topk, weights, h, *layout);
 

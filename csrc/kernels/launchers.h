@@ -91,6 +91,42 @@ cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t str
 constexpr int64_t kMaxRoutingNodes = bodies::kMaxRoutingNodes;
 cudaError_t launch_node_limited_select(const NodeLimitedParams& p, cudaStream_t stream);
 
+// The engine's map passes (bodies/maps.h), a thread per element; count = elements.
+struct ReadSlotMetaParams {
+  const uint8_t* rows = nullptr;
+  int64_t row_bytes = 0, meta_offset = 0, topk = 0, count = 0;
+  int64_t* idx = nullptr;
+  float* weights = nullptr;
+};
+struct ComposeParams {
+  const int64_t* first_slot = nullptr;
+  const int64_t* map = nullptr;
+  const float* weights = nullptr;  // may be null (then out_weights is too)
+  int64_t topk = 0, count = 0;
+  int64_t* out_map = nullptr;
+  float* out_weights = nullptr;
+};
+struct CollectParams {
+  const float* per_slot = nullptr;
+  int64_t stride = 0;  // floats between per_slot rows
+  const int64_t* pair_slot = nullptr;
+  int64_t topk = 0, count = 0;
+  float* out = nullptr;
+};
+struct MaskParams {
+  const uint8_t* rows = nullptr;
+  int64_t stride = 0;  // bytes between rows
+  const int64_t* map = nullptr;
+  int64_t topk = 0, count = 0;
+  float* out = nullptr;
+};
+cudaError_t launch_read_slot_meta(const ReadSlotMetaParams& p, cudaStream_t stream);
+cudaError_t launch_compose_own_slot(const ComposeParams& p, cudaStream_t stream);
+cudaError_t launch_collect_pairs(const CollectParams& p, cudaStream_t stream);
+cudaError_t launch_gather_masked(const float* values, const int64_t* index, int64_t count, float* out,
+                                 cudaStream_t stream);
+cudaError_t launch_mask_by_map(const MaskParams& p, cudaStream_t stream);
+
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.
 int runtime_version();
 
