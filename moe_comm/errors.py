@@ -2,8 +2,6 @@
 headers agreed on, a combine status agreed in-band, and a failed exchange (CommError, naming
 this rank, the stage and, from the roll call, the ranks that never arrived)."""
 
-import contextlib
-
 from ._native import C
 from .roll_call import posted_reason
 from .transport import comm_error
@@ -14,13 +12,16 @@ FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "n
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
 
-@contextlib.contextmanager
-def native_errors(buffer):
-    """Turns the engine's failed exchange into a CommError naming rank, stage and missing ranks."""
+def call_engine(buffer, method: str, *args):
+    """buffer.engine.<method>(*args), its failed exchange turned into a CommError naming rank,
+    stage and missing ranks. (A plain call: this is on every dispatch's and combine's path.)"""
+    engine = buffer.engine
+    if engine is None:
+        buffer.check_open()
     try:
-        yield
+        return getattr(engine, method)(*args)
     except C.NativeCommFailure as exc:
-        stage, seq = buffer.engine.last_failure
+        stage, seq = engine.last_failure
         raise comm_error(buffer, buffer.stage_members(stage), stage, seq, exc) from exc
 
 

@@ -28,6 +28,8 @@ class DispatchHandle:
 
     @property
     def num_recv_rows(self) -> int:  # R
+        if self.layout is not None:
+            return self.layout.num_recv_rows  # known natively: no tensor op per combine
         return int(self.tokens_per_expert.sum())
 
     @property

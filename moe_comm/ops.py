@@ -20,7 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import cuda_ops
-from .errors import DISAGREEMENT, agreed_combine_error, dispatch_problem_error, native_errors
+from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_problem_error
 from .handle import DispatchHandle, version_of
 from .roll_call import post_reason
 from .validation import CODE_OF, check_combine_inputs, check_dispatch_inputs
@@ -33,9 +33,8 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
     rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
     code = CODE_OF[rejected.argument] if rejected is not None else 0
     weights = topk_weights.detach() if (topk_weights is not None and not code) else None
-    with native_errors(buffer):
-        problem, routing, recv_x, recv_weights, counts, layout = buffer.engine.dispatch(
-            None if code else x.detach(), None if code else topk_idx, weights, code)
+    problem, routing, recv_x, recv_weights, counts, layout = call_engine(
+        buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code)
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     handle = DispatchHandle(
@@ -60,9 +59,8 @@ class _Dispatch(torch.autograd.Function):
         # back in the same rows.
         h = ctx.handle
         want_w = ctx.needs_input_grad[1]
-        with native_errors(h.buffer):
-            grad_x, grad_w = h.buffer.engine.dispatch_backward(
-                h.layout, grad_recv_x.contiguous(), grad_recv_weights.contiguous() if want_w else None)
+        grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
+                                     grad_recv_weights.contiguous() if want_w else None)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
 
 
@@ -72,9 +70,8 @@ class _Combine(torch.autograd.Function):
         h = handle
         status_code = 0 if h.buffer.combine_status else -1
         weights = topk_weights.detach() if topk_weights is not None else None
-        with native_errors(h.buffer):
-            status, y, slot_weights = h.buffer.engine.combine(h.layout, expert_y.detach(), weights,
-                                                               reuse_dispatch_weights, status_code)
+        status, y, slot_weights = call_engine(h.buffer, "combine", h.layout, expert_y.detach(), weights,
+                                              reuse_dispatch_weights, status_code)
         if status:
             raise agreed_combine_error(h.buffer, status)
         ctx.handle = h
@@ -89,9 +86,8 @@ class _Combine(torch.autograd.Function):
         h = ctx.handle
         (expert_y,) = ctx.saved_tensors
         want_w = ctx.needs_input_grad[1]
-        with native_errors(h.buffer):
-            grad_expert_y, grad_w = h.buffer.engine.combine_backward(
-                h.layout, grad_y.contiguous(), ctx.slot_weights, expert_y.detach() if want_w else None)
+        grad_expert_y, grad_w = call_engine(h.buffer, "combine_backward", h.layout, grad_y.contiguous(),
+                                            ctx.slot_weights, expert_y.detach() if want_w else None)
         return grad_expert_y, grad_w, None, None
 
 
@@ -111,8 +107,7 @@ def _reject_combine(handle: DispatchHandle, topk_weights, problem):
             reuse = handle.same_weights_as_dispatch(topk_weights)
         weights = torch.zeros((handle.num_tokens, handle.topk), dtype=torch.float32, device=buffer.device)
     try:
-        with native_errors(buffer):
-            buffer.engine.combine(handle.layout, None, weights, reuse, COMBINE_ARGUMENT_CODES[problem.argument])
+        call_engine(buffer, "combine", handle.layout, None, weights, reuse, COMBINE_ARGUMENT_CODES[problem.argument])
     except Exception as lost:  # a peer is missing too: this rank's own error still comes first
         raise problem.error from lost
     raise problem.error
