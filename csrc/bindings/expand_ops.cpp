@@ -88,7 +88,7 @@ Expanded expand_rows_cuda(const Tensor& rows, int64_t hidden, c10::ScalarType dt
                           int64_t experts_per_rank, const std::optional<Tensor>& row_order, const int64_t* known,
                           int64_t stream) {
   const c10::Device dev = rows.device();
-  use_device(dev);
+  DeviceGuard device_guard(dev);
   expect(rows, "rows", torch::kUInt8, 2, dev);
   const DType dt = to_dtype(dtype, "dtype");
   const RowFormat f = make_row_format(hidden, dtype_size(dt), topk, sizeof(SlotMeta));

@@ -68,7 +68,7 @@ cuda::LayoutKernelParams layout_params(const Tensor& topk_idx, int64_t num_exper
 std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int64_t num_experts,
                                                      int64_t num_ranks, int64_t stream) {
   MOE_HOST_ASSERT(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor, got " << topk_idx.device());
-  use_device(topk_idx.device());
+  DeviceGuard device_guard(topk_idx.device());
   Tensor tokens_per_rank, pairs_per_expert, token_in_rank;
   const auto p = layout_params(topk_idx, num_experts, num_ranks, tokens_per_rank, pairs_per_expert, token_in_rank);
   MOE_CUDA_CHECK(cuda::launch_count_layout(p, as_stream(stream)));
@@ -78,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor> count_layout_cuda(const Tensor& topk_idx, int
 // The CPU plan's device twin, with no host synchronisation: send_token has room for W * T
 // slots (its first send_offsets[W] are used; the caller learns that number with the header).
 SendPlan plan_send_cuda(const Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t stream) {
-  use_device(topk_idx.device());
+  DeviceGuard device_guard(topk_idx.device());
   const cudaStream_t s = as_stream(stream);
   Tensor tokens_per_rank, pairs_per_expert, token_in_rank;
   const auto lp = layout_params(topk_idx, num_experts, num_ranks, tokens_per_rank, pairs_per_expert, token_in_rank);
@@ -162,7 +162,7 @@ Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes
   check_node_limited(p);
   MOE_HOST_ASSERT(num_nodes <= cuda::kMaxRoutingNodes,
                   "num_nodes " << num_nodes << " exceeds the " << cuda::kMaxRoutingNodes << " the CUDA routing supports");
-  use_device(scores.device());
+  DeviceGuard device_guard(scores.device());
   MOE_CUDA_CHECK(cuda::launch_node_limited_select(p, as_stream(stream)));
 #else
   (void)stream;

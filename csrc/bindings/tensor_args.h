@@ -93,9 +93,30 @@ inline const float* optional_weights(const std::optional<Tensor>& w, int64_t row
 }
 
 #if defined(MOE_COMM_WITH_CUDA)
-// Our CUDA runtime is linked statically: its current device is its own, not torch's. Select the
-// tensors' device before every launch, or a rank on GPU 3 would launch on GPU 0.
-inline void use_device(const c10::Device& device) { MOE_CUDA_CHECK(cudaSetDevice(device.index())); }
+// Makes the tensors' device current for our launches and restores the caller's on exit
+// (CUDA review R2): every runtime in the process (torch's, our static one, NCCL's) follows the
+// driver's current context, so a bare cudaSetDevice here would also move torch's current
+// device under the caller.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const c10::Device& device) {
+    MOE_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device.index()) {
+      MOE_CUDA_CHECK(cudaSetDevice(device.index()));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // no throw from a destructor
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
 inline cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 // Runs the CPU kernel for CPU tensors, the CUDA launcher on `stream` for CUDA tensors.
@@ -104,7 +125,7 @@ inline cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStre
     if ((dev).is_cpu()) {                                        \
       cpu_fn(params);                                            \
     } else {                                                     \
-      ::moe_comm::bind::use_device(dev);                         \
+      ::moe_comm::bind::DeviceGuard moe_guard_(dev);             \
       MOE_CUDA_CHECK(cuda_fn(params, ::moe_comm::bind::as_stream(stream))); \
     }                                                            \
   } while (0)

@@ -5,6 +5,7 @@
 #include <sstream>
 #include <thread>
 
+#include "../core/backoff.h"
 #include "../core/error.h"
 
 namespace moe_comm {
@@ -68,11 +69,12 @@ bool EpCommunicator::finalize() {
   ncclResult_t res = ncclCommFinalize(comm_);
   const auto start = Clock::now();
   ncclResult_t state = res;
+  PollBackoff backoff;
   while (res == ncclSuccess || res == ncclInProgress) {
     if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) return false;
     if (state != ncclInProgress) break;
     if (seconds_since(start) > timeout_s_) return false;
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    backoff.pause();
   }
   return (res == ncclSuccess || res == ncclInProgress) && state == ncclSuccess;
 }
@@ -128,9 +130,10 @@ void EpCommunicator::check_deadline(double elapsed_s, const std::string& stage, 
 
 void EpCommunicator::wait_ready(const std::string& stage) {
   const auto start = Clock::now();
+  PollBackoff backoff;  // the launch thread usually finishes within the spin (review C2)
   while (nccl_in_progress(stage)) {
     check_deadline(seconds_since(start), stage, "peers did not arrive");
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    backoff.pause();
   }
 }
 
@@ -184,13 +187,14 @@ void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {
   MOE_CUDA_CHECK(cudaSetDevice(device_));
   MOE_CUDA_CHECK(cudaEventRecord(done_, stream));
   const auto start = Clock::now();
+  PollBackoff backoff;  // review C3: no 88 us sleep granularity on the dispatch's one sync
   while (true) {
     const cudaError_t query = cudaEventQuery(done_);
     if (query == cudaSuccess) return;
     if (query != cudaErrorNotReady) fail(stage, std::string("CUDA: ") + cudaGetErrorString(query));
     nccl_in_progress(stage);
     check_deadline(seconds_since(start), stage, "not done (a peer may have died or not arrived)");
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
+    backoff.pause();
   }
 }
 

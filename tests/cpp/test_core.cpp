@@ -6,12 +6,14 @@
 #include <vector>
 
 #include "check.h"
+#include "core/backoff.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/layout.h"
 #include "core/routing.h"
 #include "core/row_format.h"
 #include "cpu/token_ops.h"
+#include "engine/header.h"
 
 namespace {
 
@@ -184,7 +186,59 @@ void test_errors_carry_location() {
 
 }  // namespace
 
+void test_poll_backoff() {
+  // Yield through the spin window, then sleeps doubling to the cap.
+  CHECK(PollBackoff::pause_micros(0, 0) == 0);
+  CHECK(PollBackoff::pause_micros(PollBackoff::kSpinMicros - 1, 0) == 0);
+  CHECK(PollBackoff::pause_micros(PollBackoff::kSpinMicros, 0) == PollBackoff::kFirstSleepMicros);
+  CHECK(PollBackoff::pause_micros(PollBackoff::kSpinMicros, 2) == 4 * PollBackoff::kFirstSleepMicros);
+  CHECK(PollBackoff::pause_micros(1000000, 60) == PollBackoff::kMaxSleepMicros);
+}
+
+void test_header_relay() {
+  using namespace moe_comm::engine;
+  // Two rail peers (ranks 1 and 3 of a 2x2 Buffer: base 1, step 2) told this forwarder, per
+  // local index l, the rows to forward and the pairs of l's 2 experts.
+  const HeaderLayout rail{1, 2, 4}, node{2, 0, 2};
+  const CallFacts call{8, 0, 2, 8};
+  std::vector<int64_t> received(2 * rail.width(), 0);
+  for (int64_t b = 0; b < 2; ++b) {
+    int64_t* row = received.data() + b * rail.width();
+    for (int64_t f = kFirstAgreed; f < kNumFields; ++f) row[f] = call.get(f);
+    row[rail.forward_col()] = 10 + b;      // rows for l = 0
+    row[rail.forward_col() + 1] = 20 + b;  // rows for l = 1
+    for (int64_t e = 0; e < 4; ++e) row[rail.experts_col() + e] = 100 * b + e;
+  }
+  std::vector<int64_t> header(2 * node.width(), -7);
+  HeaderRelay relay{received.data(), rail, 2, 1, 2, header.data(), 2, node, HeaderFixed{call, 3, Problem{}, nullptr}};
+  for (int64_t l = 0; l < 2; ++l) relay_header_row(relay, l);
+  CHECK(header[node.rows_col()] == 10 && header[node.rows_col() + 1] == 11);
+  CHECK(header[node.width() + node.rows_col()] == 20 && header[node.width() + node.rows_col() + 1] == 21);
+  CHECK(header[node.experts_col()] == 0 + 100 && header[node.experts_col() + 1] == 1 + 101);
+  CHECK(header[node.width() + node.experts_col()] == 2 + 102);
+  CHECK(header[kStatus] == 0 && header[kBadRank] == 3);
+  // A rail peer that disagrees on top-k: relayed as a disagreement naming it, seen by this rank.
+  received[rail.width() + kTopk] = 4;
+  for (int64_t l = 0; l < 2; ++l) relay_header_row(relay, l);
+  CHECK(header[kStatus] == kDisagreement && header[kBadRank] == 3 && header[kSeenBy] == 3);
+  // A status relayed from a rail peer wins over the disagreement; this rank's own wins over both.
+  received[kStatus] = 2;
+  received[kBadRank] = 5;
+  received[kSeenBy] = 5;
+  relay_header_row(relay, 1);
+  CHECK(header[node.width() + kStatus] == 2 && header[node.width() + kBadRank] == 5);
+  const int64_t own = 1;
+  relay.fixed.status = &own;
+  relay_header_row(relay, 1);
+  CHECK(header[node.width() + kStatus] == 1 && header[node.width() + kBadRank] == 3);
+  const std::vector<int64_t> senders = {1, 3};
+  const Problem seen = find_problem(received.data(), 2, rail, call, senders, 3);
+  CHECK(seen.code == 2 && seen.rank == 5);
+}
+
 int main() {
+  test_poll_backoff();
+  test_header_relay();
   test_row_format();
   test_routing_problems();
   test_layout();
