@@ -22,7 +22,9 @@ import sys
 import torch
 
 import moe_comm
-from moe_comm.route import SLOT_META_BYTES
+from moe_comm._native import C as _C
+
+SLOT_META_BYTES = _C.SLOT_META_BYTES
 from moe_comm.streams import stream_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

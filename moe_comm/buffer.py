@@ -133,20 +133,17 @@ class Buffer:
         else:
             self.stages = flat_stages(self.all_ranks_group, self.topology, self.experts_per_rank)
         self.combine_status = combine_status
-        # cuda_ops: combine's status travels over gloo on the host there (peer_status.py)
+        # CUDA: combine's status travels over gloo on the host until the NCCL transport
+        # carries it in-band (peer_status.py)
         self.status_group = self.all_ranks_group if combine_status else None
-        self.engine = None
-        if self.device.type == "cpu":
-            self.engine = C.Engine(self._engine_stages(), self.rank, self.world_size, num_experts, default_store(),
-                                   self.uid, min(SIGN_AFTER_S, self.timeout / 4))
-        self.comm_stream = None
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.
             for stage in self.stages:
                 if stage.size > 1:
                     stage.comm = create_nccl_communicator(stage.group, self.device, self.timeout)
-            self.comm_stream = torch.cuda.Stream(self.device)
-        self._workspaces = {}
+        self.engine = C.Engine(self._engine_stages(), self.rank, self.world_size, num_experts, default_store(),
+                               self.uid, min(SIGN_AFTER_S, self.timeout / 4),
+                               self.device.index if self.device.type == "cuda" else -1)
         self._collectives = collections.Counter()
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
         _OPEN_BUFFERS.add(self)
@@ -157,7 +154,8 @@ class Buffer:
         topo = self.topology
         return [(stage.name, stage.size, stage.index, stage.experts_per_dest, stage.global_ranks,
                  [stage.crosses_nodes and topo.node_of(r) != topo.node for r in stage.global_ranks],
-                 stage.group._get_backend(torch.device("cpu")) if stage.size > 1 else None)
+                 (stage.comm if self.device.type == "cuda" else stage.group._get_backend(torch.device("cpu")))
+                 if stage.size > 1 else None)
                 for stage in self.stages]
 
     def stage_members(self, stage_name: str) -> List[int]:
@@ -197,8 +195,6 @@ class Buffer:
         if self.engine is not None:
             self.engine.close()  # its transports hold the gloo groups
         self.engine = None
-        self._workspaces = {}
-        self.comm_stream = None
 
     @property
     def closed(self) -> bool:
@@ -227,19 +223,7 @@ class Buffer:
     @property
     def workspace_bytes(self) -> int:
         """Bytes held by this Buffer's reused wire buffers (see README: Memory)."""
-        native = self.engine.workspace_bytes if self.engine is not None else 0
-        return native + sum(t.numel() for t in self._workspaces.values())
-
-    def workspace(self, name: str, rows: int, row_bytes: int) -> torch.Tensor:
-        """A uint8 [rows, row_bytes] scratch tensor for wire rows, reused across calls (grow-only):
-        fresh multi-MB allocations page-fault on every call. Each stage uses its own name, and
-        nothing returned to the caller aliases a workspace."""
-        need = rows * row_bytes
-        storage = self._workspaces.get(name)
-        if storage is None or storage.numel() < need:
-            storage = torch.empty(max(need, 1) + need // 4, dtype=torch.uint8, device=self.device)
-            self._workspaces[name] = storage
-        return storage[:need].view(rows, row_bytes)
+        return self.engine.workspace_bytes if self.engine is not None else 0
 
     def __repr__(self) -> str:
         t = self.topology

@@ -19,18 +19,14 @@ class DispatchHandle:
     dtype: torch.dtype
     row_map: torch.Tensor           # [N, K] int64: expert-major row of (received row, k), -1 masked
     tokens_per_expert: torch.Tensor  # [E_local] int64
-    layout: object = None           # C.DispatchLayout: the engine's plans and maps (CPU Buffers)
-    plans: list = None              # cuda_ops: route.StagePlan per stage (CUDA Buffers)
-    slot_weights: torch.Tensor = None  # cuda_ops: [N, K] dispatch router weights at the receiver
+    layout: object = None           # C.DispatchLayout: the engine's plans and maps
     dispatch_weights: Optional[torch.Tensor] = None  # the topk_weights given to dispatch
     dispatch_weights_version: int = -1
     stats: dict = field(default_factory=dict)
 
     @property
     def num_recv_rows(self) -> int:  # R
-        if self.layout is not None:
-            return self.layout.num_recv_rows  # known natively: no tensor op per combine
-        return int(self.tokens_per_expert.sum())
+        return self.layout.num_recv_rows  # known natively: no tensor op per combine
 
     @property
     def device(self) -> torch.device:

@@ -1,17 +1,16 @@
 """dispatch() and combine() as autograd functions: each call is one call into the C++ engine
 (csrc/engine), which plans, exchanges headers and rows, expands and reduces over the Buffer's
-stages (one flat, two hierarchical). Python keeps what needs no device work: argument checks
-(validation.py), the autograd wrappers and the errors every rank raises.
+stages (one flat, two hierarchical), on the CPU or on the caller's CUDA stream. Python keeps
+what needs no device work: argument checks (validation.py), the autograd wrappers and the
+errors every rank raises.
 
 Wire traffic per call, per stage:
   dispatch:  a fixed-size header (status + counts), then one row exchange
   combine:   one row exchange back, carrying each rank's ok/error status in-band (no separate
              collective); a forward pass of the weights first only when combine's weights are
-             not the tensor dispatch got (then that pass carries the status)
+             not the tensor dispatch got (then that pass carries the status). CUDA: the status
+             is still agreed over gloo on the host first (peer_status.py).
   backwards: reuse the handle; no header.
-
-CUDA Buffers still run the Python-orchestrated path of cuda_ops.py until the engine has its
-CUDA backend.
 """
 
 from typing import Optional
@@ -19,10 +18,11 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import cuda_ops
 from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_problem_error
 from .handle import DispatchHandle, version_of
+from .peer_status import start_status
 from .roll_call import post_reason
+from .streams import stream_of
 from .validation import CODE_OF, check_combine_inputs, check_dispatch_inputs
 
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
@@ -34,7 +34,8 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
     code = CODE_OF[rejected.argument] if rejected is not None else 0
     weights = topk_weights.detach() if (topk_weights is not None and not code) else None
     problem, routing, recv_x, recv_weights, counts, layout = call_engine(
-        buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code)
+        buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,
+        stream_of(buffer.device))
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     handle = DispatchHandle(
@@ -60,7 +61,7 @@ class _Dispatch(torch.autograd.Function):
         h = ctx.handle
         want_w = ctx.needs_input_grad[1]
         grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
-                                     grad_recv_weights.contiguous() if want_w else None)
+                                     grad_recv_weights.contiguous() if want_w else None, stream_of(h.buffer.device))
         return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
 
 
@@ -68,10 +69,15 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights):
         h = handle
-        status_code = 0 if h.buffer.combine_status else -1
+        in_band = h.buffer.combine_status and h.buffer.device.type == "cpu"
+        if h.buffer.device.type == "cuda":
+            pending = start_status(h.buffer)  # None without combine_status or for one rank
+            if pending is not None:
+                pending.check()
         weights = topk_weights.detach() if topk_weights is not None else None
         status, y, slot_weights = call_engine(h.buffer, "combine", h.layout, expert_y.detach(), weights,
-                                              reuse_dispatch_weights, status_code)
+                                              reuse_dispatch_weights, 0 if in_band else -1,
+                                              stream_of(h.buffer.device))
         if status:
             raise agreed_combine_error(h.buffer, status)
         ctx.handle = h
@@ -87,7 +93,8 @@ class _Combine(torch.autograd.Function):
         (expert_y,) = ctx.saved_tensors
         want_w = ctx.needs_input_grad[1]
         grad_expert_y, grad_w = call_engine(h.buffer, "combine_backward", h.layout, grad_y.contiguous(),
-                                            ctx.slot_weights, expert_y.detach() if want_w else None)
+                                            ctx.slot_weights, expert_y.detach() if want_w else None,
+                                            stream_of(h.buffer.device))
         return grad_expert_y, grad_w, None, None
 
 
@@ -98,6 +105,12 @@ def _reject_combine(handle: DispatchHandle, topk_weights, problem):
     post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
     if not buffer.combine_status or buffer.world_size == 1:
         raise problem.error
+    if buffer.device.type == "cuda":  # agreed on the host before any row moves (peer_status.py)
+        try:
+            start_status(buffer, problem.argument).wait()
+        except Exception as lost:  # a peer is missing too: this rank's own error still comes first
+            raise problem.error from lost
+        raise problem.error
     weights, reuse = None, False
     if topk_weights is not None:
         # Take the path the peers take: they reuse dispatch's weights when given that tensor.
@@ -107,7 +120,8 @@ def _reject_combine(handle: DispatchHandle, topk_weights, problem):
             reuse = handle.same_weights_as_dispatch(topk_weights)
         weights = torch.zeros((handle.num_tokens, handle.topk), dtype=torch.float32, device=buffer.device)
     try:
-        call_engine(buffer, "combine", handle.layout, None, weights, reuse, COMBINE_ARGUMENT_CODES[problem.argument])
+        call_engine(buffer, "combine", handle.layout, None, weights, reuse, COMBINE_ARGUMENT_CODES[problem.argument],
+                    stream_of(buffer.device))
     except Exception as lost:  # a peer is missing too: this rank's own error still comes first
         raise problem.error from lost
     raise problem.error
@@ -130,8 +144,6 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU), handle.
     """
-    if buffer.device.type == "cuda":
-        return cuda_ops.dispatch(x, topk_idx, topk_weights, buffer)
     return _Dispatch.apply(x, topk_weights, topk_idx, buffer)
 
 
@@ -140,8 +152,6 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
     when topk_weights is None). expert_y [R, H] in recv_x's row order and dtype -> y [T, H]."""
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: must be the handle returned by moe_comm.dispatch, got {type(handle).__name__}")
-    if handle.layout is None:
-        return cuda_ops.combine(expert_y, handle, topk_weights)
     handle.buffer.begin_call("combine")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
     if problem is not None:

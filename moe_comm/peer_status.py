@@ -41,7 +41,7 @@ class PendingStatus:
         reason = posted_reason(self.buffer, rank)
         quoted = f" (rank {rank} reported: {reason})" if reason else " (see that rank's error)"
         raise RuntimeError(f"combine: rank {rank} rejected its argument '{COMBINE_ARGUMENTS.get(code, code)}'; "
-                           f"no rows were exchanged{quoted}")
+                           f"nothing was combined{quoted}")
 
 
 def start_status(buffer, rejected_argument: Optional[str] = None) -> Optional[PendingStatus]:

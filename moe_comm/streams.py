@@ -9,11 +9,3 @@ def stream_of(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device` without a host synchronisation: a plain copy from
-    pageable memory waits for the stream; from pinned memory it is queued like a kernel."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)

@@ -4,9 +4,9 @@ Each check returns None or an exception naming the argument and the rule it brok
 still joins the first (fixed-size) exchange carrying an error code, so that every rank raises
 instead of some ranks waiting for a peer that gave up.
 
-The values of topk_idx (range, repeats) are checked where they live: `routing_status` is a
-0-dim tensor on their device that dispatch writes into its header, so a CUDA dispatch needs no
-extra host synchronisation; the rank whose status is bad then explains it (`check_routing`).
+The values of topk_idx (range, repeats) are checked where they live, by the engine's send plan
+(csrc/kernels/bodies/layout.h), into dispatch's header: no extra host synchronisation; the
+rank whose routing is bad then names the slot (`routing_error`).
 """
 
 from typing import Optional
@@ -56,7 +56,7 @@ def _check_weights(topk_weights, shape: tuple, device: torch.device, rule: str) 
 
 
 def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Optional[InputError]:
-    """Types, shapes and devices (host facts). The index values: routing_status."""
+    """Types, shapes and devices (host facts). The index values: the engine's send plan."""
     if not isinstance(x, torch.Tensor):
         return _type_error("x", f"must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -86,15 +86,6 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Op
     return None
 
 
-def routing_status(topk_idx64: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """0-dim int64 on topk_idx's device: 0, or the code of topk_idx when a value is out of
-    [-1, num_experts) or an expert repeats in a row. Never synchronises with the device."""
-    out_of_range = ((topk_idx64 < -1) | (topk_idx64 >= num_experts)).any()
-    ordered = topk_idx64.sort(dim=1).values
-    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()
-    return (out_of_range | repeated).to(torch.int64) * CODE_OF["topk_idx"]
-
-
 def routing_error(kind: int, token: int, slot: int, value: int, num_experts: int) -> Optional[InputError]:
     """The error of a broken rule of topk_idx (core/layout.h RoutingProblem: kind 1 out of
     range, 2 a repeated expert), naming the slot; None for kind 0."""
@@ -105,17 +96,6 @@ def routing_error(kind: int, token: int, slot: int, value: int, num_experts: int
         return _value_error("topk_idx", f"expert {value} appears twice in row {token} "
                                         f"(again at slot {slot}); an expert may not repeat in a row")
     return None
-
-
-def check_routing(topk_idx64: torch.Tensor, num_experts: int) -> Optional[InputError]:
-    """The first broken rule of topk_idx, as an error naming the slot (reads it on the CPU)."""
-    return routing_error(*C.check_routing(topk_idx64.cpu(), num_experts), num_experts)
-
-
-def explain_routing(topk_idx64: torch.Tensor, num_experts: int) -> InputError:
-    """The error of a routing whose routing_status was bad."""
-    found = check_routing(topk_idx64, num_experts)
-    return found or _value_error("topk_idx", f"holds an index outside [-1, {num_experts}) or a repeated expert")
 
 
 def check_combine_inputs(expert_y, topk_weights, handle) -> Optional[InputError]:

@@ -6,12 +6,16 @@
 
 #include <algorithm>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "../cpu/cpu_device.h"
 #include "../engine/engine.h"
+#if defined(MOE_COMM_WITH_NCCL)
+#include "../comm/nccl_transport.h"
+#endif
 #include "gloo_transport.h"
 #include "tensor_args.h"
 
@@ -81,11 +85,24 @@ py::dict counters_dict(const engine::Counters& c) {
 
 class PyEngine {
  public:
+  // stages: (name, size, index, experts_per_dest, Buffer ranks, remote flags, wire) per stage;
+  // the wire is the stage's gloo backend (CPU) or our NcclCommunicator (CUDA), None for size 1.
+  // device_index: -1 for the CPU, else the CUDA device.
   PyEngine(const py::list& stages, int64_t rank, int64_t world_size, int64_t num_experts, const py::object& store,
-           const std::string& uid, double sign_after_s)
-      : last_failure_("", "", -1) {
+           const std::string& uid, double sign_after_s, int64_t device_index)
+      : last_failure_("", "", -1), device_(device_index < 0 ? c10::Device(c10::kCPU)
+                                                             : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))) {
     RollCall roll{store.is_none() ? c10::intrusive_ptr<c10d::Store>() : store.cast<c10::intrusive_ptr<c10d::Store>>(),
                   uid, rank, sign_after_s};
+    std::shared_ptr<engine::Device> work = std::make_shared<cpu::CpuDevice>();
+#if defined(MOE_COMM_WITH_NCCL)
+    if (device_.is_cuda()) {
+      cuda_ = std::make_shared<cuda::CudaDevice>(int(device_index));
+      work = cuda_;
+    }
+#else
+    MOE_HOST_ASSERT(device_.is_cpu(), "a CUDA engine needs moe_comm built with CUDA and NCCL");
+#endif
     std::vector<engine::StageSpec> specs;
     for (const py::handle& s : stages) {
       auto t = s.cast<py::tuple>();
@@ -96,20 +113,18 @@ class PyEngine {
       spec.experts_per_dest = t[3].cast<int64_t>();
       spec.global_ranks = t[4].cast<std::vector<int64_t>>();
       for (bool remote : t[5].cast<std::vector<bool>>()) spec.remote.push_back(remote ? 1 : 0);
-      if (spec.size > 1) {
-        spec.transport = std::make_shared<GlooTransport>(t[6].cast<c10::intrusive_ptr<c10d::Backend>>(), roll);
-      }
+      if (spec.size > 1) spec.transport = make_transport(t[6], roll);
       specs.push_back(std::move(spec));
     }
-    engine_ = std::make_unique<Engine>(std::move(specs), rank, world_size, num_experts,
-                                       std::make_shared<cpu::CpuDevice>(),
-                                       std::make_shared<TorchAllocator>(c10::Device(c10::kCPU)));
+    engine_ = std::make_unique<Engine>(std::move(specs), rank, world_size, num_experts, work,
+                                       std::make_shared<TorchAllocator>(device_));
   }
 
   // -> (problem (code, rank, seen_by, field, mine, theirs), routing (kind, token, slot, value),
   //     recv_x, recv_weights, tokens_per_expert, layout) ; outputs None when a problem was agreed.
   py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
-                     const std::optional<Tensor>& topk_weights, int64_t rejected) {
+                     const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream) {
+    CallScope scope(*this, stream);
     Tensor xk, idx, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -133,13 +148,14 @@ class PyEngine {
     const DispatchLayout& l = *r.layout;
     Tensor recv_x = as_tensor(r.recv_x, scalar_type(l.dtype), {l.num_recv_rows, l.hidden});
     Tensor recv_weights = as_tensor(r.recv_weights, torch::kFloat32, {l.num_recv_rows});
-    Tensor counts = torch::tensor(l.tokens_per_expert, torch::TensorOptions().dtype(torch::kInt64));
+    Tensor counts = torch::tensor(l.tokens_per_expert, torch::TensorOptions().dtype(torch::kInt64));  // CPU: API
     return py::make_tuple(problem, routing, recv_x, recv_weights, counts, r.layout);
   }
 
   // -> (agreed status, y or None, slot_weights or None)
   py::tuple combine(const std::shared_ptr<DispatchLayout>& layout, const std::optional<Tensor>& expert_y,
-                    const std::optional<Tensor>& weights, bool reuse, int64_t status_code) {
+                    const std::optional<Tensor>& weights, bool reuse, int64_t status_code, int64_t stream) {
+    CallScope scope(*this, stream);
     Tensor yk, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -160,7 +176,8 @@ class PyEngine {
 
   // -> (grad_x [T, H], grad_weights [T, K] or None)
   py::tuple dispatch_backward(const std::shared_ptr<DispatchLayout>& layout, const Tensor& grad_recv_x,
-                              const std::optional<Tensor>& grad_recv_weights) {
+                              const std::optional<Tensor>& grad_recv_weights, int64_t stream) {
+    CallScope scope(*this, stream);
     Tensor gk, wk;
     const RowsIn rows = rows_of(grad_recv_x, "grad_recv_x", gk);
     const float* gw = weights_of(grad_recv_weights, wk);
@@ -174,7 +191,9 @@ class PyEngine {
 
   // -> (grad_expert_y [R, H], grad_weights [T, K] or None)
   py::tuple combine_backward(const std::shared_ptr<DispatchLayout>& layout, const Tensor& grad_y,
-                             const std::optional<Tensor>& slot_weights, const std::optional<Tensor>& expert_y) {
+                             const std::optional<Tensor>& slot_weights, const std::optional<Tensor>& expert_y,
+                             int64_t stream) {
+    CallScope scope(*this, stream);
     Tensor gk, sk, yk;
     const RowsIn rows = rows_of(grad_y, "grad_y", gk);
     const float* sw = weights_of(slot_weights, sk);
@@ -196,21 +215,36 @@ class PyEngine {
     if (!engine_) return;
     if (PyGILState_Check()) {
       py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
       engine_.reset();
     } else {
+      std::lock_guard<std::mutex> lock(mutex_);
       engine_.reset();
     }
   }
 
-  py::dict counters(const std::string& kind) const {
-    return counters_dict(engine_ ? engine_->counters(kind) : engine::Counters{});
+  // The lock is taken without the GIL: a running call may need gloo's threads, which take it.
+  py::dict counters(const std::string& kind) {
+    engine::Counters c;
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (engine_) c = engine_->counters(kind);
+    }
+    return counters_dict(c);
   }
-  int64_t workspace_bytes() const { return engine_ ? engine_->workspace_bytes() : 0; }
+  int64_t workspace_bytes() {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_ ? engine_->workspace_bytes() : 0;
+  }
   py::tuple last_failure() const { return py::make_tuple(last_failure_.stage, last_failure_.seq); }
 
  private:
   template <typename Fn>
   auto guarded(Fn&& fn) -> decltype(fn()) {
+    // One call at a time (autograd's thread and the caller's may both call; close() waits).
+    std::lock_guard<std::mutex> lock(mutex_);
     MOE_HOST_ASSERT(engine_, "buffer: this moe_comm.Buffer was closed; create a new one");
     try {
       return fn();
@@ -227,8 +261,50 @@ class PyEngine {
     return py::make_tuple(as_tensor(r.grad_rows, dtype, std::move(shape)), w);
   }
 
+  std::shared_ptr<engine::Transport> make_transport(const py::handle& wire, const RollCall& roll) {
+#if defined(MOE_COMM_WITH_NCCL)
+    if (cuda_) {
+      auto comm = wire.cast<std::shared_ptr<comm::EpCommunicator>>();
+      // The dispatch's header wait is bounded by the last stage's communicator (its deadline
+      // and asynchronous errors); CUDA failures name no missing rank yet (call number -1).
+      cuda_->set_wait([comm](cudaStream_t stream) {
+        try {
+          comm->wait(stream, "dispatch/header");
+        } catch (const std::exception& e) {
+          throw engine::CommFailure(e.what(), "dispatch/header", -1);
+        }
+      });
+      return std::make_shared<comm::NcclTransport>(comm, cuda_);
+    }
+#endif
+    return std::make_shared<GlooTransport>(wire.cast<c10::intrusive_ptr<c10d::Backend>>(), roll);
+  }
+
+  // Every call runs on the caller's stream (CUDA), with its device current and restored after.
+  struct CallScope {
+    CallScope(PyEngine& e, int64_t stream) {
+#if defined(MOE_COMM_WITH_NCCL)
+      if (e.cuda_) {
+        guard.emplace(e.device_);
+        e.cuda_->set_stream(as_stream(stream));
+      }
+#else
+      (void)e;
+      (void)stream;
+#endif
+    }
+#if defined(MOE_COMM_WITH_CUDA)
+    std::optional<DeviceGuard> guard;
+#endif
+  };
+
   std::unique_ptr<Engine> engine_;
+  std::mutex mutex_;
   engine::CommFailure last_failure_;
+  c10::Device device_;
+#if defined(MOE_COMM_WITH_NCCL)
+  std::shared_ptr<cuda::CudaDevice> cuda_;
+#endif
 };
 
 }  // namespace
@@ -252,9 +328,10 @@ void register_engine_ops(py::module_& m) {
       })
       .def_property_readonly("counters", [](const DispatchLayout& l) { return counters_dict(l.counters); });
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const py::list&, int64_t, int64_t, int64_t, const py::object&, const std::string&, double>(),
+      .def(py::init<const py::list&, int64_t, int64_t, int64_t, const py::object&, const std::string&, double,
+                    int64_t>(),
            py::arg("stages"), py::arg("rank"), py::arg("world_size"), py::arg("num_experts"), py::arg("store"),
-           py::arg("uid"), py::arg("sign_after_s"))
+           py::arg("uid"), py::arg("sign_after_s"), py::arg("device_index") = -1)
       .def("dispatch", &PyEngine::dispatch)
       .def("combine", &PyEngine::combine)
       .def("dispatch_backward", &PyEngine::dispatch_backward)

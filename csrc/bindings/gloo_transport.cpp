@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -30,7 +31,8 @@ void GlooTransport::run(uint8_t* send, std::vector<int64_t> send_bytes, uint8_t*
     at::Tensor in = bytes_at(send, total(send_bytes));
     at::Tensor out = bytes_at(recv, total(recv_bytes));
     c10::intrusive_ptr<c10d::Work> work = group_->alltoall_base(out, in, recv_bytes, send_bytes);
-    const auto first = std::chrono::milliseconds(static_cast<int64_t>(roll_call_.sign_after_s * 1000));
+    // At least 1 ms: a wait of 0 means "no timeout" to c10d.
+    const auto first = std::chrono::milliseconds(std::max<int64_t>(1, int64_t(roll_call_.sign_after_s * 1000)));
     try {
       work->wait(first);
       return;

@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace moe_comm::bind;
   py::register_exception<moe_comm::Error>(m, "NativeError", PyExc_RuntimeError);
   m.def("native_build_info", &native_build_info);
+  m.attr("SLOT_META_BYTES") = py::int_(sizeof(moe_comm::SlotMeta));  // per top-k slot on the dispatch wire
   register_layout_ops(m);
   register_token_ops(m);
   register_expand_ops(m);

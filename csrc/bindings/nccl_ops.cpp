@@ -2,6 +2,7 @@
 #include "tensor_args.h"
 
 #if defined(MOE_COMM_WITH_NCCL)
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,7 @@ void check_ranges(const Tensor& buf, const char* name, const std::vector<int64_t
 
 void register_nccl_ops(py::module_& m) {
   m.def("nccl_unique_id", [] { return py::bytes(comm::make_unique_id()); });
-  py::class_<comm::EpCommunicator>(m, "NcclCommunicator")
+  py::class_<comm::EpCommunicator, std::shared_ptr<comm::EpCommunicator>>(m, "NcclCommunicator")
       .def(py::init([](const py::bytes& id, int size, int rank, int device, double timeout_s) {
              std::string raw = id;
              py::gil_scoped_release release;

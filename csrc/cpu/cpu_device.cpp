@@ -31,8 +31,14 @@ void CpuDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::St
                  plan.first_slot.as<int64_t>());
 }
 
-void CpuDevice::count_tokens(const Routing& r, int64_t* tokens_per_rank) {
+void CpuDevice::count_tokens(const Routing& r, engine::Allocator&, int64_t* tokens_per_rank) {
   count_layout(r, tokens_per_rank, nullptr);
+}
+
+engine::Array CpuDevice::upload(const void* host, int64_t bytes, engine::Allocator& alloc) {
+  engine::Array a = alloc.allocate(bytes);
+  if (bytes) std::memcpy(a.data, host, bytes);
+  return a;
 }
 
 void CpuDevice::fill_header(const engine::HeaderFill& h) {
@@ -58,7 +64,7 @@ void CpuDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowF
   }
 }
 
-void CpuDevice::expand(const engine::ExpandArgs& a) {
+void CpuDevice::expand(const engine::ExpandArgs& a, engine::Allocator&) {
   ExpandPlanParams plan;
   plan.rows = a.rows;
   plan.num_rows = a.num_rows;

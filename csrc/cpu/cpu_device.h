@@ -11,14 +11,15 @@ class CpuDevice final : public engine::Device {
  public:
   bool host_readable() const override { return true; }
   void plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) override;
-  void count_tokens(const Routing& r, int64_t* tokens_per_rank) override;
+  void count_tokens(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_rank) override;
+  engine::Array upload(const void* host, int64_t bytes, engine::Allocator& alloc) override;
   void fill_header(const engine::HeaderFill& h) override;
   void relay_header(const engine::HeaderRelay& h) override;
   void download(const std::vector<Transfer>& items) override;
   void pack_rows(const PackParams& p) override;
   void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk, int64_t* idx,
                       float* weights) override;
-  void expand(const engine::ExpandArgs& a) override;
+  void expand(const engine::ExpandArgs& a, engine::Allocator& alloc) override;
   void scatter_rows(const ScatterParams& p) override;
   void reduce_rows(const ReduceParams& p) override;
   void row_dots(const DotParams& p) override;

@@ -20,7 +20,7 @@ namespace engine {
 // delivered, in arrival order.
 struct StagePlan {
   int64_t num_in = 0;     // input rows
-  int64_t num_send = 0;   // send slots (rows on the wire, own included)
+  int64_t num_send = 0;   // send slots (rows on the wire, own included); from the header on CUDA
   int64_t num_recv = 0;   // rows received
   Array status;           // [1] int64: kRoutingCode when the routing breaks a rule, else 0
   Array rows_per_dest;    // [size] int64
@@ -41,7 +41,7 @@ struct ExpandArgs {
   int64_t experts_per_rank = 0;
   DType dtype = DType::kFloat32;
   int64_t hidden = 0;
-  const int64_t* row_order = nullptr;  // [num_rows] (source rank, token) order; null: arrival
+  const int64_t* row_order = nullptr;  // [num_rows] on the device: (source rank, token) order; null: arrival
   const int64_t* expert_offsets = nullptr;  // [experts_per_rank + 1], from the headers (host)
   int64_t* row_map = nullptr;      // [num_rows, topk] out
   float* slot_weights = nullptr;   // [num_rows, topk] out
@@ -68,12 +68,14 @@ class Device {
   };
   virtual void download(const std::vector<Transfer>& items) = 0;
   // tokens_per_rank[num_ranks] of a routing (the hierarchical forward counts).
-  virtual void count_tokens(const Routing& r, int64_t* tokens_per_rank) = 0;
+  virtual void count_tokens(const Routing& r, Allocator& alloc, int64_t* tokens_per_rank) = 0;
+  // A host array's copy on the device (the host array may go once this returns).
+  virtual Array upload(const void* host, int64_t bytes, Allocator& alloc) = 0;
   virtual void pack_rows(const PackParams& p) = 0;
   // idx[i, k] / weights[i, k] from the SlotMeta block of arrived dispatch rows.
   virtual void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk,
                               int64_t* idx, float* weights) = 0;
-  virtual void expand(const ExpandArgs& a) = 0;
+  virtual void expand(const ExpandArgs& a, Allocator& alloc) = 0;  // alloc: scratch
   virtual void scatter_rows(const ScatterParams& p) = 0;
   virtual void reduce_rows(const ReduceParams& p) = 0;
   virtual void row_dots(const DotParams& p) = 0;

@@ -61,7 +61,7 @@ int64_t Engine::workspace_bytes() const {
 
 uint8_t* Engine::workspace(const std::string& name, int64_t bytes) {
   Array& w = workspaces_[name];
-  if (w.bytes < bytes) w = allocate(bytes + bytes / 4);  // grow-only: fresh pages fault on every call
+  if (w.bytes < bytes || !w.data) w = allocate(bytes + bytes / 4);  // grow-only: fresh pages fault on every call
   return w.data;
 }
 
@@ -82,6 +82,51 @@ void Engine::exchange(const StageSpec& stage, const uint8_t* send, const std::ve
   if (status) {
     for (int64_t s : status_in) *status = std::max(*status, s);  // MAX: the lowest bad rank wins
   }
+}
+
+uint8_t* Engine::pack_and_send(const StageSpec& stage, const StagePlan& plan, const RowsIn& rows, const RowFormat& fmt,
+                               const int64_t* idx, const float* weights, int64_t topk, int64_t* status,
+                               const std::string& name) {
+  uint8_t* send = workspace(name + "/send", plan.num_send * fmt.row_bytes);
+  PackParams p;
+  p.src = rows.data;
+  p.src_stride = rows.stride_bytes;
+  p.send_token = plan.send_token.as<int64_t>();
+  p.send_offsets = plan.send_offsets.as<int64_t>();
+  p.num_ranks = stage.size;
+  p.num_rows = plan.num_send;
+  p.dst = send;
+  p.fmt = fmt;
+  p.topk_idx = idx;
+  p.topk_weights = weights;
+  p.topk = topk;
+  p.experts_per_rank = stage.experts_per_dest;
+  launch();
+  device_->pack_rows(p);
+  if (stage.size == 1) return send;  // no wire: what this rank sends itself is what arrives
+  uint8_t* recv = workspace(name + "/recv", plan.num_recv * fmt.row_bytes);
+  exchange(stage, send, plan.send_rows, recv, plan.recv_rows, fmt.row_bytes, status, name);
+  return recv;
+}
+
+void Engine::reduce_rows(const RowsIn& src, const int64_t* map, const float* weights, int64_t topk, int64_t num_out,
+                         uint8_t* dst, int64_t dst_stride, const float* scalars, int64_t scalars_offset) {
+  ReduceParams r;
+  r.src = src.data;
+  r.src_stride = src.stride_bytes;
+  r.src_dtype = src.dtype;
+  r.map = map;
+  r.num_out = num_out;
+  r.topk = topk;
+  r.weights = weights;
+  r.hidden = src.cols;
+  r.dst = dst;
+  r.dst_stride = dst_stride;
+  r.dst_dtype = src.dtype;
+  r.scalars = scalars;
+  r.scalars_offset = scalars_offset;
+  launch();
+  device_->reduce_rows(r);
 }
 
 // ---- dispatch -------------------------------------------------------------------------------
@@ -169,6 +214,7 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
     plan.send_rows = header_rows(h.sent[j], stage.size, h.layouts[j]);
     plan.recv_rows = header_rows(h.received[j], stage.size, h.layouts[j]);
     plan.num_recv = sum(plan.recv_rows);
+    plan.num_send = sum(plan.send_rows);  // a device plan is sized for the worst case
     const int64_t* planned = plan.rows_per_dest.as<int64_t>();
     for (int64_t d = 0; d < stage.size && device_->host_readable(); ++d) {
       // What the headers announced must be what the plan sends.
@@ -176,28 +222,7 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
                                                                  << plan.send_rows[d] << " rows to destination " << d
                                                                  << " but its plan sends " << planned[d]);
     }
-    const std::string name = "dispatch/" + stage.name;
-    uint8_t* send = workspace(name + "/send", plan.num_send * fmt.row_bytes);
-    PackParams p;
-    p.src = rows.data;
-    p.src_stride = rows.stride_bytes;
-    p.send_token = plan.send_token.as<int64_t>();
-    p.send_offsets = plan.send_offsets.as<int64_t>();
-    p.num_ranks = stage.size;
-    p.num_rows = plan.num_send;
-    p.dst = send;
-    p.fmt = fmt;
-    p.topk_idx = idx;
-    p.topk_weights = w;
-    p.topk = topk;
-    p.experts_per_rank = stage.experts_per_dest;
-    launch();
-    device_->pack_rows(p);
-    uint8_t* recv = send;
-    if (stage.size > 1) {
-      recv = workspace(name + "/recv", plan.num_recv * fmt.row_bytes);
-      exchange(stage, send, plan.send_rows, recv, plan.recv_rows, fmt.row_bytes, nullptr, name);
-    }
+    uint8_t* recv = pack_and_send(stage, plan, rows, fmt, idx, w, topk, nullptr, "dispatch/" + stage.name);
     arrived.push_back(recv);
     rows = RowsIn{recv, fmt.row_bytes, plan.num_recv, x.cols, x.dtype};
     if (j + 1 < stages_.size()) {
@@ -233,7 +258,8 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
     if (stages_.size() == 2) {  // rows each rail peer will forward to each rank of its node
       forward = allocate(world_size_ * int64_t(sizeof(int64_t)));
       launch();
-      device_->count_tokens(Routing{topk_idx, x.rows, topk, num_experts_, world_size_}, forward.as<int64_t>());
+      device_->count_tokens(Routing{topk_idx, x.rows, topk, num_experts_, world_size_}, *allocator_,
+                            forward.as<int64_t>());
     }
   }
   Headers h;
@@ -301,14 +327,18 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   a.experts_per_rank = experts_per_rank_;
   a.dtype = x.dtype;
   a.hidden = x.cols;
-  a.row_order = row_order.empty() ? nullptr : row_order.data();
+  Array order_on_device;
+  if (!row_order.empty()) {
+    order_on_device = device_->upload(row_order.data(), int64_t(row_order.size() * sizeof(int64_t)), *allocator_);
+  }
+  a.row_order = order_on_device.as<int64_t>();
   a.expert_offsets = expert_offsets.data();
   a.row_map = layout->row_map.as<int64_t>();
   a.slot_weights = layout->slot_weights.as<float>();
   a.recv_weights = out.recv_weights.as<float>();
   a.recv_x = out.recv_x.data;
   launch();
-  device_->expand(a);
+  device_->expand(a, *allocator_);
 
   layout->num_tokens = x.rows;
   layout->hidden = x.cols;
@@ -339,24 +369,7 @@ RowsIn Engine::send_along(const DispatchLayout& layout, const RowsIn& rows, cons
   for (size_t j = 0; j < stages_.size(); ++j) {
     const StageSpec& stage = stages_[j];
     const StagePlan& plan = layout.plans[j];
-    const std::string stage_name = name + "/" + stage.name;
-    uint8_t* send = workspace(stage_name + "/send", plan.num_send * fmt.row_bytes);
-    PackParams p;
-    p.src = in.data;
-    p.src_stride = in.stride_bytes;
-    p.send_token = plan.send_token.as<int64_t>();
-    p.send_offsets = plan.send_offsets.as<int64_t>();
-    p.num_ranks = stage.size;
-    p.num_rows = plan.num_send;
-    p.dst = send;
-    p.fmt = fmt;
-    launch();
-    device_->pack_rows(p);
-    uint8_t* recv = send;
-    if (stage.size > 1) {
-      recv = workspace(stage_name + "/recv", plan.num_recv * fmt.row_bytes);
-      exchange(stage, send, plan.send_rows, recv, plan.recv_rows, fmt.row_bytes, status, stage_name);
-    }
+    uint8_t* recv = pack_and_send(stage, plan, in, fmt, nullptr, nullptr, 0, status, name + "/" + stage.name);
     in = RowsIn{recv, fmt.row_bytes, plan.num_recv, rows.cols, rows.dtype};
   }
   return in;
@@ -400,23 +413,8 @@ void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const
     }
     const std::string stage_name = name + "/" + stage.name;
     uint8_t* packed = workspace(stage_name + "/send", plan.num_recv * fmt.row_bytes);
-    ReduceParams r;
-    r.src = src.data;
-    r.src_stride = src.stride_bytes;
-    r.src_dtype = src.dtype;
-    r.map = src_map;
-    r.num_out = plan.num_recv;
-    r.topk = topk;
-    r.weights = src_weights;
-    r.hidden = src.cols;
-    r.dst = packed;
-    r.dst_stride = fmt.row_bytes;
-    r.dst_dtype = src.dtype;
-    r.scalars = scalars;
-    r.scalars_offset = fmt.meta_offset;
     MOE_HOST_ASSERT(!scalars || scalar_stride == topk, "per-slot scalars must be dense [rows, topk]");
-    launch();
-    device_->reduce_rows(r);
+    reduce_rows(src, src_map, src_weights, topk, plan.num_recv, packed, fmt.row_bytes, scalars, fmt.meta_offset);
     uint8_t* back = workspace(stage_name + "/recv", plan.num_send * fmt.row_bytes);
     exchange(stage, packed, plan.recv_rows, back, plan.send_rows, fmt.row_bytes, status, stage_name);
     src = RowsIn{back, fmt.row_bytes, plan.num_send, rows.cols, rows.dtype};
@@ -433,21 +431,9 @@ void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const
     }
   }
   y = allocate(layout.num_tokens * rows.cols * dtype_size(rows.dtype));
-  ReduceParams r;
-  r.src = src.data;
-  r.src_stride = src.stride_bytes;
-  r.src_dtype = src.dtype;
-  r.map = src_map;
-  r.num_out = layout.num_tokens;
-  r.topk = topk;
-  r.weights = src_weights;
-  r.hidden = src.cols;
-  r.dst = y.data;
-  r.dst_stride = rows.cols * dtype_size(rows.dtype);
-  r.dst_dtype = rows.dtype;
   if (rows.cols > 0) {
-    launch();
-    device_->reduce_rows(r);
+    reduce_rows(src, src_map, src_weights, topk, layout.num_tokens, y.data, rows.cols * dtype_size(rows.dtype), nullptr,
+                0);
   }
   scalars_out = collected;
 }

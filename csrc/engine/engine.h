@@ -115,6 +115,13 @@ class Engine {
                    Array& scalars_out);
   // Sends each token row [T, H'] along the dispatch's path. -> [N, H'] rows (stride: row_bytes).
   RowsIn send_along(const DispatchLayout& layout, const RowsIn& rows, const std::string& name, int64_t* status);
+  // Packs `rows` into the stage's send rows and exchanges them. -> the rows that arrived.
+  uint8_t* pack_and_send(const StageSpec& stage, const StagePlan& plan, const RowsIn& rows, const RowFormat& fmt,
+                         const int64_t* idx, const float* weights, int64_t topk, int64_t* status,
+                         const std::string& name);
+  // dst[i] = sum_k weights[i, k] * src[map[i, k]] (+ per-slot scalars riding in the row).
+  void reduce_rows(const RowsIn& src, const int64_t* map, const float* weights, int64_t topk, int64_t num_out,
+                   uint8_t* dst, int64_t dst_stride, const float* scalars, int64_t scalars_offset);
   void exchange(const StageSpec& stage, const uint8_t* send, const std::vector<int64_t>& send_rows, uint8_t* recv,
                 const std::vector<int64_t>& recv_rows, int64_t row_bytes, int64_t* status, const std::string& name);
   uint8_t* workspace(const std::string& name, int64_t bytes);

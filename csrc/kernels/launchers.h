@@ -8,6 +8,7 @@
 
 #include "../core/routing.h"
 #include "../core/token_params.h"
+#include "../engine/header.h"
 #include "bodies/routing.h"
 
 namespace moe_comm {
@@ -23,9 +24,12 @@ struct LayoutKernelParams {
   int64_t* tokens_per_rank = nullptr;   // [num_ranks]: distinct tokens per destination rank
   int64_t* pairs_per_expert = nullptr;  // [num_experts]: valid (token, expert) pairs
   bool* token_in_rank = nullptr;        // [num_tokens, num_ranks]: token goes to that rank
+  int64_t* status = nullptr;            // optional [1]: bad_code when a row breaks a routing rule
+  int64_t bad_code = 0;
 };
 
-// Zeroes the outputs on `stream`, then counts. Indices must already be validated.
+// Zeroes the outputs on `stream`, then counts. Out-of-range indices count as masked (and set
+// the status when one is given).
 cudaError_t launch_count_layout(const LayoutKernelParams& p, cudaStream_t stream);
 
 // Send plan (device twin of core/layout.h fill_send_plan), from count_layout's token_in_rank.
@@ -126,6 +130,10 @@ cudaError_t launch_collect_pairs(const CollectParams& p, cudaStream_t stream);
 cudaError_t launch_gather_masked(const float* values, const int64_t* index, int64_t count, float* out,
                                  cudaStream_t stream);
 cudaError_t launch_mask_by_map(const MaskParams& p, cudaStream_t stream);
+
+// Dispatch headers (engine/header.h bodies): one block, a thread per row.
+cudaError_t launch_fill_header(const engine::HeaderFill& h, cudaStream_t stream);
+cudaError_t launch_relay_header(const engine::HeaderRelay& h, cudaStream_t stream);
 
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.
 int runtime_version();

@@ -1,3 +1,4 @@
+#include "bodies/layout.h"
 #include "launchers.h"
 
 namespace moe_comm {
@@ -26,17 +27,14 @@ __global__ void count_layout_kernel(LayoutKernelParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t < p.num_tokens) {
     const int64_t* row = p.topk_idx + t * p.topk;
+    if (p.status && bodies::routing_row_bad(row, p.topk, p.num_experts)) {
+      atomicMax(reinterpret_cast<unsigned long long*>(p.status), static_cast<unsigned long long>(p.bad_code));
+    }
     for (int64_t k = 0; k < p.topk; ++k) {
       const int64_t e = row[k];
-      if (e < 0) continue;
+      if (!bodies::valid_expert(e, p.num_experts)) continue;  // masked (or out of range: status set)
       const int64_t rank = e / experts_per_rank;
-      bool first = true;
-      for (int64_t j = 0; j < k; ++j) {
-        if (row[j] >= 0 && row[j] / experts_per_rank == rank) {
-          first = false;
-          break;
-        }
-      }
+      const bool first = bodies::first_to_dest(row, k, p.num_experts, experts_per_rank);
       if (kShared) {
         atomicAdd(&shared_counts[e], 1u);
         if (first) atomicAdd(&shared_counts[p.num_experts + rank], 1u);
@@ -63,6 +61,7 @@ __global__ void count_layout_kernel(LayoutKernelParams p) {
 cudaError_t launch_count_layout(const LayoutKernelParams& p, cudaStream_t stream) {
   if (p.num_ranks <= 0 || p.num_experts % p.num_ranks != 0) return cudaErrorInvalidValue;
   cudaError_t err = cudaMemsetAsync(p.tokens_per_rank, 0, p.num_ranks * sizeof(int64_t), stream);
+  if (err == cudaSuccess && p.status) err = cudaMemsetAsync(p.status, 0, sizeof(int64_t), stream);
   if (err == cudaSuccess)
     err = cudaMemsetAsync(p.pairs_per_expert, 0, p.num_experts * sizeof(int64_t), stream);
   if (err == cudaSuccess && p.num_tokens > 0)

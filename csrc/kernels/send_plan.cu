@@ -1,5 +1,6 @@
 // Device send plan: flags, one exclusive scan (scan.cu), fill. See launchers.h.
 #include "grid.cuh"
+#include "bodies/layout.h"
 #include "launchers.h"
 
 namespace moe_comm {
@@ -40,20 +41,14 @@ __global__ void send_plan_pairs_kernel(SendPlanKernelParams p) {
   MOE_GRID_STRIDE(pair, p.num_tokens * p.topk) {
     const int64_t t = pair / p.topk, k = pair % p.topk;
     const int64_t* row = p.topk_idx + t * p.topk;
-    if (row[k] < 0) {
+    if (!bodies::valid_expert(row[k], p.num_experts)) {
       p.pair_slot[pair] = -1;
       p.first_slot[pair] = -1;
       continue;
     }
     const int64_t rank = row[k] / experts_per_rank;
     const int64_t slot = p.positions[rank * p.num_tokens + t];
-    bool first = true;
-    for (int64_t j = 0; j < k; ++j) {
-      if (row[j] >= 0 && row[j] / experts_per_rank == rank) {
-        first = false;
-        break;
-      }
-    }
+    const bool first = bodies::first_to_dest(row, k, p.num_experts, experts_per_rank);
     p.pair_slot[pair] = slot;
     p.first_slot[pair] = first ? slot : -1;
   }

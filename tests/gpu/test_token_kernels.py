@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import moe_comm
-from moe_comm.route import SLOT_META_BYTES
+from moe_comm._native import C as _C
+
+SLOT_META_BYTES = _C.SLOT_META_BYTES
 from tests.cases import DTYPES
 
 C = moe_comm.C
