@@ -256,6 +256,31 @@ def test_lanes_change_no_bit_of_pack_scatter_reduce(dtype, H):
         assert all(torch.equal(a, b) for a, b in zip(got, out[1])), f"{n} lanes differ from 1"
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("offset", [0, 1, 2, 4])
+def test_copies_of_rows_at_any_alignment_take_every_word_tier(dtype, offset):
+    """Rows that start 16-, 8-, 4- or 2-byte aligned (a view at an element offset) move through
+    the 16-byte (four in flight per lane), 8-, 4-byte and byte paths of the copy body, with any
+    number of lanes: same bytes as torch's own copy."""
+    dt = DTYPES[dtype]
+    T, H, K, E = 9, 203, 2, 4
+    gen = torch.Generator().manual_seed(offset)
+    base = torch.randn(T, H + 8, generator=gen).to(dt)
+    x = base[:, offset:offset + H]
+    idx = _routing(T, K, E, seed=offset)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, 2)
+    row_bytes = C.row_format(H, x.element_size(), 0, 0)[3]
+    for n in (1, 3, 32):
+        C.set_cpu_lanes(n)
+        try:
+            rows = torch.full((send_token.numel(), row_bytes), 0xAB, dtype=torch.uint8)
+            C.pack_rows(x, send_token, offsets, None, None, 1, rows)
+        finally:
+            C.set_cpu_lanes(1)
+        payload = rows.view(dt)[:, :H]
+        assert torch.equal(payload, x[send_token]), f"{n} lanes, offset {offset}"
+
+
 def test_cpu_lanes_setting_is_checked():
     with pytest.raises(RuntimeError, match="lanes must be in"):
         C.set_cpu_lanes(0)

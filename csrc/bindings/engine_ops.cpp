@@ -124,7 +124,6 @@ class PyEngine {
   //     recv_x, recv_weights, tokens_per_expert, layout) ; outputs None when a problem was agreed.
   py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
                      const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream) {
-    CallScope scope(*this, stream);
     Tensor xk, idx, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -138,7 +137,7 @@ class PyEngine {
     engine::DispatchResult r;
     {
       py::gil_scoped_release release;
-      r = guarded([&] { return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected); });
+      r = guarded(stream, [&] { return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected); });
     }
     const auto& p = r.problem;
     py::tuple problem = py::make_tuple(p.code, p.rank, p.seen_by, p.field, p.mine, p.theirs);
@@ -155,7 +154,6 @@ class PyEngine {
   // -> (agreed status, y or None, slot_weights or None)
   py::tuple combine(const std::shared_ptr<DispatchLayout>& layout, const std::optional<Tensor>& expert_y,
                     const std::optional<Tensor>& weights, bool reuse, int64_t status_code, int64_t stream) {
-    CallScope scope(*this, stream);
     Tensor yk, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -164,7 +162,7 @@ class PyEngine {
     engine::CombineResult r;
     {
       py::gil_scoped_release release;
-      r = guarded([&] { return engine_->combine(*layout, rows, w, reuse, status_code); });
+      r = guarded(stream, [&] { return engine_->combine(*layout, rows, w, reuse, status_code); });
     }
     if (r.status != 0 || status_code > 0) return py::make_tuple(r.status, py::none(), py::none());
     Tensor y = as_tensor(r.y, scalar_type(layout->dtype), {layout->num_tokens, layout->hidden});
@@ -177,14 +175,13 @@ class PyEngine {
   // -> (grad_x [T, H], grad_weights [T, K] or None)
   py::tuple dispatch_backward(const std::shared_ptr<DispatchLayout>& layout, const Tensor& grad_recv_x,
                               const std::optional<Tensor>& grad_recv_weights, int64_t stream) {
-    CallScope scope(*this, stream);
     Tensor gk, wk;
     const RowsIn rows = rows_of(grad_recv_x, "grad_recv_x", gk);
     const float* gw = weights_of(grad_recv_weights, wk);
     engine::BackwardResult r;
     {
       py::gil_scoped_release release;
-      r = guarded([&] { return engine_->dispatch_backward(*layout, rows, gw); });
+      r = guarded(stream, [&] { return engine_->dispatch_backward(*layout, rows, gw); });
     }
     return backward_tuple(r, scalar_type(rows.dtype), {layout->num_tokens, layout->hidden}, *layout);
   }
@@ -193,7 +190,6 @@ class PyEngine {
   py::tuple combine_backward(const std::shared_ptr<DispatchLayout>& layout, const Tensor& grad_y,
                              const std::optional<Tensor>& slot_weights, const std::optional<Tensor>& expert_y,
                              int64_t stream) {
-    CallScope scope(*this, stream);
     Tensor gk, sk, yk;
     const RowsIn rows = rows_of(grad_y, "grad_y", gk);
     const float* sw = weights_of(slot_weights, sk);
@@ -202,7 +198,7 @@ class PyEngine {
     engine::BackwardResult r;
     {
       py::gil_scoped_release release;
-      r = guarded([&] { return engine_->combine_backward(*layout, rows, sw, expert_y ? &ey : nullptr); });
+      r = guarded(stream, [&] { return engine_->combine_backward(*layout, rows, sw, expert_y ? &ey : nullptr); });
     }
     return backward_tuple(r, scalar_type(rows.dtype), {layout->num_recv_rows, layout->hidden}, *layout);
   }
@@ -215,11 +211,9 @@ class PyEngine {
     if (!engine_) return;
     if (PyGILState_Check()) {
       py::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mutex_);
-      engine_.reset();
+      release_all();
     } else {
-      std::lock_guard<std::mutex> lock(mutex_);
-      engine_.reset();
+      release_all();
     }
   }
 
@@ -242,10 +236,12 @@ class PyEngine {
 
  private:
   template <typename Fn>
-  auto guarded(Fn&& fn) -> decltype(fn()) {
-    // One call at a time (autograd's thread and the caller's may both call; close() waits).
+  auto guarded(int64_t stream, Fn&& fn) -> decltype(fn()) {
+    // One call at a time (autograd's thread and the caller's may both call; close() waits);
+    // the call's stream and device are set under the lock.
     std::lock_guard<std::mutex> lock(mutex_);
     MOE_HOST_ASSERT(engine_, "buffer: this moe_comm.Buffer was closed; create a new one");
+    CallScope scope(*this, stream);
     try {
       return fn();
     } catch (const engine::CommFailure& f) {
@@ -261,15 +257,26 @@ class PyEngine {
     return py::make_tuple(as_tensor(r.grad_rows, dtype, std::move(shape)), w);
   }
 
+  void release_all() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_.reset();
+#if defined(MOE_COMM_WITH_NCCL)
+    if (cuda_) cuda_->set_wait(nullptr);  // its communicators go now, not at the next GC
+    comms_.clear();
+#endif
+  }
+
   std::shared_ptr<engine::Transport> make_transport(const py::handle& wire, const RollCall& roll) {
 #if defined(MOE_COMM_WITH_NCCL)
     if (cuda_) {
       auto comm = wire.cast<std::shared_ptr<comm::EpCommunicator>>();
-      // The dispatch's header wait is bounded by the last stage's communicator (its deadline
-      // and asynchronous errors); CUDA failures name no missing rank yet (call number -1).
-      cuda_->set_wait([comm](cudaStream_t stream) {
+      // The dispatch's header wait is bounded by the communicators' deadlines and checks every
+      // stage's for an abort or an asynchronous error; CUDA failures name no missing rank yet
+      // (call number -1).
+      comms_.push_back(comm);
+      cuda_->set_wait([comms = comms_](cudaStream_t stream) {
         try {
-          comm->wait(stream, "dispatch/header");
+          for (const auto& c : comms) c->wait(stream, "dispatch/header");
         } catch (const std::exception& e) {
           throw engine::CommFailure(e.what(), "dispatch/header", -1);
         }
@@ -304,6 +311,7 @@ class PyEngine {
   c10::Device device_;
 #if defined(MOE_COMM_WITH_NCCL)
   std::shared_ptr<cuda::CudaDevice> cuda_;
+  std::vector<std::shared_ptr<comm::EpCommunicator>> comms_;
 #endif
 };
 

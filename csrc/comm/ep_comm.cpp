@@ -190,7 +190,13 @@ void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {
   PollBackoff backoff;  // review C3: no 88 us sleep granularity on the dispatch's one sync
   while (true) {
     const cudaError_t query = cudaEventQuery(done_);
-    if (query == cudaSuccess) return;
+    if (query == cudaSuccess) {
+      // An abort by the watchdog (a peer's deadline) also lets the stream drain: done is not
+      // success then, and what the stream produced must not be read.
+      throw_if_aborted(stage);
+      nccl_in_progress(stage);
+      return;
+    }
     if (query != cudaErrorNotReady) fail(stage, std::string("CUDA: ") + cudaGetErrorString(query));
     nccl_in_progress(stage);
     check_deadline(seconds_since(start), stage, "not done (a peer may have died or not arrived)");

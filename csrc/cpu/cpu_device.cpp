@@ -49,6 +49,10 @@ void CpuDevice::relay_header(const engine::HeaderRelay& h) {
   for (int64_t l = 0; l < h.size; ++l) engine::relay_header_row(h, l);
 }
 
+void CpuDevice::fill_zero(void* data, int64_t bytes) {
+  if (bytes) std::memset(data, 0, bytes);
+}
+
 void CpuDevice::download(const std::vector<Transfer>& items) {
   for (const Transfer& t : items) {
     if (t.bytes) std::memcpy(t.dst, t.src, t.bytes);

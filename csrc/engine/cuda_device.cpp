@@ -118,6 +118,10 @@ void CudaDevice::download(const std::vector<Transfer>& items) {
   }
 }
 
+void CudaDevice::fill_zero(void* data, int64_t bytes) {
+  if (bytes) MOE_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, stream_));
+}
+
 void CudaDevice::pack_rows(const PackParams& p) { MOE_CUDA_CHECK(launch_pack_rows(p, stream_)); }
 void CudaDevice::scatter_rows(const ScatterParams& p) { MOE_CUDA_CHECK(launch_scatter_rows(p, stream_)); }
 void CudaDevice::reduce_rows(const ReduceParams& p) { MOE_CUDA_CHECK(launch_reduce_rows(p, stream_)); }

@@ -67,6 +67,7 @@ class Device {
     int64_t bytes;
   };
   virtual void download(const std::vector<Transfer>& items) = 0;
+  virtual void fill_zero(void* data, int64_t bytes) = 0;
   // tokens_per_rank[num_ranks] of a routing (the hierarchical forward counts).
   virtual void count_tokens(const Routing& r, Allocator& alloc, int64_t* tokens_per_rank) = 0;
   // A host array's copy on the device (the host array may go once this returns).

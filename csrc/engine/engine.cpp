@@ -215,6 +215,14 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
     plan.recv_rows = header_rows(h.received[j], stage.size, h.layouts[j]);
     plan.num_recv = sum(plan.recv_rows);
     plan.num_send = sum(plan.send_rows);  // a device plan is sized for the worst case
+    // Headers that cannot be this plan's (a stream drained by an abort, a corrupted wire) end
+    // here instead of in a kernel reading out of bounds.
+    for (int64_t d = 0; d < stage.size; ++d) {
+      MOE_HOST_ASSERT(plan.send_rows[d] >= 0 && plan.recv_rows[d] >= 0,
+                      "stage '" << stage.name << "': negative row count in the header of destination " << d);
+    }
+    MOE_HOST_ASSERT(plan.num_send * int64_t(sizeof(int64_t)) <= plan.send_token.bytes,
+                    "stage '" << stage.name << "' announced " << plan.num_send << " rows, more than its plan holds");
     const int64_t* planned = plan.rows_per_dest.as<int64_t>();
     for (int64_t d = 0; d < stage.size && device_->host_readable(); ++d) {
       // What the headers announced must be what the plan sends.
@@ -470,7 +478,7 @@ CombineResult Engine::combine(const DispatchLayout& layout, const RowsIn& expert
     rows = RowsIn{nullptr, layout.hidden * dtype_size(layout.dtype), layout.num_recv_rows, layout.hidden,
                   layout.dtype};
     zeros = allocate(std::max<int64_t>(layout.num_recv_rows * rows.stride_bytes, 16));
-    std::memset(zeros.data, 0, zeros.bytes);
+    device_->fill_zero(zeros.data, zeros.bytes);
     rows.data = zeros.data;
   }
   Array unused;
