@@ -9,6 +9,15 @@
 namespace moe_comm {
 namespace cuda {
 
+CudaDevice::CudaDevice(int device) : device_(device) {
+  int previous = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&previous));
+  MOE_CUDA_CHECK(cudaSetDevice(device_));
+  const cudaError_t loaded = preload_kernels();
+  cudaSetDevice(previous);
+  MOE_CUDA_CHECK(loaded);
+}
+
 CudaDevice::~CudaDevice() {
   if (pinned_) cudaFreeHost(pinned_);
 }

@@ -19,7 +19,7 @@ class CudaDevice final : public engine::Device {
   // wait: blocks until `stream` has passed everything enqueued so far, bounded (our NCCL
   // communicator's wait: its deadline and async errors), or null for a plain synchronisation.
   using BoundedWait = std::function<void(cudaStream_t)>;
-  explicit CudaDevice(int device) : device_(device) {}
+  explicit CudaDevice(int device);  // loads every kernel now (CUDA review R1)
   ~CudaDevice() override;
   void set_stream(cudaStream_t stream) { stream_ = stream; }
   cudaStream_t stream() const { return stream_; }

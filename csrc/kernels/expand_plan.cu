@@ -60,5 +60,11 @@ cudaError_t launch_expand_fill(const ExpandPlanKernelParams& p, cudaStream_t str
   return cudaGetLastError();
 }
 
+cudaError_t preload_expand_kernels() {
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, expand_count_kernel);
+  return err == cudaSuccess ? cudaFuncGetAttributes(&attributes, expand_fill_kernel) : err;
+}
+
 }  // namespace cuda
 }  // namespace moe_comm

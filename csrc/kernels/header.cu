@@ -29,5 +29,11 @@ cudaError_t launch_relay_header(const engine::HeaderRelay& h, cudaStream_t strea
   return cudaGetLastError();
 }
 
+cudaError_t preload_header_kernels() {
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, fill_header_kernel);
+  return err == cudaSuccess ? cudaFuncGetAttributes(&attributes, relay_header_kernel) : err;
+}
+
 }  // namespace cuda
 }  // namespace moe_comm

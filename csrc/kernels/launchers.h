@@ -135,6 +135,29 @@ cudaError_t launch_mask_by_map(const MaskParams& p, cudaStream_t stream);
 cudaError_t launch_fill_header(const engine::HeaderFill& h, cudaStream_t stream);
 cudaError_t launch_relay_header(const engine::HeaderRelay& h, cudaStream_t stream);
 
+// Loads every moe_comm kernel (and CUB's scan) on the current device now, instead of at its
+// first launch: under lazy module loading a first launch takes the context lock and waits for
+// the device, which can stall or deadlock against a collective in flight on another stream
+// (CUDA review R1). Called when an engine is made for a CUDA device.
+cudaError_t preload_token_kernels();
+cudaError_t preload_layout_kernels();
+cudaError_t preload_send_plan_kernels();
+cudaError_t preload_expand_kernels();
+cudaError_t preload_routing_kernels();
+cudaError_t preload_header_kernels();
+cudaError_t preload_map_kernels();
+cudaError_t preload_scan_kernels();
+inline cudaError_t preload_kernels() {
+  cudaError_t (*const each[])() = {preload_token_kernels, preload_layout_kernels, preload_send_plan_kernels,
+                                   preload_expand_kernels, preload_routing_kernels, preload_header_kernels,
+                                   preload_map_kernels, preload_scan_kernels};
+  for (auto preload : each) {
+    const cudaError_t err = preload();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // Version of the CUDA runtime linked in, as major*1000 + minor*10.
 int runtime_version();
 

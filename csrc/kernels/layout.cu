@@ -84,5 +84,11 @@ int runtime_version() {
   return version;
 }
 
+cudaError_t preload_layout_kernels() {
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, count_layout_kernel<true>);
+  return err == cudaSuccess ? cudaFuncGetAttributes(&attributes, count_layout_kernel<false>) : err;
+}
+
 }  // namespace cuda
 }  // namespace moe_comm

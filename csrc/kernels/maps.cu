@@ -63,5 +63,14 @@ cudaError_t launch_mask_by_map(const MaskParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t preload_map_kernels() {
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, read_slot_meta_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, compose_own_slot_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, collect_pairs_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, gather_masked_kernel);
+  return err == cudaSuccess ? cudaFuncGetAttributes(&attributes, mask_by_map_kernel) : err;
+}
+
 }  // namespace cuda
 }  // namespace moe_comm

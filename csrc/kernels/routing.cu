@@ -25,5 +25,10 @@ cudaError_t launch_node_limited_select(const NodeLimitedParams& p, cudaStream_t 
   return cudaGetLastError();
 }
 
+cudaError_t preload_routing_kernels() {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, node_limited_kernel);
+}
+
 }  // namespace cuda
 }  // namespace moe_comm

@@ -74,5 +74,12 @@ cudaError_t launch_send_plan_fill(const SendPlanKernelParams& p, cudaStream_t st
   return cudaGetLastError();
 }
 
+cudaError_t preload_send_plan_kernels() {
+  cudaFuncAttributes attributes;
+  cudaError_t err = cudaFuncGetAttributes(&attributes, send_plan_flags_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, send_plan_slots_kernel);
+  return err == cudaSuccess ? cudaFuncGetAttributes(&attributes, send_plan_pairs_kernel) : err;
+}
+
 }  // namespace cuda
 }  // namespace moe_comm

@@ -101,5 +101,30 @@ cudaError_t launch_row_dots(const DotParams& p, cudaStream_t stream) {
   return inner != cudaSuccess ? inner : cudaGetLastError();
 }
 
+// Loads every instantiation now (lazy module loading would load each at its first launch,
+// under the context lock, waiting for the device: CUDA review R1).
+cudaError_t preload_token_kernels() {
+  cudaFuncAttributes attributes;
+  cudaError_t first = cudaFuncGetAttributes(&attributes, pack_rows_kernel);
+  auto keep = [&](cudaError_t err) {
+    if (first == cudaSuccess) first = err;
+  };
+  const DType types[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+  for (DType a : types) {
+    with_type(a, [&](auto ea) {
+      using A = decltype(ea);
+      keep(cudaFuncGetAttributes(&attributes, scatter_rows_kernel<A>));
+      for (DType b : types) {
+        with_type(b, [&](auto eb) {
+          using B = decltype(eb);
+          keep(cudaFuncGetAttributes(&attributes, reduce_rows_kernel<A, B>));
+          keep(cudaFuncGetAttributes(&attributes, row_dots_kernel<A, B>));
+        });
+      }
+    });
+  }
+  return first;
+}
+
 }  // namespace cuda
 }  // namespace moe_comm
