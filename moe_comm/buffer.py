@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ._native import C
 from .nccl_comm import create_nccl_communicator
 from .groups import buffer_key, connect_gloo_group, default_store
+from .shared_memory import shared_memory_token
 from .stages import Stage, flat_stages, hierarchical_stages
 from .topology import Topology, resolve_topology
 from .transport import SIGN_AFTER_S
@@ -18,6 +19,8 @@ from .transport import SIGN_AFTER_S
 # Bounds every collective of a Buffer made without a timeout: torch's NCCL default, long
 # enough for a slow first step, short enough that a dead peer does not cost gloo's 30 minutes.
 DEFAULT_TIMEOUT_S = 600.0
+
+CPU_TRANSPORTS = ("auto", "shm", "gloo")  # see Buffer: cpu_transport
 
 # Buffers not closed yet; closed at interpreter exit while torch is still whole (Buffer.close).
 _OPEN_BUFFERS = weakref.WeakSet()
@@ -74,15 +77,21 @@ class Buffer:
     stage), bootstrapped over our gloo groups whatever `group`'s backend; on the CPU over our
     gloo groups. Use it as a context manager or call close() before destroy_process_group.
 
-    combine_status: every combine first agrees on an ok/error value with all ranks (a
-    one-element all-reduce over gloo on the host, peer_status.py; no GPU synchronisation), so
-    that a bad combine input on one rank makes every rank raise and the Buffer keeps working. False saves that small collective per
-    combine: a bad combine input then raises on its rank only, and its peers end in the timeout.
+    cpu_transport: how a CPU Buffer's rows move. "shm": through shared memory (every rank on
+    one host, csrc/cpu/shm_transport); "gloo": over the Buffer's gloo groups (any hosts);
+    "auto" (default): shm when every rank sees rank 0's /dev/shm, else gloo. buf.cpu_transport
+    says which was chosen.
+
+    combine_status: every combine agrees on an ok/error value with all ranks, so that a bad
+    combine input on one rank makes every rank raise and the Buffer keeps working: in-band, in
+    combine's own first exchange (CPU), or a one-element all-reduce over gloo on the host first
+    (CUDA, peer_status.py). False sends no status: a bad combine input then raises on its rank
+    only, and its peers end in the timeout.
     """
 
     def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
                  hierarchical="auto", timeout: Optional[float] = None, device=None,
-                 combine_status: bool = True):
+                 combine_status: bool = True, cpu_transport: str = "auto"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("moe_comm.Buffer needs torch.distributed to be initialised "
                                "(dist.init_process_group) before it is created")
@@ -95,6 +104,8 @@ class Buffer:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if not isinstance(combine_status, bool):
             raise TypeError(f"combine_status must be True or False, got {combine_status!r}")
+        if cpu_transport not in CPU_TRANSPORTS:
+            raise ValueError(f"cpu_transport must be one of {CPU_TRANSPORTS}, got {cpu_transport!r}")
 
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group: must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
@@ -141,12 +152,24 @@ class Buffer:
             for stage in self.stages:
                 if stage.size > 1:
                     stage.comm = create_nccl_communicator(stage.group, self.device, self.timeout)
+        self.cpu_transport = self._choose_cpu_transport(cpu_transport)
         self.engine = C.Engine(self._engine_stages(), self.rank, self.world_size, num_experts, default_store(),
                                self.uid, min(SIGN_AFTER_S, self.timeout / 4),
-                               self.device.index if self.device.type == "cuda" else -1)
+                               self.device.index if self.device.type == "cuda" else -1, self.timeout)
         self._collectives = collections.Counter()
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
         _OPEN_BUFFERS.add(self)
+
+    def _choose_cpu_transport(self, wanted: str) -> Optional[str]:
+        """"shm", "gloo", or None (a CUDA Buffer, or a single rank). Collective over the group."""
+        self._shm_token = None
+        if self.device.type != "cpu" or self.world_size == 1 or wanted == "gloo":
+            return "gloo" if self.device.type == "cpu" and self.world_size > 1 else None
+        self._shm_token = shared_memory_token(self.all_ranks_group)
+        if self._shm_token is None and wanted == "shm":
+            raise RuntimeError("cpu_transport='shm': the ranks of this group do not share /dev/shm (several hosts "
+                               "or containers); use cpu_transport='gloo' or 'auto'")
+        return "shm" if self._shm_token is not None else "gloo"
 
     def _engine_stages(self) -> list:
         """The stages as the engine takes them: name, size, index, experts per destination,
@@ -155,7 +178,7 @@ class Buffer:
         return [(stage.name, stage.size, stage.index, stage.experts_per_dest, stage.global_ranks,
                  [stage.crosses_nodes and topo.node_of(r) != topo.node for r in stage.global_ranks],
                  (stage.comm if self.device.type == "cuda" else stage.group._get_backend(torch.device("cpu")))
-                 if stage.size > 1 else None)
+                 if stage.size > 1 else None, self._shm_token)
                 for stage in self.stages]
 
     def stage_members(self, stage_name: str) -> List[int]:

@@ -63,3 +63,27 @@ def _lanes_worker(rank, world_size, lanes):
 def test_emulated_lanes_give_the_same_bytes_through_a_whole_dispatch_and_combine():
     one, many = run_distributed(4, _lanes_worker, 1), run_distributed(4, _lanes_worker, 5)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def _transport_worker(rank, world_size, ranks_per_node, transport):
+    E = 4 * world_size
+    case = Case(world_size, E, 3, 40, "bfloat16", "random", (5, 0, 17))
+    xs, idxs, ws = all_inputs(case)
+    buf = moe_comm.Buffer(num_experts=E, ranks_per_node=ranks_per_node, cpu_transport=transport)
+    assert buf.cpu_transport == transport
+    x, w = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()
+    recv_x, recv_w, counts, handle = moe_comm.dispatch(x, idxs[rank], w, buf)
+    assert_dispatch_equal((recv_x.detach(), recv_w.detach(), counts), reference.dispatch_all(xs, idxs, ws, E)[rank])
+    y = moe_comm.combine(recv_x * 3 + recv_w.unsqueeze(1).to(recv_x.dtype), handle, w * 0.5)
+    y.float().sum().backward()
+    return y.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("world_size,ranks_per_node", [(3, 3), (4, 2)])
+def test_shared_memory_and_gloo_give_the_same_bits(world_size, ranks_per_node):
+    """The two CPU wires carry the same bytes: dispatch (exact against the reference), combine
+    with new weights (its status travels first), and both backwards, flat and hierarchical."""
+    shm = run_distributed(world_size, _transport_worker, ranks_per_node, "shm")
+    gloo = run_distributed(world_size, _transport_worker, ranks_per_node, "gloo")
+    for a, b in zip(shm, gloo):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))

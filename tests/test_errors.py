@@ -40,8 +40,8 @@ BAD_INPUTS = {
 }
 
 
-def _bad_input_worker(rank, world_size):
-    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size)
+def _bad_input_worker(rank, world_size, transport="auto"):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, cpu_transport=transport)
     bad_rank = 1
     for name, (transform, exc_type, match, argument) in BAD_INPUTS.items():
         x, idx, w = _good(rank)
@@ -80,8 +80,9 @@ def _bad_input_worker(rank, world_size):
     return True
 
 
-def test_bad_input_raises_on_every_rank_and_buffer_survives():
-    assert run_distributed(2, _bad_input_worker) == [True, True]
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_bad_input_raises_on_every_rank_and_buffer_survives(transport):
+    assert run_distributed(2, _bad_input_worker, transport) == [True, True]
 
 
 def _buffer_args_worker(rank, world_size):
@@ -93,6 +94,7 @@ def _buffer_args_worker(rank, world_size):
     _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=True), ValueError, r"timeout must be")
     _expect(lambda: moe_comm.Buffer(group="world", num_experts=4), TypeError, r"^group: must be a torch.distributed")
     _expect(lambda: moe_comm.Buffer(num_experts=4, combine_status="yes"), TypeError, r"combine_status must be")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, cpu_transport="tcp"), ValueError, r"cpu_transport must be one of")
     _expect(lambda: moe_comm.Buffer(num_experts=4, device="meta"), ValueError, r"^device: must be a CPU or CUDA device")
     if not torch.cuda.is_available():
         _expect(lambda: moe_comm.Buffer(num_experts=4, device="cuda"), ValueError, r"^device: cuda requested")
@@ -107,8 +109,8 @@ def test_buffer_rejects_bad_arguments():
     assert run_distributed(2, _buffer_args_worker) == [True, True]
 
 
-def _timeout_worker(rank, world_size):
-    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2)
+def _timeout_worker(rank, world_size, transport="auto"):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2, cpu_transport=transport)
     if rank == 1:
         time.sleep(8)  # never joins the dispatch
         return "absent"
@@ -120,8 +122,9 @@ def _timeout_worker(rank, world_size):
     return time.monotonic() - start
 
 
-def test_missing_peer_ends_in_timeout_naming_rank_stage_and_missing_rank():
-    first, _, third = run_distributed(3, _timeout_worker)
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_missing_peer_ends_in_timeout_naming_rank_stage_and_missing_rank(transport):
+    first, _, third = run_distributed(3, _timeout_worker, transport)
     assert 1.5 < first < 7.5 and 1.5 < third < 7.5
 
 
@@ -156,8 +159,8 @@ def combine_one_bad_rank(rank, buf, bad_rank, good_inputs):
     return len(BAD_COMBINE_INPUTS)
 
 
-def _bad_combine_worker(rank, world_size):
-    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=20)
+def _bad_combine_worker(rank, world_size, transport="auto"):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=20, cpu_transport=transport)
     start = time.monotonic()
     cases = combine_one_bad_rank(rank, buf, 1, lambda r: _good(r, E=6))
     # Two ranks bad at once: the peers name the lowest.
@@ -171,8 +174,9 @@ def _bad_combine_worker(rank, world_size):
     return cases, time.monotonic() - start
 
 
-def test_bad_combine_on_one_rank_raises_on_every_rank_and_buffer_survives():
-    results = run_distributed(3, _bad_combine_worker)
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_bad_combine_on_one_rank_raises_on_every_rank_and_buffer_survives(transport):
+    results = run_distributed(3, _bad_combine_worker, transport)
     assert all(cases == len(BAD_COMBINE_INPUTS) for cases, _ in results)
     assert all(elapsed < 15 for _, elapsed in results)  # statuses, not the 20 s timeout
 
@@ -220,3 +224,21 @@ def _unchecked_combine_worker(rank, world_size):
 def test_without_combine_status_a_bad_combine_ends_peers_in_a_timeout_quoting_its_reason():
     first, _, third = run_distributed(3, _unchecked_combine_worker)
     assert first < 7.5 and third < 7.5
+
+
+def _dead_peer_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=60)
+    assert buf.cpu_transport == "shm"
+    if rank == 1:
+        return None  # its process exits now, before the dispatch: its peer must not wait 60 s
+    x, idx, w = _good(rank)
+    start = time.monotonic()
+    with pytest.raises(moe_comm.CommError, match=r"rank 0 of 2 failed in stage 'dispatch/flat/header'.*"
+                                                 r"rank 1 \(pid \d+\) exited"):
+        moe_comm.dispatch(x, idx, w, buf)
+    return time.monotonic() - start
+
+
+def test_shared_memory_notices_a_peer_that_died_at_once():
+    elapsed = run_distributed(2, _dead_peer_worker)[0]
+    assert elapsed < 10

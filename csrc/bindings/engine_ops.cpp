@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../cpu/cpu_device.h"
+#include "../cpu/shm_transport.h"
 #include "../engine/engine.h"
 #if defined(MOE_COMM_WITH_NCCL)
 #include "../comm/nccl_transport.h"
@@ -85,11 +86,12 @@ py::dict counters_dict(const engine::Counters& c) {
 
 class PyEngine {
  public:
-  // stages: (name, size, index, experts_per_dest, Buffer ranks, remote flags, wire) per stage;
-  // the wire is the stage's gloo backend (CPU) or our NcclCommunicator (CUDA), None for size 1.
+  // stages: (name, size, index, experts_per_dest, Buffer ranks, remote flags, wire, shm token)
+  // per stage; the wire is the stage's gloo backend (CPU) or our NcclCommunicator (CUDA), None
+  // for size 1; a shm token (CPU, every rank on one host) puts the stage on shared memory.
   // device_index: -1 for the CPU, else the CUDA device.
   PyEngine(const py::list& stages, int64_t rank, int64_t world_size, int64_t num_experts, const py::object& store,
-           const std::string& uid, double sign_after_s, int64_t device_index)
+           const std::string& uid, double sign_after_s, int64_t device_index, double timeout_s)
       : last_failure_("", "", -1), device_(device_index < 0 ? c10::Device(c10::kCPU)
                                                              : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))) {
     RollCall roll{store.is_none() ? c10::intrusive_ptr<c10d::Store>() : store.cast<c10::intrusive_ptr<c10d::Store>>(),
@@ -113,7 +115,13 @@ class PyEngine {
       spec.experts_per_dest = t[3].cast<int64_t>();
       spec.global_ranks = t[4].cast<std::vector<int64_t>>();
       for (bool remote : t[5].cast<std::vector<bool>>()) spec.remote.push_back(remote ? 1 : 0);
-      if (spec.size > 1) spec.transport = make_transport(t[6], roll);
+      if (spec.size > 1 && t.size() > 7 && !t[7].is_none()) {
+        spec.transport = std::make_shared<cpu::ShmTransport>(
+            t[7].cast<std::string>(), spec.name, spec.global_ranks, spec.index, timeout_s, sign_after_s,
+            [roll](const std::string& stage, int64_t seq) { sign_roll(roll, stage, seq); });
+      } else if (spec.size > 1) {
+        spec.transport = make_transport(t[6], roll);
+      }
       specs.push_back(std::move(spec));
     }
     engine_ = std::make_unique<Engine>(std::move(specs), rank, world_size, num_experts, work,
@@ -337,9 +345,9 @@ void register_engine_ops(py::module_& m) {
       .def_property_readonly("counters", [](const DispatchLayout& l) { return counters_dict(l.counters); });
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<const py::list&, int64_t, int64_t, int64_t, const py::object&, const std::string&, double,
-                    int64_t>(),
+                    int64_t, double>(),
            py::arg("stages"), py::arg("rank"), py::arg("world_size"), py::arg("num_experts"), py::arg("store"),
-           py::arg("uid"), py::arg("sign_after_s"), py::arg("device_index") = -1)
+           py::arg("uid"), py::arg("sign_after_s"), py::arg("device_index"), py::arg("timeout_s"))
       .def("dispatch", &PyEngine::dispatch)
       .def("combine", &PyEngine::combine)
       .def("dispatch_backward", &PyEngine::dispatch_backward)

@@ -25,6 +25,17 @@ int64_t total(const std::vector<int64_t>& v) {
 
 }  // namespace
 
+void sign_roll(const RollCall& roll_call, const std::string& stage, int64_t seq) {
+  if (!roll_call.store) return;
+  try {
+    const std::string key = "moe_comm/roll/" + roll_call.buffer_uid + "/" + stage + "/" + std::to_string(seq) + "/" +
+                            std::to_string(roll_call.rank);
+    const std::string value = "arrived";
+    roll_call.store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+  } catch (const std::exception&) {  // best effort: the store may be gone with failed peers
+  }
+}
+
 void GlooTransport::run(uint8_t* send, std::vector<int64_t> send_bytes, uint8_t* recv,
                         std::vector<int64_t> recv_bytes, const std::string& stage, int64_t seq) {
   try {
@@ -42,15 +53,7 @@ void GlooTransport::run(uint8_t* send, std::vector<int64_t> send_bytes, uint8_t*
         return;
       }
     }
-    if (roll_call_.store) {  // slow: sign as arrived, so that a stuck but present rank is not named
-      try {
-        const std::string key = "moe_comm/roll/" + roll_call_.buffer_uid + "/" + stage + "/" + std::to_string(seq) +
-                                "/" + std::to_string(roll_call_.rank);
-        const std::string value = "arrived";
-        roll_call_.store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
-      } catch (const std::exception&) {  // best effort: the store may be gone with failed peers
-      }
-    }
+    sign_roll(roll_call_, stage, seq);  // slow: sign as arrived, so that a stuck but present rank is not named
     work->wait();  // bounded by the group's timeout, the Buffer's
   } catch (const engine::CommFailure&) {
     throw;

@@ -22,6 +22,9 @@ struct RollCall {
   double sign_after_s = 1.0;
 };
 
+// Signs the roll call of exchange `seq` of `stage` as arrived (best effort).
+void sign_roll(const RollCall& roll_call, const std::string& stage, int64_t seq);
+
 class GlooTransport final : public engine::Transport {
  public:
   GlooTransport(c10::intrusive_ptr<c10d::Backend> group, RollCall roll_call)
