@@ -108,8 +108,13 @@ ShmTransport::~ShmTransport() {
     if (data_[p].base) munmap(data_[p].base, data_[p].bytes);
     if (controls_[p].base) munmap(controls_[p].base, controls_[p].bytes);
   }
-  shm_unlink(name(peers_[me_], "c").c_str());
-  shm_unlink(name(peers_[me_], "d" + std::to_string(data_[me_].generation)).c_str());
+  release_names();
+}
+
+void ShmTransport::release_names() {
+  if (control_named_) shm_unlink(name(peers_[me_], "c").c_str());
+  if (data_named_) shm_unlink(name(peers_[me_], "d" + std::to_string(data_[me_].generation)).c_str());
+  control_named_ = data_named_ = false;
 }
 
 std::string ShmTransport::name(int64_t rank, const std::string& part) const {
@@ -125,9 +130,10 @@ void ShmTransport::grow(int64_t bytes) {
   MOE_HOST_ASSERT(base, "cannot create shared memory for stage " << stage_ << ": " << std::strerror(errno));
   if (own.base) {
     munmap(own.base, own.bytes);
-    shm_unlink(name(peers_[me_], "d" + std::to_string(own.generation)).c_str());
+    if (data_named_) shm_unlink(name(peers_[me_], "d" + std::to_string(own.generation)).c_str());
   }
   own = Mapping{base, size, generation};
+  data_named_ = true;
   c->data_bytes.store(size, std::memory_order_relaxed);
   c->generation.store(generation, std::memory_order_release);
 }
@@ -213,6 +219,7 @@ void ShmTransport::all_to_all(const uint8_t* send, const std::vector<int64_t>& s
     wait_for(&mine->consumed[p], [&] { return reached(mine->consumed[p].load(std::memory_order_acquire), n - 1); }, p,
              stage, seq, "its read of the previous exchange");
   }
+  if (n > 1 && (control_named_ || data_named_)) release_names();  // all read (so mapped) exchange n - 1
   int64_t total = 0;
   for (int64_t b : send_bytes) total += b;
   if (total > data_[me_].bytes) grow(total);
@@ -235,7 +242,9 @@ void ShmTransport::all_to_all(const uint8_t* send, const std::vector<int64_t>& s
       fail(stage, seq, "rank " + std::to_string(peers_[p]) + " sent " + std::to_string(entry.bytes) +
                            " bytes where this rank expected " + std::to_string(recv_bytes[p]));
     }
-    if (entry.bytes) std::memcpy(recv + at, data_of(p) + entry.offset, entry.bytes);
+    // Mapped even for 0 bytes: once every peer has acknowledged, the area's name goes.
+    const uint8_t* area_of_p = data_of(p);
+    if (entry.bytes) std::memcpy(recv + at, area_of_p + entry.offset, entry.bytes);
     if (status_in) status_in[p] = entry.status;
     at += recv_bytes[p];
     if (p != me_) {

@@ -43,6 +43,9 @@ class ShmTransport final : public engine::Transport {
   Control* control(int64_t p, const std::string& stage, int64_t seq);  // a peer's, opened on first use
   const uint8_t* data_of(int64_t p);                                    // mapped at its generation
   void grow(int64_t bytes);
+  // Every peer has mapped what this rank posted: the names can go (the mappings stay), so
+  // nothing is left in /dev/shm even if the process never closes its Buffer.
+  void release_names();
   // Waits until done() (re-checked after every wake of `word`), bounded; names the peer.
   void wait_for(std::atomic<uint32_t>* word, const std::function<bool()>& done, int64_t peer,
                 const std::string& stage, int64_t seq, const char* what);
@@ -55,7 +58,7 @@ class ShmTransport final : public engine::Transport {
   std::vector<Mapping> controls_;  // per peer (own at me_)
   std::vector<Mapping> data_;      // per peer: the data area last mapped
   uint32_t sequence_ = 0;
-  bool signed_ = false;
+  bool control_named_ = true, data_named_ = true;
 };
 
 }  // namespace cpu
