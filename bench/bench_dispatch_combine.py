@@ -91,7 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda (NCCL) when torch sees a GPU, else cpu (gloo)")
     p.add_argument("--no-combine-status", action="store_true",
-                   help="Buffer(combine_status=False): no ok/error exchange before each combine")
+                   help="Buffer(combine_status=False): no ok/error status with each combine (in-band "
+                        "on CPU, a host all-reduce first on CUDA)")
+    p.add_argument("--cpu-transport", choices=["auto", "shm", "gloo"], default="auto",
+                   help="Buffer(cpu_transport=...): how CPU ranks exchange rows (shm: shared memory of one host)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per op")
     p.add_argument("--iters", type=int, default=30, help="timed calls per op")
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -456,7 +459,8 @@ def report(args, buf, world, records):
         r["run"] = run
     print(f"moe_comm {moe_comm.__version__} ({(run['git_commit'] or 'no git')[:10]}), torch {torch.__version__} | "
           f"{args.preset}: {world} ranks, hidden {args.hidden}, "
-          f"{args.experts} experts, top-{args.topk}, {args.dtype}, {buf.backend}/{buf.device}, "
+          f"{args.experts} experts, top-{args.topk}, {args.dtype}, {buf.backend}/{buf.device}"
+          f"{f' ({buf.cpu_transport} wire)' if buf.cpu_transport else ''}, "
           f"{topo.num_nodes}x{topo.ranks_per_node} nodes x ranks{', hierarchical' if buf.hierarchical else ''}"
           f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}"
           f"{', no combine status' if args.no_combine_status else ''}, "
@@ -479,7 +483,7 @@ def main(argv=None):
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
     hierarchical = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
     buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical,
-                          combine_status=not args.no_combine_status)
+                          combine_status=not args.no_combine_status, cpu_transport=args.cpu_transport)
     records = []
     for tokens in token_counts(args):
         args.tokens = tokens

@@ -85,17 +85,7 @@ void CpuDevice::expand(const engine::ExpandArgs& a, engine::Allocator&) {
                                             << " rows for local expert " << e << ", " << counts[e] << " arrived");
   }
   fill_expand_plan(plan, a.expert_offsets, a.row_map, a.slot_weights, a.recv_weights);
-  ScatterParams s;
-  s.src = a.rows;
-  s.src_stride = a.fmt.row_bytes;
-  s.num_src = a.num_rows;
-  s.row_map = a.row_map;
-  s.topk = a.topk;
-  s.hidden = a.hidden;
-  s.dtype = a.dtype;
-  s.dst = a.recv_x;
-  s.dst_stride = a.hidden * dtype_size(a.dtype);
-  cpu::scatter_rows(s);
+  cpu::scatter_rows(engine::expand_scatter(a));
 }
 
 void CpuDevice::scatter_rows(const ScatterParams& p) { cpu::scatter_rows(p); }

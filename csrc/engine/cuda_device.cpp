@@ -166,17 +166,7 @@ void CudaDevice::expand(const engine::ExpandArgs& a, engine::Allocator& alloc) {
   MOE_CUDA_CHECK(launch_expand_count(p, stream_));
   exclusive_scan(p.flags, p.positions, count, alloc);
   MOE_CUDA_CHECK(launch_expand_fill(p, stream_));
-  ScatterParams s;
-  s.src = a.rows;
-  s.src_stride = a.fmt.row_bytes;
-  s.num_src = a.num_rows;
-  s.row_map = a.row_map;
-  s.topk = a.topk;
-  s.hidden = a.hidden;
-  s.dtype = a.dtype;
-  s.dst = a.recv_x;
-  s.dst_stride = a.hidden * dtype_size(a.dtype);
-  MOE_CUDA_CHECK(launch_scatter_rows(s, stream_));
+  MOE_CUDA_CHECK(launch_scatter_rows(engine::expand_scatter(a), stream_));
 }
 
 void CudaDevice::compose_own_slot(const int64_t* first_slot, int64_t num_in, int64_t topk, const int64_t* map,

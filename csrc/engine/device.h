@@ -49,6 +49,21 @@ struct ExpandArgs {
   uint8_t* recv_x = nullptr;       // [R, hidden] out
 };
 
+// The last step of every backend's expand: each arrived row into the expert rows it feeds.
+inline ScatterParams expand_scatter(const ExpandArgs& a) {
+  ScatterParams s;
+  s.src = a.rows;
+  s.src_stride = a.fmt.row_bytes;
+  s.num_src = a.num_rows;
+  s.row_map = a.row_map;
+  s.topk = a.topk;
+  s.hidden = a.hidden;
+  s.dtype = a.dtype;
+  s.dst = a.recv_x;
+  s.dst_stride = a.hidden * dtype_size(a.dtype);
+  return s;
+}
+
 class Device {
  public:
   virtual ~Device() = default;
