@@ -12,6 +12,8 @@ import tempfile
 import traceback
 from typing import Any, Callable, List, TypeVar
 
+import pytest
+
 R = TypeVar("R")
 
 
@@ -82,3 +84,23 @@ def run_distributed(world_size: int, fn: Callable[..., R], *args: Any, timeout: 
     if errors:
         raise DistributedFailure(f"{fn.__name__} on {world_size} ranks failed:\n" + "\n".join(errors))
     return [outcome[r][1] for r in range(world_size)]
+
+
+def _shared_memory_works() -> bool:
+    """Whether this machine gives processes POSIX shared memory (a container may not)."""
+    import _posixshmem
+    import secrets
+
+    name = f"/moe_comm_test_{secrets.token_hex(4)}"
+    try:
+        fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.close(fd)
+        _posixshmem.shm_unlink(name)
+        return True
+    except OSError:
+        return False
+
+
+# Cases that force Buffer(cpu_transport="shm"); "auto" falls back to gloo by itself.
+requires_shared_memory = pytest.mark.skipif(not _shared_memory_works(), reason="no POSIX shared memory here")
+SHM = pytest.param("shm", marks=requires_shared_memory)

@@ -10,7 +10,7 @@ import moe_comm
 from moe_comm import reference
 from tests.cases import Case, all_inputs
 from tests.checks import assert_dispatch_equal
-from tests.distributed import run_distributed
+from tests.distributed import requires_shared_memory, run_distributed
 
 # kind -> (launches, exchanges, host waits) at most, per number of stages with a wire
 FLAT = {"dispatch": (5, 2, 1), "combine": (3, 1, 0), "dispatch_backward": (5, 1, 0),
@@ -79,6 +79,7 @@ def _transport_worker(rank, world_size, ranks_per_node, transport):
     return y.detach(), x.grad, w.grad
 
 
+@requires_shared_memory
 @pytest.mark.parametrize("world_size,ranks_per_node", [(3, 3), (4, 2)])
 def test_shared_memory_and_gloo_give_the_same_bits(world_size, ranks_per_node):
     """The two CPU wires carry the same bytes: dispatch (exact against the reference), combine

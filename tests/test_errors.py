@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_comm
-from tests.distributed import run_distributed
+from tests.distributed import SHM, requires_shared_memory, run_distributed
 
 
 def _good(rank, H=4, T=5, K=2, E=4):
@@ -80,7 +80,7 @@ def _bad_input_worker(rank, world_size, transport="auto"):
     return True
 
 
-@pytest.mark.parametrize("transport", ["shm", "gloo"])
+@pytest.mark.parametrize("transport", [SHM, "gloo"])
 def test_bad_input_raises_on_every_rank_and_buffer_survives(transport):
     assert run_distributed(2, _bad_input_worker, transport) == [True, True]
 
@@ -122,7 +122,7 @@ def _timeout_worker(rank, world_size, transport="auto"):
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("transport", ["shm", "gloo"])
+@pytest.mark.parametrize("transport", [SHM, "gloo"])
 def test_missing_peer_ends_in_timeout_naming_rank_stage_and_missing_rank(transport):
     first, _, third = run_distributed(3, _timeout_worker, transport)
     assert 1.5 < first < 7.5 and 1.5 < third < 7.5
@@ -174,7 +174,7 @@ def _bad_combine_worker(rank, world_size, transport="auto"):
     return cases, time.monotonic() - start
 
 
-@pytest.mark.parametrize("transport", ["shm", "gloo"])
+@pytest.mark.parametrize("transport", [SHM, "gloo"])
 def test_bad_combine_on_one_rank_raises_on_every_rank_and_buffer_survives(transport):
     results = run_distributed(3, _bad_combine_worker, transport)
     assert all(cases == len(BAD_COMBINE_INPUTS) for cases, _ in results)
@@ -239,6 +239,7 @@ def _dead_peer_worker(rank, world_size):
     return time.monotonic() - start
 
 
+@requires_shared_memory
 def test_shared_memory_notices_a_peer_that_died_at_once():
     elapsed = run_distributed(2, _dead_peer_worker)[0]
     assert elapsed < 10
