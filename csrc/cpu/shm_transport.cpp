@@ -186,6 +186,9 @@ void ShmTransport::wait_for(std::atomic<uint32_t>* word, const std::function<boo
     const uint32_t seen = word->load(std::memory_order_acquire);
     if (done()) return;
     futex_wait(word, seen, kSleepSliceMicros);
+    // What it waited for first: a peer that posted its rows (or read ours) and then exited
+    // is not a failure.
+    if (done()) return;
     const double waited = std::chrono::duration<double>(Clock::now() - start).count();
     if (!signed_roll && waited > sign_after_s_ && on_slow_) {
       on_slow_(stage, seq);  // slow: sign as arrived, so that a stuck but present rank is not named
