@@ -13,11 +13,6 @@ py::tuple row_format(int64_t hidden, int64_t elem_size, int64_t topk, int64_t me
   return py::make_tuple(f.payload_bytes, f.meta_offset, f.meta_bytes, f.row_bytes);
 }
 
-py::tuple check_routing(const Tensor& topk_idx, int64_t num_experts) {
-  const RoutingProblem p = find_routing_problem(routing_of(topk_idx, num_experts, 1));
-  return py::make_tuple(static_cast<int>(p.kind), p.token, p.slot, p.value);
-}
-
 using SendPlan = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // -> tokens_per_rank [W], pairs_per_expert [E] of a CPU routing.
@@ -175,7 +170,6 @@ Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes
 
 void register_layout_ops(py::module_& m) {
   m.def("row_format", &row_format, "(payload_bytes, meta_offset, meta_bytes, row_bytes)");
-  m.def("check_routing", &check_routing);
   m.def("count_layout", &count_layout_any, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),
         py::arg("stream") = 0);
   m.def("plan_send", &plan_send, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),

@@ -1,7 +1,6 @@
 #include "engine.h"
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 #include <utility>
 
@@ -392,7 +391,7 @@ void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const
   const int64_t* src_map = row_map;
   const float* src_weights = weights;
   const float* scalars = slot_scalars;
-  int64_t scalar_stride = topk;  // floats between rows of `scalars`
+  // `scalars` is always dense [rows, topk]: collect_pairs makes it so after every stage.
   Array composed_map, composed_weights, collected;
   for (size_t jj = stages_.size(); jj-- > 0;) {
     const StageSpec& stage = stages_[jj];
@@ -412,16 +411,14 @@ void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const
       if (scalars) {
         Array c = allocate(plan.num_in * topk * int64_t(sizeof(float)));
         launch();
-        device_->collect_pairs(scalars, scalar_stride, plan.pair_slot.as<int64_t>(), plan.num_in, topk, c.as<float>());
+        device_->collect_pairs(scalars, topk, plan.pair_slot.as<int64_t>(), plan.num_in, topk, c.as<float>());
         collected = c;
         scalars = c.as<float>();
-        scalar_stride = topk;
       }
       continue;
     }
     const std::string stage_name = name + "/" + stage.name;
     uint8_t* packed = workspace(stage_name + "/send", plan.num_recv * fmt.row_bytes);
-    MOE_HOST_ASSERT(!scalars || scalar_stride == topk, "per-slot scalars must be dense [rows, topk]");
     reduce_rows(src, src_map, src_weights, topk, plan.num_recv, packed, fmt.row_bytes, scalars, fmt.meta_offset);
     uint8_t* back = workspace(stage_name + "/recv", plan.num_send * fmt.row_bytes);
     exchange(stage, packed, plan.recv_rows, back, plan.send_rows, fmt.row_bytes, status, stage_name);
@@ -435,7 +432,6 @@ void Engine::reduce_back(const DispatchLayout& layout, const RowsIn& rows, const
                              plan.pair_slot.as<int64_t>(), plan.num_in, topk, c.as<float>());
       collected = c;
       scalars = c.as<float>();
-      scalar_stride = topk;
     }
   }
   y = allocate(layout.num_tokens * rows.cols * dtype_size(rows.dtype));
