@@ -64,6 +64,13 @@ void* map_segment(const std::string& name, int64_t bytes, bool create) {
   } else {
     fd = shm_open(name.c_str(), O_RDWR, 0600);
     if (fd < 0) return nullptr;
+    // The owner may have created the object and not yet reserved its pages: touching a
+    // mapping past the end would be a SIGBUS, so an object still short counts as not there yet.
+    struct stat st;
+    if (fstat(fd, &st) != 0 || int64_t(st.st_size) < bytes) {
+      close(fd);
+      return nullptr;
+    }
   }
   void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);
