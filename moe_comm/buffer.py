@@ -82,16 +82,23 @@ class Buffer:
     "auto" (default): shm when every rank sees rank 0's /dev/shm, else gloo. buf.cpu_transport
     says which was chosen.
 
-    combine_status: every combine agrees on an ok/error value with all ranks, so that a bad
-    combine input on one rank makes every rank raise and the Buffer keeps working: in-band, in
-    combine's own first exchange (CPU), or a one-element all-reduce over gloo on the host first
-    (CUDA, peer_status.py). False sends no status: a bad combine input then raises on its rank
-    only, and its peers end in the timeout.
+    combine_status: how a bad combine input on one rank reaches the others, so that every rank
+    raises and the Buffer keeps working. The status travels in-band either way, one int64 per
+    peer in combine's own first exchange (no extra collective).
+      "immediate": every rank raises in that combine call. Free on the CPU; on CUDA one host
+        wait per combine (the status is read back before the call returns).
+      "deferred": the combine returns on the good ranks (their result is not valid), and the
+        next dispatch raises on every rank, naming the rank and the argument, before any token
+        moves. No host wait: CUDA combine stays asynchronous.
+      True (default): "immediate" on the CPU, "deferred" on CUDA.
+      False: no status: a bad combine input raises on its rank only, and its peers end in the
+        timeout.
+    buf.combine_status says which was chosen ("immediate", "deferred" or None).
     """
 
     def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
                  hierarchical="auto", timeout: Optional[float] = None, device=None,
-                 combine_status: bool = True, cpu_transport: str = "auto"):
+                 combine_status=True, cpu_transport: str = "auto"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("moe_comm.Buffer needs torch.distributed to be initialised "
                                "(dist.init_process_group) before it is created")
@@ -102,8 +109,8 @@ class Buffer:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or timeout <= 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        if not isinstance(combine_status, bool):
-            raise TypeError(f"combine_status must be True or False, got {combine_status!r}")
+        if not (isinstance(combine_status, bool) or combine_status in ("immediate", "deferred")):
+            raise ValueError(f"combine_status must be True, False, 'immediate' or 'deferred', got {combine_status!r}")
         if cpu_transport not in CPU_TRANSPORTS:
             raise ValueError(f"cpu_transport must be one of {CPU_TRANSPORTS}, got {cpu_transport!r}")
 
@@ -143,10 +150,9 @@ class Buffer:
                                                            self.experts_per_rank, self.timeout)
         else:
             self.stages = flat_stages(self.all_ranks_group, self.topology, self.experts_per_rank)
-        self.combine_status = combine_status
-        # CUDA: combine's status travels over gloo on the host until the NCCL transport
-        # carries it in-band (peer_status.py)
-        self.status_group = self.all_ranks_group if combine_status else None
+        if combine_status is True:
+            combine_status = "deferred" if self.device.type == "cuda" else "immediate"
+        self.combine_status = combine_status or None
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.
             for stage in self.stages:
@@ -156,8 +162,10 @@ class Buffer:
         self.engine = C.Engine(self._engine_stages(), self.rank, self.world_size, num_experts, default_store(),
                                self.uid, min(SIGN_AFTER_S, self.timeout / 4),
                                self.device.index if self.device.type == "cuda" else -1, self.timeout)
+        self.engine.set_combine_status_deferred(self.combine_status == "deferred")
         self._collectives = collections.Counter()
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
+        self.combines_pending, self.combines_reported = collections.deque(maxlen=16), []
         _OPEN_BUFFERS.add(self)
 
     def _choose_cpu_transport(self, wanted: str) -> Optional[str]:
@@ -214,7 +222,7 @@ class Buffer:
             stage.comm = None  # the communicator's destructor drains its watchdog
             stage.group = None
         self.stages = []
-        self.all_ranks_group = self.status_group = None
+        self.all_ranks_group = None
         if self.engine is not None:
             self.engine.close()  # its transports hold the gloo groups
         self.engine = None
@@ -237,6 +245,12 @@ class Buffer:
         """Numbers dispatch and combine calls in call order (the same on every rank)."""
         self.check_open()
         self.call = f"{kind}/{self.next_collective(kind)}"
+        # A deferred combine status is reported by the next dispatch: the combines it covers,
+        # for the error to quote the bad rank's reason (posted under its combine call).
+        if kind == "dispatch":
+            self.combines_reported, self.combines_pending = list(self.combines_pending), collections.deque(maxlen=16)
+        else:
+            self.combines_pending.append(self.call)
 
     def next_collective(self, name: str) -> int:
         """Numbers this rank's collectives of one stage name, in call order."""

@@ -1,5 +1,6 @@
 """The errors of the engine's calls, raised alike on every rank: a problem the dispatch
-headers agreed on, a combine status agreed in-band, and a failed exchange (CommError, naming
+headers agreed on (including a deferred combine status), a combine status agreed in-band, and
+a failed exchange (CommError, naming
 this rank, the stage and, from the roll call, the ranks that never arrived)."""
 
 from ._native import C
@@ -8,6 +9,7 @@ from .transport import comm_error
 from .validation import ARGUMENT_CODES, routing_error
 
 DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
+EARLIER_COMBINE = 8  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
 FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts"}  # header.h Field
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
@@ -38,6 +40,14 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
         a, b = sorted((bad_rank, seen_by))
         return ValueError(f"dispatch: rank {a} and rank {b} disagree on the hidden size, dtype, top-k or "
                           f"num_experts; every rank of the group must agree")
+    if code > EARLIER_COMBINE:
+        argument = COMBINE_ARGUMENTS.get(code - EARLIER_COMBINE, code - EARLIER_COMBINE)
+        reasons = (posted_reason(buffer, bad_rank, call) for call in reversed(buffer.combines_reported))
+        reason = next((r for r in reasons if r), None)
+        quoted = f" (rank {bad_rank} reported: {reason})" if reason else ""
+        return RuntimeError(f"dispatch: an earlier combine failed: rank {bad_rank} rejected its argument "
+                            f"'{argument}'{quoted}, so that combine's outputs are not valid on any rank "
+                            f"(Buffer(combine_status='deferred') reports it here); no tokens were exchanged")
     return RuntimeError(f"dispatch: rank {bad_rank} rejected its argument '{ARGUMENT_CODES.get(code, code)}' "
                         f"(see that rank's error); no tokens were exchanged")
 

@@ -8,8 +8,9 @@ Wire traffic per call, per stage:
   dispatch:  a fixed-size header (status + counts), then one row exchange
   combine:   one row exchange back, carrying each rank's ok/error status in-band (no separate
              collective); a forward pass of the weights first only when combine's weights are
-             not the tensor dispatch got (then that pass carries the status). CUDA: the status
-             is still agreed over gloo on the host first (peer_status.py).
+             not the tensor dispatch got (then that pass carries the status). The status is
+             read at once ("immediate") or by the next dispatch's header ("deferred", the CUDA
+             default: no host wait); Buffer's combine_status.
   backwards: reuse the handle; no header.
 """
 
@@ -20,7 +21,6 @@ from torch.autograd.function import once_differentiable
 
 from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_problem_error
 from .handle import DispatchHandle, version_of
-from .peer_status import start_status
 from .roll_call import post_reason
 from .streams import stream_of
 from .validation import CODE_OF, check_combine_inputs, check_dispatch_inputs
@@ -69,11 +69,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights):
         h = handle
-        in_band = h.buffer.combine_status and h.buffer.device.type == "cpu"
-        if h.buffer.device.type == "cuda":
-            pending = start_status(h.buffer)  # None without combine_status or for one rank
-            if pending is not None:
-                pending.check()
+        in_band = h.buffer.combine_status is not None
         weights = topk_weights.detach() if topk_weights is not None else None
         status, y, slot_weights = call_engine(h.buffer, "combine", h.layout, expert_y.detach(), weights,
                                               reuse_dispatch_weights, 0 if in_band else -1,
@@ -103,13 +99,7 @@ def _reject_combine(handle: DispatchHandle, topk_weights, problem):
     with zeros (and the error code in-band) so that its peers raise too instead of waiting."""
     buffer = handle.buffer
     post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
-    if not buffer.combine_status or buffer.world_size == 1:
-        raise problem.error
-    if buffer.device.type == "cuda":  # agreed on the host before any row moves (peer_status.py)
-        try:
-            start_status(buffer, problem.argument).wait()
-        except Exception as lost:  # a peer is missing too: this rank's own error still comes first
-            raise problem.error from lost
+    if buffer.combine_status is None or buffer.world_size == 1:
         raise problem.error
     weights, reuse = None, False
     if topk_weights is not None:

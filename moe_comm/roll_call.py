@@ -68,13 +68,13 @@ def post_reason(buffer, reason: str) -> None:
         pass
 
 
-def posted_reason(buffer, rank: int) -> Optional[str]:
-    """What `rank` posted in the call this rank is in, if anything."""
+def posted_reason(buffer, rank: int, call: Optional[str] = None) -> Optional[str]:
+    """What `rank` posted in `call` (default: the call this rank is in), if anything."""
     store = _store()
     if store is None:
         return None
     try:
-        key = _reason_key(buffer, rank, buffer.call)
+        key = _reason_key(buffer, rank, call or buffer.call)
         return store.get(key).decode() if store.check([key]) else None
     except Exception:  # noqa: BLE001
         return None

@@ -1,47 +1,22 @@
 """What a failed exchange becomes: a CommError naming this rank, the stage it was in and, from
 a roll call in the process group's store, the ranks that never arrived. The exchanges
 themselves are the engine's (csrc/engine; its CPU wire is csrc/bindings/gloo_transport, which
-signs the roll call as _Collective does here); the host collectives left in Python (combine's
-status on CUDA, peer_status.py) wait through `stage_errors`.
+signs the roll call through roll_call.sign_roll, as the shared-memory wire does).
 """
 
-import contextlib
-import datetime
 from typing import List
 
-import torch.distributed as dist
-
-from .roll_call import missing_ranks, posted_reason, sign_roll
+from .roll_call import missing_ranks, posted_reason
 
 
 class CommError(RuntimeError):
     """A collective of moe_comm failed or timed out; the message names rank and stage."""
 
 
-# A host collective still running after this long makes its rank sign the roll call as
-# arrived, so a peer that arrived late but is stuck like everyone else is never named as
-# missing. Quick collectives (the happy path) write nothing to the store.
+# An exchange still running after this long makes its rank sign the roll call as arrived, so a
+# peer that arrived late but is stuck like everyone else is never named as missing. Quick
+# exchanges (the happy path) write nothing to the store.
 SIGN_AFTER_S = 1.0
-
-
-class _Collective:
-    """One numbered collective of a stage: waits on its gloo work, signing the roll when slow."""
-
-    def __init__(self, buffer, name: str):
-        self.buffer, self.name = buffer, name
-        self.seq = buffer.next_collective(name)
-
-    def wait(self, work) -> None:
-        first = datetime.timedelta(seconds=min(SIGN_AFTER_S, self.buffer.timeout / 4))
-        try:
-            work.wait(first)
-            return
-        except RuntimeError:
-            if work.is_completed():  # it failed on its own: the second wait raises that error
-                work.wait()
-                return
-        sign_roll(self.buffer, self.name, self.seq)
-        work.wait()  # bounded by the group's timeout, the Buffer's
 
 
 def comm_error(buffer, members: List[int], name: str, seq: int, exc: Exception) -> "CommError":
@@ -60,16 +35,3 @@ def comm_error(buffer, members: List[int], name: str, seq: int, exc: Exception) 
         who = f"a peer may have died or not arrived within {timeout}"
     return CommError(f"moe_comm: rank {buffer.rank} of {buffer.world_size} failed in stage '{name}' "
                      f"({who}): {exc}")
-
-
-@contextlib.contextmanager
-def stage_errors(buffer, members: List[int], name: str):
-    """members: the Buffer-group ranks taking part (for the roll call of a failure). Yields the
-    collective, whose `wait(work)` waits for an async gloo work."""
-    collective = _Collective(buffer, name)
-    try:
-        yield collective
-    except (RuntimeError, dist.DistBackendError) as exc:
-        if isinstance(exc, CommError):
-            raise
-        raise comm_error(buffer, members, name, collective.seq, exc) from exc

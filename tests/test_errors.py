@@ -93,7 +93,7 @@ def _buffer_args_worker(rank, world_size):
     _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=-1), ValueError, r"timeout must be")
     _expect(lambda: moe_comm.Buffer(num_experts=4, timeout=True), ValueError, r"timeout must be")
     _expect(lambda: moe_comm.Buffer(group="world", num_experts=4), TypeError, r"^group: must be a torch.distributed")
-    _expect(lambda: moe_comm.Buffer(num_experts=4, combine_status="yes"), TypeError, r"combine_status must be")
+    _expect(lambda: moe_comm.Buffer(num_experts=4, combine_status="yes"), ValueError, r"combine_status must be")
     _expect(lambda: moe_comm.Buffer(num_experts=4, cpu_transport="tcp"), ValueError, r"cpu_transport must be one of")
     _expect(lambda: moe_comm.Buffer(num_experts=4, device="meta"), ValueError, r"^device: must be a CPU or CUDA device")
     if not torch.cuda.is_available():
@@ -140,23 +140,63 @@ BAD_COMBINE_INPUTS = {
 }
 
 
-def combine_one_bad_rank(rank, buf, bad_rank, good_inputs):
-    """Every bad combine input on bad_rank alone, with the dispatch weights and with new ones
-    (whose exchange comes first): every rank raises, then the Buffer works. -> cases run."""
-    x, idx, w = good_inputs(rank)
-    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
-    expected = moe_comm.combine(recv_x, handle, w)
+def _bad_combine_calls(rank, bad_rank, recv_x, w):
+    """Every bad combine input, with the dispatch weights and with new ones (whose exchange comes
+    first): -> (case name, expert_y, weights, error type, message, argument) for this rank."""
     for name, (transform, exc_type, match, argument) in BAD_COMBINE_INPUTS.items():
         for weights in (w, w * 2):
             y, ww = transform(recv_x, weights) if rank == bad_rank else (recv_x, weights)
-            if rank == bad_rank:
-                _expect(lambda: moe_comm.combine(y, handle, ww), exc_type, match)
-            else:
-                _expect(lambda: moe_comm.combine(y, handle, ww), RuntimeError,
-                        rf"^combine: rank {bad_rank} rejected its argument '{argument}'; nothing was combined "
-                        rf"\(rank {bad_rank} reported: combine rejected its argument '{argument}': {match[1:]}")
-            assert torch.equal(moe_comm.combine(recv_x, handle, w), expected), name  # still in step
+            yield name, y, ww, exc_type, match, argument
+
+
+def combine_one_bad_rank(rank, buf, bad_rank, good_inputs):
+    """Every bad combine input on bad_rank alone: every rank raises in that combine, then the
+    Buffer works. -> cases run."""
+    x, idx, w = good_inputs(rank)
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    expected = moe_comm.combine(recv_x, handle, w)
+    for name, y, ww, exc_type, match, argument in _bad_combine_calls(rank, bad_rank, recv_x, w):
+        if rank == bad_rank:
+            _expect(lambda: moe_comm.combine(y, handle, ww), exc_type, match)
+        else:
+            _expect(lambda: moe_comm.combine(y, handle, ww), RuntimeError,
+                    rf"^combine: rank {bad_rank} rejected its argument '{argument}'; nothing was combined "
+                    rf"\(rank {bad_rank} reported: combine rejected its argument '{argument}': {match[1:]}")
+        assert torch.equal(moe_comm.combine(recv_x, handle, w), expected), name  # still in step
     return len(BAD_COMBINE_INPUTS)
+
+
+def combine_one_bad_rank_deferred(rank, buf, bad_rank, good_inputs):
+    """The same cases with Buffer(combine_status="deferred"): the bad rank raises its own error
+    in combine, the others return (no host wait), and the next dispatch raises on every rank,
+    naming the rank and the argument, before any token moves; then the Buffer works. -> cases."""
+    assert buf.combine_status == "deferred"
+    x, idx, w = good_inputs(rank)
+    recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
+    expected = moe_comm.combine(recv_x, handle, w)
+    for name, y, ww, exc_type, match, argument in _bad_combine_calls(rank, bad_rank, recv_x, w):
+        if rank == bad_rank:
+            _expect(lambda: moe_comm.combine(y, handle, ww), exc_type, match)
+        else:
+            moe_comm.combine(y, handle, ww)  # returns; its result is not valid
+            assert buf.counters["combine"]["host_waits"] == 0
+        _expect(lambda: moe_comm.dispatch(x, idx, w, buf), RuntimeError,
+                rf"^dispatch: an earlier combine failed: rank {bad_rank} rejected its argument '{argument}' "
+                rf"\(rank {bad_rank} reported: combine rejected its argument '{argument}': {match[1:]}")
+        recv_x2, _, _, handle2 = moe_comm.dispatch(x, idx, w, buf)  # reported once: in step again
+        assert torch.equal(moe_comm.combine(recv_x2, handle2, w), expected), name
+    return len(BAD_COMBINE_INPUTS)
+
+
+def _deferred_combine_worker(rank, world_size, transport):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=20, cpu_transport=transport,
+                          combine_status="deferred")
+    return combine_one_bad_rank_deferred(rank, buf, 1, lambda r: _good(r, E=6))
+
+
+@pytest.mark.parametrize("transport", [SHM, "gloo"])
+def test_deferred_combine_status_is_reported_by_the_next_dispatch_on_every_rank(transport):
+    assert run_distributed(3, _deferred_combine_worker, transport) == [len(BAD_COMBINE_INPUTS)] * 3
 
 
 def _bad_combine_worker(rank, world_size, transport="auto"):
@@ -206,7 +246,7 @@ def test_bad_input_and_missing_peer_in_combine():
 
 def _unchecked_combine_worker(rank, world_size):
     buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size, timeout=2, combine_status=False)
-    assert buf.status_group is None
+    assert buf.combine_status is None
     x, idx, w = _good(rank, E=6)
     recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf)
     if rank == 1:

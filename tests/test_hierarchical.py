@@ -9,7 +9,7 @@ import moe_comm
 from tests.cases import Case, all_inputs, grid
 from tests.distributed import run_distributed
 from tests.test_dispatch_combine import check_case
-from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank
+from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank, combine_one_bad_rank_deferred
 from tests.test_gradients import _cases as gradient_cases
 from tests.test_gradients import _grad_worker
 
@@ -102,3 +102,15 @@ def _hier_error_worker(rank, world_size):
 
 def test_errors_reach_every_rank_through_both_stages():
     assert run_distributed(4, _hier_error_worker) == [len(BAD_COMBINE_INPUTS)] * 4
+
+
+def _hier_deferred_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=8, ranks_per_node=2, combine_status="deferred")
+    assert buf.hierarchical
+    # Rank 3 (node 1, local 1): rank 0 exchanges with neither it nor its node in combine's
+    # first stage; the next dispatch's headers (rail, then relayed) tell it.
+    return combine_one_bad_rank_deferred(rank, buf, 3, lambda r: _good(r, E=8))
+
+
+def test_a_deferred_combine_status_reaches_every_rank_through_both_stages():
+    assert run_distributed(4, _hier_deferred_worker) == [len(BAD_COMBINE_INPUTS)] * 4

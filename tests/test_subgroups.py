@@ -67,42 +67,23 @@ def test_four_disjoint_ep_groups_of_two():
     assert run_distributed(8, _ep_groups_worker, 2, timeout=300) == [1] * 8
 
 
-
-class _SlowWork:
-    """A gloo work that finishes after `seconds` (a collective whose peers are late)."""
-
-    def __init__(self, seconds):
-        self.done_at = time.monotonic() + seconds
-
-    def is_completed(self):
-        return time.monotonic() >= self.done_at
-
-    def wait(self, timeout=None):
-        left = self.done_at - time.monotonic()
-        if timeout is not None and left > timeout.total_seconds():
-            time.sleep(timeout.total_seconds())
-            raise RuntimeError("Operation timed out!")
-        time.sleep(max(left, 0))
-        return True
-
-
 def _roll_call_worker(rank, world_size):
-    """Rank 1 is inside a slow collective (it arrived); rank 0's collective fails and takes
-    the roll while rank 1 is still waiting: rank 1 must not be named, rank 2 (who never came)
-    must."""
-    from moe_comm.roll_call import missing_ranks
-    from moe_comm.transport import _Collective
+    """Rank 1 is inside a slow exchange (it arrived and, being slow, signed the roll as the
+    wires do after SIGN_AFTER_S); rank 0's exchange fails and takes the roll: rank 1 must not
+    be named, rank 2 (who never came) must."""
+    from moe_comm.roll_call import missing_ranks, sign_roll
 
     buf = moe_comm.Buffer(num_experts=3, timeout=30)
     name = "dispatch/flat/header"
+    seq = buf.next_collective(name)
     if rank == 1:
-        _Collective(buf, name).wait(_SlowWork(6.0))
+        sign_roll(buf, name, seq)
+        time.sleep(4.0)
         return None
     if rank == 2:
         return None
-    collective = _Collective(buf, name)
-    time.sleep(2.0)  # rank 1 has been waiting for longer than transport.SIGN_AFTER_S
-    return missing_ranks(buf, [0, 1, 2], name, collective.seq)
+    time.sleep(2.0)
+    return missing_ranks(buf, [0, 1, 2], name, seq)
 
 
 def test_roll_call_names_only_the_rank_that_never_arrived():

@@ -19,6 +19,7 @@
 #endif
 #include "gloo_transport.h"
 #include "tensor_args.h"
+#include "torch_allocator.h"
 
 namespace moe_comm {
 namespace bind {
@@ -28,29 +29,6 @@ using engine::Array;
 using engine::DispatchLayout;
 using engine::Engine;
 using engine::RowsIn;
-
-class TorchAllocator final : public engine::Allocator {
- public:
-  explicit TorchAllocator(c10::Device device) : device_(device) {}
-  // Never a null pointer, even for 0 bytes: the engine reads "null" as "absent" (no weights).
-  Array allocate(int64_t bytes) override {
-    Tensor storage = torch::empty({std::max<int64_t>(bytes, 16)}, torch::TensorOptions().dtype(torch::kUInt8).device(device_));
-    Array a;
-    a.data = static_cast<uint8_t*>(storage.data_ptr());
-    a.bytes = bytes;
-    a.owner = std::make_shared<Tensor>(storage.narrow(0, 0, bytes));
-    return a;
-  }
-
- private:
-  c10::Device device_;
-};
-
-// The tensor behind an engine Array, as [rows, cols] of `dtype`.
-Tensor as_tensor(const Array& a, c10::ScalarType dtype, std::vector<int64_t> shape) {
-  MOE_HOST_ASSERT(a.owner, "an engine output was never allocated");
-  return std::static_pointer_cast<Tensor>(a.owner)->view(dtype).view(shape);
-}
 
 c10::ScalarType scalar_type(DType t) {
   switch (t) {
@@ -235,6 +213,11 @@ class PyEngine {
     }
     return counters_dict(c);
   }
+  void set_combine_status_deferred(bool deferred) {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (engine_) engine_->set_combine_status_deferred(deferred);
+  }
   int64_t workspace_bytes() {
     py::gil_scoped_release release;
     std::lock_guard<std::mutex> lock(mutex_);
@@ -278,15 +261,15 @@ class PyEngine {
 #if defined(MOE_COMM_WITH_NCCL)
     if (cuda_) {
       auto comm = wire.cast<std::shared_ptr<comm::EpCommunicator>>();
-      // The dispatch's header wait is bounded by the communicators' deadlines and checks every
-      // stage's for an abort or an asynchronous error; CUDA failures name no missing rank yet
-      // (call number -1).
+      // A host wait (the dispatch's header, an immediate combine status) is bounded by the
+      // communicators' deadlines and checks every stage's for an abort or an asynchronous
+      // error; CUDA failures name no missing rank yet (call number -1).
       comms_.push_back(comm);
-      cuda_->set_wait([comms = comms_](cudaStream_t stream) {
+      cuda_->set_wait([comms = comms_](cudaStream_t stream, const std::string& stage) {
         try {
-          for (const auto& c : comms) c->wait(stream, "dispatch/header");
+          for (const auto& c : comms) c->wait(stream, stage);
         } catch (const std::exception& e) {
-          throw engine::CommFailure(e.what(), "dispatch/header", -1);
+          throw engine::CommFailure(e.what(), stage, -1);
         }
       });
       return std::make_shared<comm::NcclTransport>(comm, cuda_);
@@ -353,6 +336,7 @@ void register_engine_ops(py::module_& m) {
       .def("dispatch_backward", &PyEngine::dispatch_backward)
       .def("combine_backward", &PyEngine::combine_backward)
       .def("counters", &PyEngine::counters)
+      .def("set_combine_status_deferred", &PyEngine::set_combine_status_deferred)
       .def("close", &PyEngine::close)
       .def_property_readonly("workspace_bytes", &PyEngine::workspace_bytes)
       .def_property_readonly("last_failure", &PyEngine::last_failure);

@@ -39,7 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SLOT_META_BYTES") = py::int_(sizeof(moe_comm::SlotMeta));  // per top-k slot on the dispatch wire
   register_layout_ops(m);
   register_token_ops(m);
-  register_expand_ops(m);
+  register_plan_ops(m);
   register_nccl_ops(m);
   register_engine_ops(m);
 }

@@ -141,7 +141,7 @@ inline cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStre
 // One register function per binding file; module.cpp calls them all.
 void register_layout_ops(py::module_& m);
 void register_token_ops(py::module_& m);
-void register_expand_ops(py::module_& m);
+void register_plan_ops(py::module_& m);
 void register_nccl_ops(py::module_& m);
 void register_engine_ops(py::module_& m);
 

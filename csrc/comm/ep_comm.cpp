@@ -140,7 +140,8 @@ void EpCommunicator::wait_ready(const std::string& stage) {
 void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>& send_bytes,
                                 const std::vector<int64_t>& send_offsets, uint8_t* recv,
                                 const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets,
-                                cudaStream_t stream, const std::string& stage) {
+                                cudaStream_t stream, const std::string& stage, const int64_t* status_out,
+                                int64_t* status_in) {
   throw_if_aborted(stage);
   MOE_HOST_ASSERT(int(send_bytes.size()) == size_ && int(send_offsets.size()) == size_ &&
                       int(recv_bytes.size()) == size_ && int(recv_offsets.size()) == size_,
@@ -172,6 +173,10 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
       if (recv_bytes[peer] > 0) {
         keep(ncclRecv(recv + recv_offsets[peer], size_t(recv_bytes[peer]), ncclUint8, peer, comm_, stream),
              "ncclRecv");
+      }
+      if (status_out) {  // combine's status: one word each way, in the rows' group
+        keep(ncclSend(status_out + peer, 1, ncclInt64, peer, comm_, stream), "ncclSend");
+        keep(ncclRecv(status_in + peer, 1, ncclInt64, peer, comm_, stream), "ncclRecv");
       }
     }
     keep(ncclGroupEnd(), "ncclGroupEnd");

@@ -31,12 +31,15 @@ class EpCommunicator {
   EpCommunicator& operator=(const EpCommunicator&) = delete;
 
   // Enqueues on `stream`: to peer p, send_bytes[p] bytes from send + send_offsets[p]; from peer
-  // p, recv_bytes[p] bytes into recv + recv_offsets[p]. Returns once enqueued; the watchdog
-  // bounds it. Throws first if the watchdog aborted an earlier exchange.
+  // p, recv_bytes[p] bytes into recv + recv_offsets[p]; and, when status_out is given (device
+  // memory, one int64 per peer, this rank included), status_out[p] into peer p's status_in[me],
+  // in the same group. Returns once enqueued; the watchdog bounds it. Throws first if the
+  // watchdog aborted an earlier exchange.
   void all_to_all(const uint8_t* send, const std::vector<int64_t>& send_bytes,
                   const std::vector<int64_t>& send_offsets, uint8_t* recv,
                   const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets,
-                  cudaStream_t stream, const std::string& stage);
+                  cudaStream_t stream, const std::string& stage, const int64_t* status_out = nullptr,
+                  int64_t* status_in = nullptr);
 
   // Blocks until the work enqueued on `stream` so far is done, the communicator reports an error,
   // or the deadline passes (then aborts and throws naming rank and stage).

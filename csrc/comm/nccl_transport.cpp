@@ -17,11 +17,10 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& bytes) {
 void NcclTransport::all_to_all(const uint8_t* send, const std::vector<int64_t>& send_bytes, uint8_t* recv,
                                const std::vector<int64_t>& recv_bytes, const int64_t* status_out, int64_t* status_in,
                                const std::string& stage, int64_t seq) {
-  (void)status_in;
-  MOE_HOST_ASSERT(!status_out, "stage " << stage << ": the NCCL transport carries no in-band status yet");
+  MOE_HOST_ASSERT(!status_out == !status_in, "stage " << stage << ": a status goes both ways or not at all");
   try {
     comm_->all_to_all(send, send_bytes, offsets_of(send_bytes), recv, recv_bytes, offsets_of(recv_bytes),
-                      device_->stream(), stage);
+                      device_->stream(), stage, status_out, status_in);
   } catch (const engine::CommFailure&) {
     throw;
   } catch (const std::exception& e) {

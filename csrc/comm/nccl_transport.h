@@ -1,7 +1,7 @@
 // The engine's CUDA transport: a stage's all-to-all as one grouped ncclSend/ncclRecv on our
 // communicator (ep_comm.h), on the stream the engine's CUDA device runs on. Failures become
 // engine::CommFailure (stage and call number, for the roll call of the Python error).
-// Combine's in-band status is not carried over NCCL yet: CUDA Buffers agree on the host.
+// Combine's status words (device memory) travel in the same group as the rows.
 #pragma once
 
 #include <memory>

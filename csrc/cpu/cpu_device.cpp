@@ -1,38 +1,44 @@
 #include "cpu_device.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "../core/error.h"
+#include "../engine/plan_args.h"
 #include "../kernels/bodies/maps.h"
 #include "token_ops.h"
 
 namespace moe_comm {
 namespace cpu {
 
-void CpuDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
-  const int64_t W = r.num_ranks, T = r.num_tokens, K = r.topk;
-  plan.num_in = T;
-  plan.status = alloc.allocate(int64_t(sizeof(int64_t)));
-  *plan.status.as<int64_t>() = find_routing_problem(r).kind == RoutingProblem::kOk ? 0 : engine::kRoutingCode;
-  plan.rows_per_dest = alloc.allocate(W * int64_t(sizeof(int64_t)));
-  plan.pairs_per_expert = alloc.allocate(r.num_experts * int64_t(sizeof(int64_t)));
-  plan.send_offsets = alloc.allocate((W + 1) * int64_t(sizeof(int64_t)));
-  int64_t* rows = plan.rows_per_dest.as<int64_t>();
-  count_layout(r, rows, plan.pairs_per_expert.as<int64_t>());
-  int64_t* offsets = plan.send_offsets.as<int64_t>();
-  offsets[0] = 0;
-  for (int64_t d = 0; d < W; ++d) offsets[d + 1] = offsets[d] + rows[d];
-  plan.num_send = offsets[W];
-  plan.send_token = alloc.allocate(plan.num_send * int64_t(sizeof(int64_t)));
-  plan.pair_slot = alloc.allocate(T * K * int64_t(sizeof(int64_t)));
-  plan.first_slot = alloc.allocate(T * K * int64_t(sizeof(int64_t)));
-  fill_send_plan(r, offsets, plan.send_token.as<int64_t>(), plan.pair_slot.as<int64_t>(),
-                 plan.first_slot.as<int64_t>());
+namespace {
+
+// The plans' workers are the emulated lanes (1 unless a test asks for more), so the CPU suite
+// runs the chunked passes the GPU runs, with any split.
+int64_t plan_workers(int64_t items) { return std::max<int64_t>(1, std::min(items, emulated_lanes())); }
+
+void count_pass(const bodies::SendPlanArgs& a) {
+  for (int64_t w = 0; w < a.split.workers; ++w) bodies::send_plan_count(a, w);
+  const int64_t columns = bodies::send_plan_column_count(a);
+  for (int64_t c = 0; c < columns; ++c) bodies::send_plan_column(a, c);
 }
 
-void CpuDevice::count_tokens(const Routing& r, engine::Allocator&, int64_t* tokens_per_rank) {
-  count_layout(r, tokens_per_rank, nullptr);
+}  // namespace
+
+void CpuDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
+  engine::SendPlanWork work = engine::prepare_send_plan(r, plan_workers(r.num_tokens), alloc, plan);
+  bodies::SendPlanArgs& a = work.args;
+  count_pass(a);
+  bodies::send_plan_starts(a);
+  plan.num_send = a.send_offsets[r.num_ranks];
+  plan.send_token = alloc.allocate(plan.num_send * int64_t(sizeof(int64_t)));  // exact: the counts are here
+  a.send_token = plan.send_token.as<int64_t>();
+  for (int64_t w = 0; w < a.split.workers; ++w) bodies::send_plan_fill(a, w);
+}
+
+void CpuDevice::count_tokens(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_rank) {
+  count_pass(engine::prepare_token_count(r, plan_workers(r.num_tokens), alloc, tokens_per_rank).args);
 }
 
 engine::Array CpuDevice::upload(const void* host, int64_t bytes, engine::Allocator& alloc) {
@@ -53,7 +59,7 @@ void CpuDevice::fill_zero(void* data, int64_t bytes) {
   if (bytes) std::memset(data, 0, bytes);
 }
 
-void CpuDevice::download(const std::vector<Transfer>& items) {
+void CpuDevice::download(const std::vector<Transfer>& items, const std::string&) {
   for (const Transfer& t : items) {
     if (t.bytes) std::memcpy(t.dst, t.src, t.bytes);
   }
@@ -68,24 +74,25 @@ void CpuDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowF
   }
 }
 
-void CpuDevice::expand(const engine::ExpandArgs& a, engine::Allocator&) {
-  ExpandPlanParams plan;
-  plan.rows = a.rows;
-  plan.num_rows = a.num_rows;
-  plan.fmt = a.fmt;
-  plan.topk = a.topk;
-  plan.experts_per_rank = a.experts_per_rank;
-  plan.row_order = a.row_order;
-  std::vector<int64_t> counts(a.experts_per_rank);
-  count_recv_experts(plan, counts.data());
-  for (int64_t e = 0; e < a.experts_per_rank; ++e) {
-    // The outputs were sized from the header's counts: prove them right (free on the CPU).
-    MOE_HOST_ASSERT(counts[e] == a.expert_offsets[e + 1] - a.expert_offsets[e],
-                    "the header announced " << a.expert_offsets[e + 1] - a.expert_offsets[e]
-                                            << " rows for local expert " << e << ", " << counts[e] << " arrived");
+void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
+  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), e.expert_offsets, alloc);
+  const bodies::ExpandPlanArgs& a = work.args;
+  for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_count(a, w);
+  for (int64_t c = 0; c <= a.experts; ++c) bodies::expand_plan_column(a, c);
+  const int64_t bad_slots = a.starts[a.experts];
+  std::vector<int64_t> arrived(a.starts, a.starts + a.experts);
+  bodies::expand_plan_starts(a);
+  // The outputs were sized from the headers' counts: prove them right (free on the CPU; on
+  // CUDA the plan places nothing then, and reads nothing out of bounds).
+  MOE_HOST_ASSERT(bad_slots == 0, bad_slots << " arrived slot(s) name a local expert outside [0, "
+                                            << a.experts << ")");
+  for (int64_t x = 0; x < a.experts; ++x) {
+    const int64_t announced = e.expert_offsets[x + 1] - e.expert_offsets[x];
+    MOE_HOST_ASSERT(arrived[x] == announced, "the header announced " << announced << " rows for local expert " << x
+                                                                     << ", " << arrived[x] << " arrived");
   }
-  fill_expand_plan(plan, a.expert_offsets, a.row_map, a.slot_weights, a.recv_weights);
-  cpu::scatter_rows(engine::expand_scatter(a));
+  for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_fill(a, w);
+  cpu::scatter_rows(engine::expand_scatter(e));
 }
 
 void CpuDevice::scatter_rows(const ScatterParams& p) { cpu::scatter_rows(p); }

@@ -15,7 +15,7 @@ class CpuDevice final : public engine::Device {
   engine::Array upload(const void* host, int64_t bytes, engine::Allocator& alloc) override;
   void fill_header(const engine::HeaderFill& h) override;
   void relay_header(const engine::HeaderRelay& h) override;
-  void download(const std::vector<Transfer>& items) override;
+  void download(const std::vector<Transfer>& items, const std::string& stage) override;
   void fill_zero(void* data, int64_t bytes) override;
   void pack_rows(const PackParams& p) override;
   void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk, int64_t* idx,

@@ -44,52 +44,6 @@ void pack_rows(const PackParams& p) {
   }
 }
 
-namespace {
-SlotMeta read_meta(const ExpandPlanParams& p, int64_t i, int64_t k) {
-  SlotMeta m;
-  std::memcpy(&m, p.rows + i * p.fmt.row_bytes + p.fmt.meta_offset + k * sizeof(SlotMeta),
-              sizeof(SlotMeta));
-  return m;
-}
-}  // namespace
-
-void count_recv_experts(const ExpandPlanParams& p, int64_t* tokens_per_expert) {
-  for (int64_t e = 0; e < p.experts_per_rank; ++e) tokens_per_expert[e] = 0;
-  for (int64_t i = 0; i < p.num_rows; ++i) {
-    for (int64_t k = 0; k < p.topk; ++k) {
-      const int32_t le = read_meta(p, i, k).local_expert;
-      if (le < 0) continue;
-      MOE_HOST_ASSERT(le < p.experts_per_rank,
-                      "received row " << i << " names local expert " << le << " of "
-                                      << p.experts_per_rank);
-      ++tokens_per_expert[le];
-    }
-  }
-}
-
-void fill_expand_plan(const ExpandPlanParams& p, const int64_t* expert_offsets, int64_t* row_map,
-                      float* slot_weights, float* recv_weights) {
-  // Walking rows in (source rank, source token) order and appending to each expert's segment
-  // gives the API order inside every expert.
-  std::vector<int64_t> cursor(expert_offsets, expert_offsets + p.experts_per_rank);
-  for (int64_t n = 0; n < p.num_rows; ++n) {
-    const int64_t i = p.row_order ? p.row_order[n] : n;
-    for (int64_t k = 0; k < p.topk; ++k) {
-      const SlotMeta m = read_meta(p, i, k);
-      const int64_t flat = i * p.topk + k;
-      if (m.local_expert < 0) {
-        row_map[flat] = -1;
-        slot_weights[flat] = 0.0f;
-        continue;
-      }
-      const int64_t row = cursor[m.local_expert]++;
-      row_map[flat] = row;
-      slot_weights[flat] = m.weight;
-      recv_weights[row] = m.weight;
-    }
-  }
-}
-
 void scatter_rows(const ScatterParams& p) {
   with_dtype(p.dtype, [&](auto elem) {
     using E = decltype(elem);

@@ -5,6 +5,7 @@
 
 #include "../core/error.h"
 #include "../kernels/launchers.h"
+#include "plan_args.h"
 
 namespace moe_comm {
 namespace cuda {
@@ -33,67 +34,19 @@ uint8_t* CudaDevice::pinned(int64_t bytes) {
   return static_cast<uint8_t*>(pinned_);
 }
 
-void CudaDevice::count_layout(const Routing& r, engine::Allocator&, int64_t* tokens_per_dest, int64_t* pairs,
-                              bool* token_in_dest, int64_t* status) {
-  LayoutKernelParams p;
-  p.topk_idx = r.topk_idx;
-  p.num_tokens = r.num_tokens;
-  p.topk = r.topk;
-  p.num_experts = r.num_experts;
-  p.num_ranks = r.num_ranks;
-  p.tokens_per_rank = tokens_per_dest;
-  p.pairs_per_expert = pairs;
-  p.token_in_rank = token_in_dest;
-  p.status = status;
-  p.bad_code = engine::kRoutingCode;
-  MOE_CUDA_CHECK(launch_count_layout(p, stream_));
-}
-
-void CudaDevice::exclusive_scan(const int64_t* in, int64_t* out, int64_t count, engine::Allocator& alloc) {
-  const size_t bytes = exclusive_scan_workspace_bytes(count);
-  engine::Array scratch = alloc.allocate(int64_t(bytes));
-  MOE_CUDA_CHECK(launch_exclusive_scan(in, out, count, scratch.data, bytes, stream_));
-}
-
 void CudaDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
-  const int64_t W = r.num_ranks, T = r.num_tokens, K = r.topk, pairs = W * T;
-  auto i64 = [&](int64_t n) { return alloc.allocate(n * int64_t(sizeof(int64_t))); };
-  plan.num_in = T;
-  plan.status = i64(1);
-  plan.rows_per_dest = i64(W);
-  plan.pairs_per_expert = i64(r.num_experts);
   // Scratch freed on return: the caching allocator hands it out again only to work ordered
-  // after these kernels on the same stream.
-  engine::Array token_in_dest = alloc.allocate(T * W);
-  count_layout(r, alloc, plan.rows_per_dest.as<int64_t>(), plan.pairs_per_expert.as<int64_t>(),
-               reinterpret_cast<bool*>(token_in_dest.data), plan.status.as<int64_t>());
-  engine::Array flags = i64(pairs), positions = i64(pairs);
-  plan.send_offsets = i64(W + 1);
-  plan.send_token = i64(pairs);  // room for every (token, destination): the header tells how many
-  plan.pair_slot = i64(T * K);
-  plan.first_slot = i64(T * K);
-  SendPlanKernelParams p;
-  p.topk_idx = r.topk_idx;
-  p.token_in_rank = reinterpret_cast<const bool*>(token_in_dest.data);
-  p.num_tokens = T;
-  p.topk = K;
-  p.num_experts = r.num_experts;
-  p.num_ranks = W;
-  p.flags = flags.as<int64_t>();
-  p.positions = positions.as<int64_t>();
-  p.send_offsets = plan.send_offsets.as<int64_t>();
-  p.send_token = plan.send_token.as<int64_t>();
-  p.pair_slot = plan.pair_slot.as<int64_t>();
-  p.first_slot = plan.first_slot.as<int64_t>();
-  MOE_CUDA_CHECK(launch_send_plan_flags(p, stream_));
-  exclusive_scan(p.flags, p.positions, pairs, alloc);
-  MOE_CUDA_CHECK(launch_send_plan_fill(p, stream_));
+  // after this launch on the same stream.
+  engine::SendPlanWork work = engine::prepare_send_plan(r, plan_workers(r.num_tokens), alloc, plan);
+  // Room for every (token, destination): the header tells the host how many are used.
+  plan.send_token = alloc.allocate(r.num_tokens * r.num_ranks * int64_t(sizeof(int64_t)));
+  work.args.send_token = plan.send_token.as<int64_t>();
+  MOE_CUDA_CHECK(launch_send_plan(work.args, stream_));
 }
 
 void CudaDevice::count_tokens(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_rank) {
-  engine::Array pairs = alloc.allocate(r.num_experts * int64_t(sizeof(int64_t)));
-  engine::Array token_in_rank = alloc.allocate(r.num_tokens * r.num_ranks);
-  count_layout(r, alloc, tokens_per_rank, pairs.as<int64_t>(), reinterpret_cast<bool*>(token_in_rank.data), nullptr);
+  MOE_CUDA_CHECK(
+      launch_send_plan(engine::prepare_token_count(r, plan_workers(r.num_tokens), alloc, tokens_per_rank).args, stream_));
 }
 
 engine::Array CudaDevice::upload(const void* host, int64_t bytes, engine::Allocator& alloc) {
@@ -106,7 +59,7 @@ engine::Array CudaDevice::upload(const void* host, int64_t bytes, engine::Alloca
 void CudaDevice::fill_header(const engine::HeaderFill& h) { MOE_CUDA_CHECK(launch_fill_header(h, stream_)); }
 void CudaDevice::relay_header(const engine::HeaderRelay& h) { MOE_CUDA_CHECK(launch_relay_header(h, stream_)); }
 
-void CudaDevice::download(const std::vector<Transfer>& items) {
+void CudaDevice::download(const std::vector<Transfer>& items, const std::string& stage) {
   int64_t total = 0;
   for (const Transfer& t : items) total += t.bytes;
   uint8_t* staging = pinned(total);
@@ -116,7 +69,7 @@ void CudaDevice::download(const std::vector<Transfer>& items) {
     at += t.bytes;
   }
   if (wait_) {
-    wait_(stream_);
+    wait_(stream_, stage);
   } else {
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -142,31 +95,13 @@ void CudaDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const Row
   MOE_CUDA_CHECK(launch_read_slot_meta(p, stream_));
 }
 
-void CudaDevice::expand(const engine::ExpandArgs& a, engine::Allocator& alloc) {
-  // Scratch of the expand plan (kernels/expand_plan.cu): expert-major flags, their scan and
-  // device counts; freed on return (stream-ordered reuse).
-  const int64_t count = a.experts_per_rank * a.num_rows;
-  engine::Array flags = alloc.allocate(count * int64_t(sizeof(int64_t)));
-  engine::Array positions = alloc.allocate(count * int64_t(sizeof(int64_t)));
-  engine::Array counts = alloc.allocate(a.experts_per_rank * int64_t(sizeof(int64_t)));
-  ExpandPlanKernelParams p;
-  p.rows = a.rows;
-  p.num_rows = a.num_rows;
-  p.row_bytes = a.fmt.row_bytes;
-  p.meta_offset = a.fmt.meta_offset;
-  p.topk = a.topk;
-  p.experts_per_rank = a.experts_per_rank;
-  p.row_order = a.row_order;
-  p.flags = flags.as<int64_t>();
-  p.positions = positions.as<int64_t>();
-  p.tokens_per_expert = counts.as<int64_t>();
-  p.row_map = a.row_map;
-  p.slot_weights = a.slot_weights;
-  p.recv_weights = a.recv_weights;
-  MOE_CUDA_CHECK(launch_expand_count(p, stream_));
-  exclusive_scan(p.flags, p.positions, count, alloc);
-  MOE_CUDA_CHECK(launch_expand_fill(p, stream_));
-  MOE_CUDA_CHECK(launch_scatter_rows(engine::expand_scatter(a), stream_));
+void CudaDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
+  // The announced offsets go up with the rows' plan (a copy, not a launch); a disagreement
+  // places no row (bodies/plan.h), so a corrupted header cannot write out of bounds.
+  const int64_t offsets_bytes = (e.experts_per_rank + 1) * int64_t(sizeof(int64_t));
+  engine::Array announced = upload(e.expert_offsets, offsets_bytes, alloc);
+  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), announced.as<int64_t>(), alloc);
+  MOE_CUDA_CHECK(launch_expand(work.args, engine::expand_scatter(e), stream_));
 }
 
 void CudaDevice::compose_own_slot(const int64_t* first_slot, int64_t num_in, int64_t topk, const int64_t* map,

@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "device.h"
 
@@ -17,8 +18,9 @@ namespace cuda {
 class CudaDevice final : public engine::Device {
  public:
   // wait: blocks until `stream` has passed everything enqueued so far, bounded (our NCCL
-  // communicator's wait: its deadline and async errors), or null for a plain synchronisation.
-  using BoundedWait = std::function<void(cudaStream_t)>;
+  // communicator's wait: its deadline and async errors, blaming `stage`), or null for a plain
+  // synchronisation.
+  using BoundedWait = std::function<void(cudaStream_t, const std::string& stage)>;
   explicit CudaDevice(int device);  // loads every kernel now (CUDA review R1)
   ~CudaDevice() override;
   void set_stream(cudaStream_t stream) { stream_ = stream; }
@@ -31,7 +33,7 @@ class CudaDevice final : public engine::Device {
   engine::Array upload(const void* host, int64_t bytes, engine::Allocator& alloc) override;
   void fill_header(const engine::HeaderFill& h) override;
   void relay_header(const engine::HeaderRelay& h) override;
-  void download(const std::vector<Transfer>& items) override;
+  void download(const std::vector<Transfer>& items, const std::string& stage) override;
   void fill_zero(void* data, int64_t bytes) override;
   void pack_rows(const PackParams& p) override;
   void read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowFormat& fmt, int64_t topk, int64_t* idx,
@@ -49,11 +51,6 @@ class CudaDevice final : public engine::Device {
                    float* out) override;
 
  private:
-  // Counts into a layout: tokens per destination, pairs per expert, the token x destination
-  // flags, and the routing status when asked for.
-  void count_layout(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_dest, int64_t* pairs,
-                    bool* token_in_dest, int64_t* status);
-  void exclusive_scan(const int64_t* in, int64_t* out, int64_t count, engine::Allocator& alloc);
   uint8_t* pinned(int64_t bytes);  // host staging for download, grown on demand
 
   int device_;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../core/layout.h"
@@ -75,13 +76,14 @@ class Device {
   // Headers, a row per thread (header.h bodies).
   virtual void fill_header(const HeaderFill& h) = 0;
   virtual void relay_header(const HeaderRelay& h) = 0;
-  // Device -> host copies, then one wait for all of them (the dispatch's host wait).
+  // Device -> host copies, then one wait for all of them (the dispatch's host wait); `stage`
+  // names the exchange a bounded wait blames when it gives up.
   struct Transfer {
     const void* src;
     void* dst;
     int64_t bytes;
   };
-  virtual void download(const std::vector<Transfer>& items) = 0;
+  virtual void download(const std::vector<Transfer>& items, const std::string& stage) = 0;
   virtual void fill_zero(void* data, int64_t bytes) = 0;
   // tokens_per_rank[num_ranks] of a routing (the hierarchical forward counts).
   virtual void count_tokens(const Routing& r, Allocator& alloc, int64_t* tokens_per_rank) = 0;

@@ -64,22 +64,50 @@ uint8_t* Engine::workspace(const std::string& name, int64_t bytes) {
   return w.data;
 }
 
+int64_t* Engine::reserve_pending(int64_t count) {
+  // Room for the statuses of several combines between two dispatches (micro-batches).
+  const int64_t capacity = 16 * (stages_[0].size + (stages_.size() > 1 ? stages_[1].size : 0));
+  if (!pending_.data) pending_ = allocate(capacity * int64_t(sizeof(int64_t)));
+  if (pending_used_ + count > capacity) {  // full: read them back now (a host wait, rare)
+    std::vector<int64_t> seen(pending_used_);
+    ++current_->host_waits;
+    device_->download({{pending_.data, seen.data(), pending_used_ * int64_t(sizeof(int64_t))}}, "combine/status");
+    for (int64_t v : seen) pending_folded_ = std::max(pending_folded_, v);
+    pending_used_ = 0;
+  }
+  int64_t* at = pending_.as<int64_t>() + pending_used_;
+  pending_used_ += count;
+  return at;
+}
+
 void Engine::exchange(const StageSpec& stage, const uint8_t* send, const std::vector<int64_t>& send_rows,
                       uint8_t* recv, const std::vector<int64_t>& recv_rows, int64_t row_bytes, int64_t* status,
                       const std::string& name) {
   std::vector<int64_t> send_bytes(send_rows.size()), recv_bytes(recv_rows.size());
   for (size_t p = 0; p < send_rows.size(); ++p) send_bytes[p] = send_rows[p] * row_bytes;
   for (size_t p = 0; p < recv_rows.size(); ++p) recv_bytes[p] = recv_rows[p] * row_bytes;
-  std::vector<int64_t> status_out, status_in;
+  // The status words live where the wire reads them (the device for NCCL).
+  const int64_t status_bytes = stage.size * int64_t(sizeof(int64_t));
+  Array status_out, status_in;
+  int64_t* landed = nullptr;
   if (status) {
-    status_out.assign(stage.size, *status);
-    status_in.assign(stage.size, 0);
+    const std::vector<int64_t> mine(stage.size, *status);
+    status_out = device_->upload(mine.data(), status_bytes, *allocator_);
+    if (defer_status_) {
+      landed = reserve_pending(stage.size);
+    } else {
+      status_in = allocate(status_bytes);
+      landed = status_in.as<int64_t>();
+    }
   }
   ++current_->exchanges;
-  stage.transport->all_to_all(send, send_bytes, recv, recv_bytes, status ? status_out.data() : nullptr,
-                              status ? status_in.data() : nullptr, name, ++sequence_[name]);
-  if (status) {
-    for (int64_t s : status_in) *status = std::max(*status, s);  // MAX: the lowest bad rank wins
+  stage.transport->all_to_all(send, send_bytes, recv, recv_bytes, status_out.as<int64_t>(), landed, name,
+                              ++sequence_[name]);
+  if (status && !defer_status_) {
+    std::vector<int64_t> theirs(stage.size);
+    if (!device_->host_readable()) ++current_->host_waits;
+    device_->download({{landed, theirs.data(), status_bytes}}, name);
+    for (int64_t s : theirs) *status = std::max(*status, s);  // MAX: the lowest bad rank wins
   }
 }
 
@@ -143,6 +171,11 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
   h.sent_on_device.resize(n);
   h.received_on_device.resize(n);
   HeaderFixed fixed{call, rank_, local, local.any() ? nullptr : plan0->status.as<int64_t>()};
+  // Deferred combine statuses ride in this header; read once the headers are (below).
+  fixed.world = world_size_;
+  fixed.pending = pending_.as<int64_t>();
+  fixed.pending_count = pending_used_;
+  fixed.pending_folded = pending_folded_;
   for (size_t j = 0; j < n; ++j) {
     const StageSpec& stage = stages_[j];
     const int64_t bytes = stage.size * h.layouts[j].width() * int64_t(sizeof(int64_t));
@@ -184,9 +217,12 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
     copies.push_back({h.received_on_device[j].data, h.received[j].data(), count * int64_t(sizeof(int64_t))});
   }
   ++current_->host_waits;
-  device_->download(copies);
+  device_->download(copies, "dispatch/header");
+  pending_used_ = pending_folded_ = 0;  // reported by this header, on every rank
   Problem problem = local;
-  if (!problem.any() && h.sent[0][kStatus] != 0) problem = Problem{h.sent[0][kStatus], rank_, rank_};  // own routing
+  if (!problem.any() && h.sent[0][kStatus] != 0) {  // own routing, or a deferred combine status
+    problem = Problem{h.sent[0][kStatus], h.sent[0][kBadRank], h.sent[0][kSeenBy]};
+  }
   for (size_t j = 0; j < n && !problem.any(); ++j) {
     problem = find_problem(h.received[j].data(), stages_[j].size, h.layouts[j], call, stages_[j].global_ranks,
                            rank_);
@@ -275,7 +311,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
     if (!local.any() && out.problem.rank == rank_ && out.problem.code == kRoutingCode) {
       // This rank's own routing: find the slot to name (the error path may wait on the device).
       std::vector<int64_t> idx(x.rows * topk);
-      device_->download({{topk_idx, idx.data(), int64_t(idx.size() * sizeof(int64_t))}});
+      device_->download({{topk_idx, idx.data(), int64_t(idx.size() * sizeof(int64_t))}}, "dispatch/header");
       out.routing = find_routing_problem(Routing{idx.data(), x.rows, topk, num_experts_, world_size_});
     }
     return out;  // no token has moved, on any rank
@@ -458,7 +494,7 @@ CombineResult Engine::combine(const DispatchLayout& layout, const RowsIn& expert
     const RowsIn sent = send_along(layout, RowsIn{reinterpret_cast<const uint8_t*>(weights),
                                                   K * int64_t(sizeof(float)), layout.num_tokens, K, DType::kFloat32},
                                    "combine-weights", carried);
-    if (status != 0) {
+    if (status != 0 && !defer_status_) {  // deferred: the peers do not know, so go on with zeros
       out.status = status;
       return out;
     }
@@ -474,6 +510,7 @@ CombineResult Engine::combine(const DispatchLayout& layout, const RowsIn& expert
     rows = RowsIn{nullptr, layout.hidden * dtype_size(layout.dtype), layout.num_recv_rows, layout.hidden,
                   layout.dtype};
     zeros = allocate(std::max<int64_t>(layout.num_recv_rows * rows.stride_bytes, 16));
+    launch();  // a memset on CUDA
     device_->fill_zero(zeros.data, zeros.bytes);
     rows.data = zeros.data;
   }

@@ -99,6 +99,13 @@ class Engine {
   BackwardResult combine_backward(const DispatchLayout& layout, const RowsIn& grad_y, const float* slot_weights,
                                   const RowsIn* expert_y);
 
+  // Combine's status, when it travels: agreed inside the combine call (the default: free on the
+  // CPU, one host wait per carrying exchange on CUDA), or deferred: the statuses that arrived
+  // stay where they landed and the next dispatch's header reports a bad one to every rank
+  // (no host wait in combine).
+  void set_combine_status_deferred(bool deferred) { defer_status_ = deferred; }
+  bool combine_status_deferred() const { return defer_status_; }
+
   const Counters& counters(const std::string& kind) const;
   int64_t workspace_bytes() const;
   int64_t rank() const { return rank_; }
@@ -125,6 +132,8 @@ class Engine {
   void exchange(const StageSpec& stage, const uint8_t* send, const std::vector<int64_t>& send_rows, uint8_t* recv,
                 const std::vector<int64_t>& recv_rows, int64_t row_bytes, int64_t* status, const std::string& name);
   uint8_t* workspace(const std::string& name, int64_t bytes);
+  // Room for `count` deferred statuses to land in (pending_, read by the next header).
+  int64_t* reserve_pending(int64_t count);
   Array allocate(int64_t bytes) { return allocator_->allocate(bytes); }
   void launch() { ++current_->launches; }
   void begin(const std::string& kind);
@@ -137,6 +146,10 @@ class Engine {
   std::map<std::string, int64_t> sequence_;
   std::map<std::string, Counters> counters_;
   Counters* current_ = nullptr;
+  bool defer_status_ = false;
+  Array pending_;              // deferred combine statuses since the last dispatch header
+  int64_t pending_used_ = 0;
+  int64_t pending_folded_ = 0;  // MAX of those read back early (pending_ was full)
 };
 
 }  // namespace engine

@@ -25,6 +25,9 @@ enum Field : int64_t { kStatus = 0, kBadRank, kSeenBy, kHidden, kDtype, kTopk, k
 constexpr int64_t kFirstAgreed = kHidden;  // hidden, dtype, topk, num_experts must agree
 constexpr int64_t kDisagreement = 4;       // status code beside the argument codes (1 x, 2 topk_idx, 3 weights)
 constexpr int64_t kRoutingCode = 2;        // topk_idx: a value out of range or repeated in a row
+// A deferred combine status reported by the next dispatch: kEarlierCombine + the argument code
+// the combine rejected (1 expert_y, 2 topk_weights).
+constexpr int64_t kEarlierCombine = 8;
 
 // The call as this rank sees it (zeros but num_experts when its input was rejected).
 struct CallFacts {
@@ -64,6 +67,12 @@ struct HeaderFixed {
   int64_t rank = 0;
   Problem local;
   const int64_t* status = nullptr;
+  // Deferred combine statuses ((world - bad rank) << 8 | argument code, 0 ok) that landed since
+  // the last header, where the wire put them; and the MAX of any read back early.
+  int64_t world = 0;
+  const int64_t* pending = nullptr;
+  int64_t pending_count = 0;
+  int64_t pending_folded = 0;
 };
 
 // The first stage's header: counts from the send plan (null when `local` is set).
@@ -98,6 +107,13 @@ MOE_HD void fill_fixed_row(int64_t* row, const HeaderLayout& layout, const Heade
   row[kStatus] = own;
   row[kBadRank] = f.local.any() ? f.local.rank : f.rank;
   row[kSeenBy] = f.local.any() ? f.local.seen_by : f.rank;
+  if (own != 0) return;
+  int64_t combine = f.pending_folded;
+  for (int64_t i = 0; i < f.pending_count; ++i) combine = f.pending[i] > combine ? f.pending[i] : combine;
+  if (combine != 0) {
+    row[kStatus] = kEarlierCombine + (combine & 0xFF);
+    row[kBadRank] = f.world - (combine >> 8);
+  }
 }
 
 MOE_HD void fill_header_row(const HeaderFill& h, int64_t d) {

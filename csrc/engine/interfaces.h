@@ -54,8 +54,8 @@ class CommFailure : public Error {
 };
 
 // One stage's all-to-all: destination-major contiguous segments, bytes per peer. status_out
-// (one int64 per peer, may be null) travels in the same exchange and lands in status_in: the
-// in-band agreement of combine. `seq` numbers this rank's exchanges of `stage` (roll call).
+// (one int64 per peer, may be null; in the wire's memory: the host for the CPU wires, the
+// device for NCCL) travels in the same exchange and lands in status_in: combine's status. `seq` numbers this rank's exchanges of `stage` (roll call).
 class Transport {
  public:
   virtual ~Transport() = default;

@@ -1,6 +1,8 @@
 // Unit tests of the torch-free core (layout plan, row format, dtype conversion) and the CPU
 // token kernels. No framework: each CHECK names what failed; main returns non-zero on failure.
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -10,6 +12,8 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/layout.h"
+#include "cpu/cpu_device.h"
+#include "engine/device.h"
 #include "core/routing.h"
 #include "core/row_format.h"
 #include "cpu/token_ops.h"
@@ -42,21 +46,57 @@ void test_routing_problems() {
   CHECK(find_routing_problem(r).kind == RoutingProblem::kDuplicate);
 }
 
+// Host memory for the CPU backend's plans, kept until the test ends.
+class HostAllocator final : public engine::Allocator {
+ public:
+  engine::Array allocate(int64_t bytes) override {
+    auto block = std::make_shared<std::vector<uint8_t>>(size_t(std::max<int64_t>(bytes, 16)));
+    engine::Array a;
+    a.data = block->data();
+    a.bytes = bytes;
+    a.owner = block;
+    return a;
+  }
+};
+
+std::vector<int64_t> values(const engine::Array& a) {
+  const int64_t* p = a.as<int64_t>();
+  return std::vector<int64_t>(p, p + a.bytes / int64_t(sizeof(int64_t)));
+}
+
+// The send plan through the CPU backend, for every split of the tokens into workers.
 void test_layout() {
   // 4 experts on 2 ranks (2 each). Token 0 -> experts 0, 1 (rank 0 twice), 3 (rank 1).
   const int64_t T = 3, K = 3, W = 2;
   const std::vector<int64_t> idx = {0, 1, 3, /**/ -1, -1, -1, /**/ 2, -1, 0};
   Routing r{idx.data(), T, K, 4, W};
-  std::vector<int64_t> per_rank(W), per_expert(4);
-  count_layout(r, per_rank.data(), per_expert.data());
-  CHECK(per_rank[0] == 2 && per_rank[1] == 2);
-  CHECK(per_expert[0] == 2 && per_expert[1] == 1 && per_expert[2] == 1 && per_expert[3] == 1);
-  const std::vector<int64_t> offsets = {0, 2, 4};
-  std::vector<int64_t> send_token(4), pair_slot(T * K), first_slot(T * K);
-  fill_send_plan(r, offsets.data(), send_token.data(), pair_slot.data(), first_slot.data());
-  CHECK((send_token == std::vector<int64_t>{0, 2, 0, 2}));
-  CHECK((pair_slot == std::vector<int64_t>{0, 0, 2, -1, -1, -1, 3, -1, 1}));
-  CHECK((first_slot == std::vector<int64_t>{0, -1, 2, -1, -1, -1, 3, -1, 1}));
+  for (int64_t workers = 1; workers <= 4; ++workers) {
+    cpu::set_emulated_lanes(workers);
+    HostAllocator alloc;
+    cpu::CpuDevice device;
+    engine::StagePlan plan;
+    device.plan_send(r, alloc, plan);
+    CHECK((values(plan.rows_per_dest) == std::vector<int64_t>{2, 2}));
+    CHECK((values(plan.pairs_per_expert) == std::vector<int64_t>{2, 1, 1, 1}));
+    CHECK((values(plan.send_offsets) == std::vector<int64_t>{0, 2, 4}));
+    CHECK((values(plan.send_token) == std::vector<int64_t>{0, 2, 0, 2}));
+    CHECK((values(plan.pair_slot) == std::vector<int64_t>{0, 0, 2, -1, -1, -1, 3, -1, 1}));
+    CHECK((values(plan.first_slot) == std::vector<int64_t>{0, -1, 2, -1, -1, -1, 3, -1, 1}));
+    CHECK(values(plan.status)[0] == 0);
+    std::vector<int64_t> tokens(W);
+    device.count_tokens(r, alloc, tokens.data());
+    CHECK((tokens == std::vector<int64_t>{2, 2}));
+  }
+  // An index out of range plans as masked, and the plan says the routing is bad.
+  const std::vector<int64_t> bad = {0, 7, /**/ 3, -1};
+  Routing rb{bad.data(), 2, 2, 4, W};
+  HostAllocator alloc;
+  cpu::CpuDevice device;
+  engine::StagePlan plan;
+  device.plan_send(rb, alloc, plan);
+  CHECK(values(plan.status)[0] == engine::kRoutingCode);
+  CHECK((values(plan.pair_slot) == std::vector<int64_t>{0, -1, 1, -1}));
+  cpu::set_emulated_lanes(1);
 }
 
 void test_conversions() {
@@ -83,11 +123,12 @@ void test_pack_expand_reduce() {
   const std::vector<float> w = {0.5f, 0.25f, 1.0f, 2.0f, 4.0f, 0.0f};
   const std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8, 9};
   Routing r{idx.data(), T, K, 4, W};
-  std::vector<int64_t> per_rank(W);
-  count_layout(r, per_rank.data(), nullptr);
-  const std::vector<int64_t> offsets = {0, per_rank[0], per_rank[0] + per_rank[1]};
-  std::vector<int64_t> send_token(offsets[2]), pair_slot(T * K), first_slot(T * K);
-  fill_send_plan(r, offsets.data(), send_token.data(), pair_slot.data(), first_slot.data());
+  HostAllocator alloc;
+  cpu::CpuDevice device;
+  engine::StagePlan sent;
+  device.plan_send(r, alloc, sent);
+  const std::vector<int64_t> offsets = values(sent.send_offsets), send_token = values(sent.send_token);
+  const std::vector<int64_t> per_rank = values(sent.rows_per_dest);
 
   PackParams pack;
   pack.fmt = make_row_format(H, 4, K, sizeof(SlotMeta));
@@ -104,43 +145,45 @@ void test_pack_expand_reduce() {
   pack.experts_per_rank = 2;
   cpu::pack_rows(pack);
 
-  cpu::ExpandPlanParams plan;
-  plan.rows = rows.data() + offsets[1] * pack.fmt.row_bytes;  // rank 1's rows: tokens 0, 1
-  plan.num_rows = per_rank[1];
-  plan.fmt = pack.fmt;
-  plan.topk = K;
-  plan.experts_per_rank = 2;
-  std::vector<int64_t> per_expert(2);
-  cpu::count_recv_experts(plan, per_expert.data());
-  CHECK(per_expert[0] == 1 && per_expert[1] == 2);  // expert 2: token 1; expert 3: tokens 0, 1
+  // Rank 1's rows (tokens 0, 1) expanded: expert 2 gets token 1, expert 3 tokens 0 and 1.
   const std::vector<int64_t> expert_offsets = {0, 1, 3};
-  std::vector<int64_t> row_map(plan.num_rows * K);
-  std::vector<float> slot_w(plan.num_rows * K), recv_w(3);
-  cpu::fill_expand_plan(plan, expert_offsets.data(), row_map.data(), slot_w.data(), recv_w.data());
+  std::vector<int64_t> row_map(per_rank[1] * K);
+  std::vector<float> slot_w(per_rank[1] * K), recv_w(3), recv_x(3 * H);
+  engine::ExpandArgs e;
+  e.rows = rows.data() + offsets[1] * pack.fmt.row_bytes;
+  e.num_rows = per_rank[1];
+  e.fmt = pack.fmt;
+  e.topk = K;
+  e.experts_per_rank = 2;
+  e.hidden = H;
+  e.expert_offsets = expert_offsets.data();
+  e.row_map = row_map.data();
+  e.slot_weights = slot_w.data();
+  e.recv_weights = recv_w.data();
+  e.recv_x = reinterpret_cast<uint8_t*>(recv_x.data());
+  device.expand(e, alloc);
   CHECK((row_map == std::vector<int64_t>{1, -1, 0, 2}));
   CHECK((recv_w == std::vector<float>{1.0f, 0.5f, 2.0f}));
+  bool refused = false;  // counts that disagree with the header's: an error, nothing placed
+  const std::vector<int64_t> wrong = {0, 2, 3};
+  e.expert_offsets = wrong.data();
+  try {
+    device.expand(e, alloc);
+  } catch (const Error&) {
+    refused = true;
+  }
+  CHECK(refused);
 
   // Combine on rank 1 with expert_y = recv rows: partial[token 0] = 0.5 * x0,
   // partial[token 1] = 1 * x1 + 2 * x1.
-  std::vector<float> recv_x(3 * H);
-  ScatterParams s;
-  s.src = plan.rows;
-  s.src_stride = plan.fmt.row_bytes;
-  s.num_src = plan.num_rows;
-  s.row_map = row_map.data();
-  s.topk = K;
-  s.hidden = H;
-  s.dst = reinterpret_cast<uint8_t*>(recv_x.data());
-  s.dst_stride = H * 4;
-  cpu::scatter_rows(s);
   CHECK(recv_x[0] == 4 && recv_x[3] == 1 && recv_x[6] == 4);
-  std::vector<float> partial(plan.num_rows * H);
+  std::vector<float> partial(per_rank[1] * H);
   ReduceParams red;
-  red.src = s.dst;
+  red.src = reinterpret_cast<const uint8_t*>(recv_x.data());
   red.src_stride = H * 4;
   red.map = row_map.data();
   red.weights = slot_w.data();
-  red.num_out = plan.num_rows;
+  red.num_out = per_rank[1];
   red.topk = K;
   red.hidden = H;
   red.dst = reinterpret_cast<uint8_t*>(partial.data());

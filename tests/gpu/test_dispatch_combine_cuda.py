@@ -13,7 +13,7 @@ from tests.cases import Case, all_inputs, grid
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
 from tests.test_dispatch_combine import check_case
-from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank
+from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank, combine_one_bad_rank_deferred
 
 pytestmark = [
     pytest.mark.gpu,
@@ -130,17 +130,20 @@ def test_missing_peer_on_cuda_ends_in_timeout_naming_stage():
     assert waited < 10
 
 
-def _bad_combine_worker(rank, world_size):
+def _bad_combine_worker(rank, world_size, mode):
     become_own_host(rank)
-    buf = moe_comm.Buffer(num_experts=6, device="cuda", timeout=60)
+    buf = moe_comm.Buffer(num_experts=6, device="cuda", timeout=60, combine_status=mode)
 
     def good_inputs(r):
         return tuple(t.cuda() for t in _good(r, E=6))
-    return combine_one_bad_rank(rank, buf, 1, good_inputs)
+    if mode == "immediate":
+        return combine_one_bad_rank(rank, buf, 1, good_inputs)
+    return combine_one_bad_rank_deferred(rank, buf, 1, good_inputs)
 
 
-def test_bad_combine_on_one_rank_on_cuda_makes_every_rank_raise():
-    assert run_distributed(3, _bad_combine_worker, timeout=300) == [len(BAD_COMBINE_INPUTS)] * 3
+@pytest.mark.parametrize("mode", ["immediate", "deferred"])
+def test_bad_combine_on_one_rank_on_cuda_makes_every_rank_raise(mode):
+    assert run_distributed(3, _bad_combine_worker, mode, timeout=300) == [len(BAD_COMBINE_INPUTS)] * 3
 
 
 def _peer_missing_from_combine_worker(rank, world_size, combine_status):
@@ -154,8 +157,8 @@ def _peer_missing_from_combine_worker(rank, world_size, combine_status):
         time.sleep(12)  # never combines
         return None
     start = time.monotonic()
-    if combine_status:  # the host-side status exchange names the missing rank
-        with pytest.raises(moe_comm.CommError, match=r"failed in stage 'combine/status' \(rank 1 did not arrive"):
+    if combine_status == "immediate":  # the status read back waits, bounded, naming the stage
+        with pytest.raises(moe_comm.CommError, match=r"failed in stage 'combine/flat'"):
             moe_comm.combine(recv_x, handle)
         return time.monotonic() - start
     # No status exchange: the stuck NCCL exchange itself must end (the communicator's watchdog).
@@ -167,7 +170,7 @@ def _peer_missing_from_combine_worker(rank, world_size, combine_status):
     return drained
 
 
-@pytest.mark.parametrize("combine_status", [True, False])
+@pytest.mark.parametrize("combine_status", ["immediate", "deferred", False])
 def test_peer_missing_from_combine_ends_in_error_not_hang(combine_status):
     waited, _ = run_distributed(2, _peer_missing_from_combine_worker, combine_status, timeout=120)
     assert waited < 9

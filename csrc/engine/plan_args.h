@@ -1,0 +1,87 @@
+// What both backends do around the plan bodies (kernels/bodies/plan.h): allocate a plan's
+// arrays and point the body's arguments at them. The backends differ only in how they run
+// the passes (a loop, or one cooperative launch) and in how many workers they split into.
+#pragma once
+
+#include "../kernels/bodies/plan.h"
+#include "device.h"
+
+namespace moe_comm {
+namespace engine {
+
+struct SendPlanWork {
+  bodies::SendPlanArgs args;
+  Array table;  // the passes' scratch: keep it until they have run
+};
+
+// The counts-only plan: distinct tokens per rank of a routing, nothing else.
+inline SendPlanWork prepare_token_count(const Routing& r, int64_t workers, Allocator& alloc, int64_t* tokens_per_rank) {
+  SendPlanWork w;
+  w.table = alloc.allocate(workers * (r.num_ranks + 1) * int64_t(sizeof(int64_t)));
+  bodies::SendPlanArgs& a = w.args;
+  a.topk_idx = r.topk_idx;
+  a.num_tokens = r.num_tokens;
+  a.topk = r.topk;
+  a.num_experts = r.num_experts;
+  a.num_dests = r.num_ranks;
+  a.split = bodies::WorkSplit{r.num_tokens, workers};
+  a.table = w.table.as<int64_t>();
+  a.rows_per_dest = tokens_per_rank;
+  return w;
+}
+
+// Everything of `plan` but send_token, whose size the caller picks (exact once the counts are
+// known on the CPU, the worst case on CUDA, where they are not).
+inline SendPlanWork prepare_send_plan(const Routing& r, int64_t workers, Allocator& alloc, StagePlan& plan) {
+  auto i64 = [&](int64_t n) { return alloc.allocate(n * int64_t(sizeof(int64_t))); };
+  plan.num_in = r.num_tokens;
+  plan.status = i64(1);
+  plan.rows_per_dest = i64(r.num_ranks);
+  plan.pairs_per_expert = i64(r.num_experts);
+  plan.send_offsets = i64(r.num_ranks + 1);
+  plan.pair_slot = i64(r.num_tokens * r.topk);
+  plan.first_slot = i64(r.num_tokens * r.topk);
+  SendPlanWork w = prepare_token_count(r, workers, alloc, plan.rows_per_dest.as<int64_t>());
+  bodies::SendPlanArgs& a = w.args;
+  a.bad_code = kRoutingCode;
+  a.status = plan.status.as<int64_t>();
+  a.send_offsets = plan.send_offsets.as<int64_t>();
+  a.pairs_per_expert = plan.pairs_per_expert.as<int64_t>();
+  a.pair_slot = plan.pair_slot.as<int64_t>();
+  a.first_slot = plan.first_slot.as<int64_t>();
+  return w;
+}
+
+struct ExpandPlanWork {
+  bodies::ExpandPlanArgs args;
+  Array table, starts, status;  // scratch, as above
+};
+
+// announced: ExpandArgs::expert_offsets where the backend reads it (on the device for CUDA).
+inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const int64_t* announced,
+                                     Allocator& alloc) {
+  ExpandPlanWork w;
+  w.table = alloc.allocate(workers * (e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
+  w.starts = alloc.allocate((e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
+  w.status = alloc.allocate(int64_t(sizeof(int64_t)));
+  bodies::ExpandPlanArgs& a = w.args;
+  a.rows = e.rows;
+  a.num_rows = e.num_rows;
+  a.row_bytes = e.fmt.row_bytes;
+  a.meta_offset = e.fmt.meta_offset;
+  a.topk = e.topk;
+  a.experts = e.experts_per_rank;
+  a.row_order = e.row_order;
+  a.split = bodies::WorkSplit{e.num_rows, workers};
+  a.table = w.table.as<int64_t>();
+  a.starts = w.starts.as<int64_t>();
+  a.announced = announced;
+  a.status = w.status.as<int64_t>();
+  a.row_map = e.row_map;
+  a.slot_weights = e.slot_weights;
+  a.recv_weights = e.recv_weights;
+  return w;
+}
+
+}  // namespace engine
+}  // namespace moe_comm

@@ -1,0 +1,231 @@
+// The two plans of a dispatch, written once for both backends: where each token goes on the
+// sender (send plan) and where each arrived row lands on the receiver (expand plan).
+//
+// Both hand out positions by counting, in passes separated by a barrier (a grid-wide sync in
+// one cooperative CUDA launch, kernels/plan.cu; plain sequence on the CPU, cpu/cpu_device.cpp):
+//   1. count:   the items are split into `workers` contiguous chunks; each worker counts its
+//               chunk's items per bucket into its row of a [workers, buckets] table;
+//   2. columns: a scan down each bucket's column turns the counts into each worker's first
+//               index inside the bucket, and gives the bucket's total;
+//   3. starts:  one worker turns the totals into each bucket's start (an exclusive scan);
+//   4. fill:    each worker walks its chunk again, handing out positions in item order.
+// The result is the same for any number of workers (the CPU tests vary it, the GPU picks it for
+// occupancy), so the GPU's positions are the ones the CPU suite checks.
+#pragma once
+
+#include <cstdint>
+
+#include "../../core/hd.h"
+#include "../../core/row_format.h"
+#include "layout.h"
+
+namespace moe_comm {
+namespace bodies {
+
+// `items` split into `workers` contiguous chunks (the last ones may be empty).
+struct WorkSplit {
+  int64_t items = 0;
+  int64_t workers = 1;
+
+  MOE_HD int64_t chunk() const { return (items + workers - 1) / workers; }
+  MOE_HD int64_t begin(int64_t w) const { return w * chunk() < items ? w * chunk() : items; }
+  MOE_HD int64_t end(int64_t w) const { return (w + 1) * chunk() < items ? (w + 1) * chunk() : items; }
+};
+
+// Counters the GPU's workers share (a total over tokens): atomic there, plain on the CPU, where
+// one thread runs every worker.
+MOE_HD void add_count(int64_t* counter, int64_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(reinterpret_cast<unsigned long long*>(counter), static_cast<unsigned long long>(value));
+#else
+  *counter += value;
+#endif
+}
+
+// Column c of a [workers, columns] table of counts becomes the exclusive prefix down the
+// column (each worker's first index in bucket c). Returns the column's total.
+MOE_HD int64_t scan_column(int64_t* table, int64_t workers, int64_t columns, int64_t c) {
+  int64_t running = 0;
+  for (int64_t w = 0; w < workers; ++w) {
+    const int64_t count = table[w * columns + c];
+    table[w * columns + c] = running;
+    running += count;
+  }
+  return running;
+}
+
+// starts[b] = totals[0] + ... + totals[b - 1] for b in [0, n]; starts may be totals.
+MOE_HD void scan_starts(const int64_t* totals, int64_t n, int64_t* starts) {
+  int64_t running = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t total = totals[b];
+    starts[b] = running;
+    running += total;
+  }
+  starts[n] = running;
+}
+
+// ---- send plan: tokens -> rank-major send slots, ascending token inside a destination ------
+
+struct SendPlanArgs {
+  const int64_t* topk_idx = nullptr;  // [num_tokens, topk]; outside [0, E) counts as masked
+  int64_t num_tokens = 0, topk = 0, num_experts = 0, num_dests = 0;
+  WorkSplit split;                    // over tokens
+  int64_t* table = nullptr;           // [workers, num_dests + 1] scratch; last column: bad rows
+  int64_t bad_code = 0;               // *status when some row breaks a routing rule
+  int64_t* status = nullptr;          // [1]
+  int64_t* rows_per_dest = nullptr;   // [num_dests]: distinct tokens per destination
+  // Null from here on: counts only (the hierarchical forward counts).
+  int64_t* send_offsets = nullptr;    // [num_dests + 1]
+  int64_t* pairs_per_expert = nullptr;  // [num_experts]
+  int64_t* send_token = nullptr;      // [send slots]: the token of each slot
+  int64_t* pair_slot = nullptr;       // [num_tokens, topk]: slot of (t, k), -1 masked
+  int64_t* first_slot = nullptr;      // the same on each destination's first slot only
+
+  MOE_HD int64_t columns() const { return num_dests + 1; }
+  MOE_HD int64_t experts_per_dest() const { return num_experts / num_dests; }
+  MOE_HD bool counts_only() const { return send_token == nullptr; }
+};
+
+MOE_HD void send_plan_count(const SendPlanArgs& a, int64_t w) {
+  int64_t* mine = a.table + w * a.columns();
+  for (int64_t c = 0; c < a.columns(); ++c) mine[c] = 0;
+  const int64_t per_dest = a.experts_per_dest();
+  for (int64_t t = a.split.begin(w); t < a.split.end(w); ++t) {
+    const int64_t* row = a.topk_idx + t * a.topk;
+    if (routing_row_bad(row, a.topk, a.num_experts)) ++mine[a.num_dests];
+    for (int64_t k = 0; k < a.topk; ++k) {
+      if (valid_expert(row[k], a.num_experts) && first_to_dest(row, k, a.num_experts, per_dest)) {
+        ++mine[row[k] / per_dest];
+      }
+    }
+  }
+}
+
+// One column per call, for c in [0, max(num_dests + 1, num_experts)).
+MOE_HD void send_plan_column(const SendPlanArgs& a, int64_t c) {
+  if (c <= a.num_dests) {
+    const int64_t total = scan_column(a.table, a.split.workers, a.columns(), c);
+    if (c < a.num_dests) {
+      a.rows_per_dest[c] = total;
+    } else if (a.status) {
+      *a.status = total ? a.bad_code : 0;
+    }
+  }
+  if (a.pairs_per_expert && c < a.num_experts) a.pairs_per_expert[c] = 0;  // counted in fill
+}
+
+// How many send_plan_column calls a plan takes.
+MOE_HD int64_t send_plan_column_count(const SendPlanArgs& a) {
+  return a.num_dests + 1 > a.num_experts ? a.num_dests + 1 : a.num_experts;
+}
+
+MOE_HD void send_plan_starts(const SendPlanArgs& a) { scan_starts(a.rows_per_dest, a.num_dests, a.send_offsets); }
+
+MOE_HD void send_plan_fill(const SendPlanArgs& a, int64_t w) {
+  int64_t* cursor = a.table + w * a.columns();  // this worker's next slot per destination
+  for (int64_t d = 0; d < a.num_dests; ++d) cursor[d] += a.send_offsets[d];
+  const int64_t per_dest = a.experts_per_dest();
+  for (int64_t t = a.split.begin(w); t < a.split.end(w); ++t) {
+    const int64_t* row = a.topk_idx + t * a.topk;
+    int64_t* pair_slot = a.pair_slot + t * a.topk;
+    int64_t* first_slot = a.first_slot + t * a.topk;
+    for (int64_t k = 0; k < a.topk; ++k) {
+      const int64_t e = row[k];
+      if (!valid_expert(e, a.num_experts)) {
+        pair_slot[k] = first_slot[k] = -1;
+        continue;
+      }
+      add_count(&a.pairs_per_expert[e], 1);
+      const int64_t dest = e / per_dest;
+      if (first_to_dest(row, k, a.num_experts, per_dest)) {
+        const int64_t slot = cursor[dest]++;
+        a.send_token[slot] = t;
+        pair_slot[k] = first_slot[k] = slot;
+        continue;
+      }
+      first_slot[k] = -1;
+      for (int64_t j = 0; j < k; ++j) {  // the slot the token already has for this destination
+        if (valid_expert(row[j], a.num_experts) && row[j] / per_dest == dest) {
+          pair_slot[k] = pair_slot[j];
+          break;
+        }
+      }
+    }
+  }
+}
+
+// ---- expand plan: arrived rows -> expert-major output rows, (source rank, token) order -----
+
+struct ExpandPlanArgs {
+  const uint8_t* rows = nullptr;       // [num_rows, row_bytes] with SlotMeta at meta_offset
+  int64_t num_rows = 0, row_bytes = 0, meta_offset = 0, topk = 0;
+  int64_t experts = 0;                 // local experts
+  const int64_t* row_order = nullptr;  // [num_rows]: the n-th row in API order; null: arrival
+  WorkSplit split;                     // over rows in API order
+  int64_t* table = nullptr;            // [workers, experts + 1] scratch; last column: bad slots
+  int64_t* starts = nullptr;           // [experts + 1]: each expert's first output row
+  const int64_t* announced = nullptr;  // [experts + 1]: the starts the headers announced
+  int64_t* status = nullptr;           // [1]: 1 when what arrived is not what was announced
+  int64_t* row_map = nullptr;          // [num_rows, topk] in arrival order: output row, -1 none
+  float* slot_weights = nullptr;       // [num_rows, topk]
+  float* recv_weights = nullptr;       // [announced[experts]]
+
+  MOE_HD int64_t columns() const { return experts + 1; }
+  MOE_HD int64_t row(int64_t n) const { return row_order ? row_order[n] : n; }
+  MOE_HD SlotMeta meta(int64_t row, int64_t k) const {
+    return reinterpret_cast<const SlotMeta*>(rows + row * row_bytes + meta_offset)[k];
+  }
+};
+
+MOE_HD void expand_plan_count(const ExpandPlanArgs& a, int64_t w) {
+  int64_t* mine = a.table + w * a.columns();
+  for (int64_t c = 0; c < a.columns(); ++c) mine[c] = 0;
+  for (int64_t n = a.split.begin(w); n < a.split.end(w); ++n) {
+    const int64_t row = a.row(n);
+    for (int64_t k = 0; k < a.topk; ++k) {
+      const int64_t e = a.meta(row, k).local_expert;
+      if (e >= 0) ++mine[e < a.experts ? e : a.experts];
+    }
+  }
+}
+
+// One column per call, for c in [0, experts]; starts[c] holds the total until expand_plan_starts.
+MOE_HD void expand_plan_column(const ExpandPlanArgs& a, int64_t c) {
+  a.starts[c] = scan_column(a.table, a.split.workers, a.columns(), c);
+}
+
+MOE_HD void expand_plan_starts(const ExpandPlanArgs& a) {
+  const int64_t bad = a.starts[a.experts];
+  scan_starts(a.starts, a.experts, a.starts);  // in place
+  // Rows are only placed where the headers said (the outputs were sized from them): a local
+  // expert id out of range or a count that disagrees places nothing.
+  bool agrees = bad == 0;
+  for (int64_t e = 0; e <= a.experts && agrees && a.announced; ++e) agrees = a.starts[e] == a.announced[e];
+  *a.status = agrees ? 0 : 1;
+}
+
+MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
+  int64_t* cursor = a.table + w * a.columns();
+  for (int64_t e = 0; e < a.experts; ++e) cursor[e] += a.starts[e];
+  const bool place = *a.status == 0;
+  for (int64_t n = a.split.begin(w); n < a.split.end(w); ++n) {
+    const int64_t row = a.row(n);
+    for (int64_t k = 0; k < a.topk; ++k) {
+      const SlotMeta m = a.meta(row, k);
+      const int64_t at = row * a.topk + k;
+      if (!place || m.local_expert < 0 || m.local_expert >= a.experts) {
+        a.row_map[at] = -1;
+        a.slot_weights[at] = 0.0f;
+        continue;
+      }
+      const int64_t out = cursor[m.local_expert]++;
+      a.row_map[at] = out;
+      a.slot_weights[at] = m.weight;
+      a.recv_weights[out] = m.weight;
+    }
+  }
+}
+
+}  // namespace bodies
+}  // namespace moe_comm
