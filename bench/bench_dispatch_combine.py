@@ -32,6 +32,9 @@ from timing import sample_seconds  # noqa: E402
 import moe_comm  # noqa: E402
 from moe_comm.launch import init_distributed  # noqa: E402
 from moe_comm.plan import link_rows  # noqa: E402
+from moe_comm.validation import expert_capacity  # noqa: E402
+
+C = moe_comm.C
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +98,10 @@ def parse_args(argv=None):
                         "on CPU, a host all-reduce first on CUDA)")
     p.add_argument("--cpu-transport", choices=["auto", "shm", "gloo"], default="auto",
                    help="Buffer(cpu_transport=...): how CPU ranks exchange rows (shm: shared memory of one host)")
+    p.add_argument("--capacity-factor", type=float,
+                   help="expert capacity: each expert keeps at most ceil(f * T * K / E) of a rank's pairs")
+    p.add_argument("--drop-policy", choices=["probs", "position"], default="probs",
+                   help="which pairs an expert keeps past its capacity (with --capacity-factor)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per op")
     p.add_argument("--iters", type=int, default=30, help="timed calls per op")
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -294,11 +301,26 @@ def timed(fn, args, group, device):
     return t.tolist()
 
 
-def check_against_baseline(x, idx, weights, buf, experts):
-    """Same results first: the baseline is only a baseline if it computes the same thing.
-    -> (moe_comm's dispatch results, the baseline's)."""
-    ours = moe_comm.dispatch(x, idx, weights, buf)
-    theirs = baseline.dispatch(x, idx, weights, experts)
+def capacity_kwargs(args):
+    return dict(capacity_factor=args.capacity_factor, drop_policy=args.drop_policy)
+
+
+def kept_routing(args, idx, weights):
+    """The routing capacity leaves (the baseline gets it as its input: its time does not include
+    choosing what to drop; moe_comm's does). -> kept idx, pairs dropped on this rank."""
+    if args.capacity_factor is None:
+        return idx, 0
+    capacity = expert_capacity(args.capacity_factor, idx.shape[0], idx.shape[1], args.experts)
+    stream = torch.cuda.current_stream().cuda_stream if idx.is_cuda else 0
+    kept, dropped = C.drop_by_capacity(idx, weights, args.experts, capacity, args.drop_policy == "probs", stream)
+    return kept, int(dropped)
+
+
+def check_against_baseline(x, idx, kept, weights, buf, experts, args):
+    """Same results first: the baseline is only a baseline if it computes the same thing (with
+    capacity: the baseline dispatches the kept routing). -> (moe_comm's results, the baseline's)."""
+    ours = moe_comm.dispatch(x, idx, weights, buf, **capacity_kwargs(args))
+    theirs = baseline.dispatch(x, kept, weights, experts)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]), "baseline disagrees"
     y_ours = moe_comm.combine(ours[0], ours[3], weights)
     y_theirs = baseline.combine(theirs[0], theirs[3])
@@ -306,25 +328,25 @@ def check_against_baseline(x, idx, weights, buf, experts):
     return ours, theirs
 
 
-def make_ops(x, idx, weights, buf, experts, ours, theirs):
+def make_ops(x, idx, kept, weights, buf, experts, ours, theirs, args):
     def ours_roundtrip():
         xg = x.detach().requires_grad_()
-        recv_x, recv_w, counts, handle = moe_comm.dispatch(xg, idx, weights, buf)
+        recv_x, recv_w, counts, handle = moe_comm.dispatch(xg, idx, weights, buf, **capacity_kwargs(args))
         moe_comm.combine(recv_x * 2, handle, weights).float().sum().backward()
 
     def theirs_roundtrip():
         xg = x.detach().requires_grad_()
-        recv_x, recv_w, counts, handle = baseline.dispatch(xg, idx, weights, experts, differentiable=True)
+        recv_x, recv_w, counts, handle = baseline.dispatch(xg, kept, weights, experts, differentiable=True)
         baseline.combine(recv_x * 2, handle, differentiable=True).float().sum().backward()
 
     return {
         "moe_comm": {
-            "dispatch": lambda: moe_comm.dispatch(x, idx, weights, buf),
+            "dispatch": lambda: moe_comm.dispatch(x, idx, weights, buf, **capacity_kwargs(args)),
             "combine": lambda: moe_comm.combine(ours[0], ours[3], weights),
             "roundtrip": ours_roundtrip,
         },
         "torch_baseline": {
-            "dispatch": lambda: baseline.dispatch(x, idx, weights, experts),
+            "dispatch": lambda: baseline.dispatch(x, kept, weights, experts),
             "combine": lambda: baseline.combine(theirs[0], theirs[3]),
             "roundtrip": theirs_roundtrip,
         },
@@ -369,18 +391,22 @@ def measure(args, buf, world):
     """Checks moe_comm against the baseline, then times both. -> records (one per impl x op)."""
     x, idx, weights = make_routing(args, buf.rank, buf.topology.num_nodes, buf.device)
     progress(buf.rank, f"[bench] tokens {args.tokens}: checking moe_comm against the baseline ...")
-    ours, theirs = check_against_baseline(x, idx, weights, buf, args.experts)
+    kept, dropped = kept_routing(args, idx, weights)
+    ours, theirs = check_against_baseline(x, idx, kept, weights, buf, args.experts, args)
+    assert ours[3].stats["pairs_dropped"] == dropped
+    dropped, routed = _sum_over_ranks([dropped, int((idx >= 0).sum())], buf)
     row_bytes = args.hidden * x.element_size()
-    wire = {"moe_comm": moe_comm_wire_bytes(idx, buf, row_bytes),
+    wire = {"moe_comm": moe_comm_wire_bytes(kept, buf, row_bytes),
             "torch_baseline": baseline_wire_bytes(theirs[3], buf, row_bytes)}
-    logical = logical_bytes(idx, buf, row_bytes)
+    logical = logical_bytes(kept, buf, row_bytes)
     records = []
-    for impl, by_op in make_ops(x, idx, weights, buf, args.experts, ours, theirs).items():
+    for impl, by_op in make_ops(x, idx, kept, weights, buf, args.experts, ours, theirs, args).items():
         for op, fn in by_op.items():
             progress(buf.rank, f"[bench] tokens {args.tokens}: {impl} {op} ...", end="")
             s = sorted(timed(fn, args, buf.group, buf.device))
             progress(buf.rank, f" {statistics.median(s) * 1e3:.2f} ms")
             records.append(make_record(args, buf, world, impl, op, s, wire[impl], logical))
+            records[-1]["drop_rate"] = dropped / routed if routed else 0.0
     base = {r["op"]: r["median_us"] for r in records if r["impl"] == "torch_baseline"}
     memory = peak_memory(buf)
     for r in records:
@@ -450,6 +476,14 @@ def print_bytes(records):
             print(f"  {label:<62} {fmt_bytes(r[key + '_intra']):>12} {fmt_bytes(r[key + '_inter']):>12}")
 
 
+def capacity_note(args, records) -> str:
+    if args.capacity_factor is None:
+        return ""
+    rates = sorted({round(r["drop_rate"], 4) for r in records})
+    return (f", capacity factor {args.capacity_factor:g} ({args.drop_policy}): "
+            f"{', '.join(f'{100 * x:.1f}%' for x in rates)} of pairs dropped")
+
+
 def report(args, buf, world, records):
     """Prints a table per token count on rank 0 and writes --json."""
     if buf.rank != 0:
@@ -463,7 +497,8 @@ def report(args, buf, world, records):
           f"{f' ({buf.cpu_transport} wire)' if buf.cpu_transport else ''}, "
           f"{topo.num_nodes}x{topo.ranks_per_node} nodes x ranks{', hierarchical' if buf.hierarchical else ''}"
           f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}"
-          f"{', no combine status' if args.no_combine_status else ''}, "
+          f"{', no combine status' if args.no_combine_status else ''}"
+          f"{capacity_note(args, records)}, "
           f"{args.iters} iters (slowest rank per iter)")
     print_table(records)
     print_bytes(records)

@@ -24,11 +24,15 @@ class MoELayer(nn.Module):
     kept in `self.aux_loss` (add it to your loss).
     bias_update_rate: DeepSeek-V3 bias balancing: after each training forward, every expert's
     selection bias moves by rate * sign(mean load - its load), loads counted over the group.
+    capacity_factor, drop_policy: expert capacity, as in dispatch (None: no dropping; a dropped
+    pair contributes nothing, the residual stream carries the token). `self.drop_rate` is the
+    fraction of this rank's routed pairs dropped in the last forward.
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, topk: int, buffer, *,
                  score_func: str = "softmax", max_nodes: Optional[int] = None, normalize: bool = False,
-                 scaling_factor: float = 1.0, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0):
+                 scaling_factor: float = 1.0, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
+                 capacity_factor: Optional[float] = None, drop_policy: str = "probs"):
         super().__init__()
         if num_experts != buffer.num_experts:
             raise ValueError(f"num_experts: {num_experts} but the Buffer was built for {buffer.num_experts}")
@@ -37,6 +41,8 @@ class MoELayer(nn.Module):
         self.score_func, self.max_nodes = score_func, max_nodes
         self.normalize, self.scaling_factor = normalize, scaling_factor
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.drop_rate = 0.0
         local = buffer.experts_per_rank
         self.first_expert = buffer.rank * local
         self.router = nn.Linear(hidden, num_experts, bias=False)
@@ -72,8 +78,12 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, weights, probs = self.route(x)
-        recv_x, _, tokens_per_expert, handle = dispatch(x, idx, weights, self.buffer)
+        recv_x, _, tokens_per_expert, handle = dispatch(x, idx, weights, self.buffer,
+                                                        capacity_factor=self.capacity_factor,
+                                                        drop_policy=self.drop_policy)
         y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
+        routed = int((idx >= 0).sum())
+        self.drop_rate = handle.stats["pairs_dropped"] / routed if routed else 0.0
         load = torch.bincount(idx[idx >= 0], minlength=self.num_experts)
         self.aux_loss = self._aux_loss(load, probs) if self.aux_loss_coef else probs.new_zeros(())
         if self.buffer.world_size > 1:

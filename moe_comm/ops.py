@@ -23,19 +23,24 @@ from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_pr
 from .handle import DispatchHandle, version_of
 from .roll_call import post_reason
 from .streams import stream_of
-from .validation import CODE_OF, check_combine_inputs, check_dispatch_inputs
+from .validation import (CODE_OF, check_capacity_arguments, check_combine_inputs, check_dispatch_inputs,
+                         expert_capacity)
 
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
 
 
-def _dispatch_forward(x, topk_idx, topk_weights, buffer):
+def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy):
     buffer.begin_call("dispatch")
-    rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
+    rejected = (check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
+                or check_capacity_arguments(capacity_factor, drop_policy, topk_weights))
     code = CODE_OF[rejected.argument] if rejected is not None else 0
     weights = topk_weights.detach() if (topk_weights is not None and not code) else None
+    capacity = -1
+    if capacity_factor is not None and not code:
+        capacity = expert_capacity(capacity_factor, x.shape[0], topk_idx.shape[1], buffer.num_experts)
     problem, routing, recv_x, recv_weights, counts, layout = call_engine(
         buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,
-        stream_of(buffer.device))
+        stream_of(buffer.device), capacity, drop_policy == "probs")
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     handle = DispatchHandle(
@@ -47,8 +52,9 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer):
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_idx, buffer):
-        recv_x, recv_weights, tokens_per_expert, handle = _dispatch_forward(x, topk_idx, topk_weights, buffer)
+    def forward(ctx, x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy):
+        recv_x, recv_weights, tokens_per_expert, handle = _dispatch_forward(x, topk_idx, topk_weights, buffer,
+                                                                            capacity_factor, drop_policy)
         ctx.handle = handle
         ctx.mark_non_differentiable(tokens_per_expert)
         return recv_x, recv_weights, tokens_per_expert, handle
@@ -62,7 +68,7 @@ class _Dispatch(torch.autograd.Function):
         want_w = ctx.needs_input_grad[1]
         grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
                                      grad_recv_weights.contiguous() if want_w else None, stream_of(h.buffer.device))
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -125,16 +131,21 @@ def _views_dispatch_weights(topk_weights, handle: DispatchHandle) -> bool:
             and topk_weights.untyped_storage().data_ptr() == mine.untyped_storage().data_ptr())
 
 
-def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer):
+def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer,
+             capacity_factor: Optional[float] = None, drop_policy: str = "probs"):
     """Sends each token once to every rank owning one of its experts (hierarchical: once to
     each destination node, then inside it); expands it there to one row per local expert.
 
     x [T, H] float32/bfloat16/float16; topk_idx [T, K] int64/int32 in [-1, E) (-1 = unused);
     topk_weights [T, K] float32 or None.
+    capacity_factor: each expert keeps at most C = ceil(capacity_factor * T * K / E) of this
+    rank's (token, expert) pairs, chosen by drop_policy: "probs" the largest weights (ties: the
+    lower token), "position" the first tokens. Dropped pairs are never sent; combine gives them
+    nothing and their weights a zero gradient; handle.stats["pairs_dropped"] counts them.
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU), handle.
     """
-    return _Dispatch.apply(x, topk_weights, topk_idx, buffer)
+    return _Dispatch.apply(x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy)
 
 
 def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None):

@@ -8,6 +8,7 @@ of a whole expert-parallel step. Never used by the fast paths.
 tensors with torch.distributed object collectives (slow; for tests and debugging).
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -33,6 +34,25 @@ def _owner_layout(topk_idxs: Sequence[torch.Tensor], num_experts: int, world_siz
             experts.append(blocks)
         layout.append(experts)
     return layout
+
+
+def drop_by_capacity(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], num_experts: int,
+                     capacity_factor: float, drop_policy: str = "probs") -> torch.Tensor:
+    """One rank's routing after expert capacity (API.md: Capacity): each expert keeps at most
+    C = ceil(capacity_factor * T * K / E) of its pairs, the largest weights ("probs", ties to
+    the lower token) or the first tokens ("position"); the others become -1."""
+    T, K = topk_idx.shape
+    capacity = math.ceil(capacity_factor * T * K / num_experts)
+    kept = topk_idx.to(torch.int64).clone()
+    for e in range(num_experts):
+        tokens, slots = (kept == e).nonzero(as_tuple=True)  # ascending token
+        if drop_policy == "probs":
+            order = sorted(range(len(tokens)), key=lambda i: (-float(topk_weights[tokens[i], slots[i]]), int(tokens[i])))
+        else:
+            order = list(range(len(tokens)))
+        for i in order[capacity:]:
+            kept[tokens[i], slots[i]] = -1
+    return kept
 
 
 def dispatch_all(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],

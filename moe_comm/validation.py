@@ -9,6 +9,7 @@ The values of topk_idx (range, repeats) are checked where they live, by the engi
 rank whose routing is bad then names the slot (`routing_error`).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -17,8 +18,9 @@ from ._native import C
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Codes carried in the header exchange: which argument a rank rejected (agreement.py adds 4).
-ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights"}
+# Header status codes of dispatch's arguments (4 is a disagreement: csrc/engine/header.h).
+ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights", 5: "capacity_factor", 6: "drop_policy"}
+DROP_POLICIES = ("probs", "position")
 CODE_OF = {name: code for code, name in ARGUMENT_CODES.items() if name}
 
 
@@ -84,6 +86,28 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Op
         if problem:
             return problem
     return None
+
+
+def check_capacity_arguments(capacity_factor, drop_policy, topk_weights) -> Optional[InputError]:
+    """dispatch's capacity arguments (host facts); None when fine or capacity is off."""
+    if drop_policy not in DROP_POLICIES:
+        return _value_error("drop_policy", f"must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    if capacity_factor is None:
+        return None
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        return _type_error("capacity_factor", f"must be a number or None, got {type(capacity_factor).__name__}")
+    if not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        return _value_error("capacity_factor", f"must be a finite number > 0, got {capacity_factor!r}")
+    if drop_policy == "probs" and topk_weights is None:
+        return _value_error("drop_policy", "'probs' keeps the largest topk_weights, and none were given; "
+                                           "pass topk_weights or drop_policy='position'")
+    return None
+
+
+def expert_capacity(capacity_factor: float, tokens: int, topk: int, num_experts: int) -> int:
+    """C = ceil(capacity_factor * tokens * topk / num_experts): the (token, expert) pairs of this
+    rank each expert keeps (API.md: Capacity)."""
+    return math.ceil(capacity_factor * tokens * topk / num_experts)
 
 
 def routing_error(kind: int, token: int, slot: int, value: int, num_experts: int) -> Optional[InputError]:

@@ -28,17 +28,22 @@ def _data(step, rank):
     return torch.randn(tokens, H, generator=gen), torch.randn(tokens, H, generator=gen)
 
 
-def _dense_step(p, expert_bias, x, target, total, cfg):
-    """One process, every expert: route (the reference router), run each expert on its tokens,
-    weighted sum, squared error. -> loss, global expert load."""
+def _dense_step(p, expert_bias, x, target, total, cfg, sizes):
+    """One process, every expert: route (the reference router), drop by each rank's capacity
+    (sizes: tokens per rank), run each expert on its tokens, weighted sum, squared error.
+    -> loss, global expert load (before dropping)."""
     logits = x @ p["router"].T
     nodes = cfg["nodes"] if cfg["max_nodes"] else 1
     idx, w = reference.node_limited_topk(logits, K, nodes, min(cfg["max_nodes"] or 1, nodes),
                                          score_func=cfg["score_func"], normalize=cfg["normalize"],
                                          bias=expert_bias if cfg["bias_rate"] else None)
+    kept = idx
+    if cfg.get("capacity"):
+        kept = torch.cat([reference.drop_by_capacity(i, ww.detach(), E, cfg["capacity"], cfg["policy"])
+                          for i, ww in zip(idx.split(sizes), w.split(sizes))])
     y = torch.zeros_like(x)
     for e in range(E):
-        token, slot = (idx == e).nonzero(as_tuple=True)
+        token, slot = (kept == e).nonzero(as_tuple=True)
         rows = x[token]
         out = (torch.nn.functional.silu(rows @ p["w_gate"][e]) * (rows @ p["w_up"][e])) @ p["w_down"][e]
         y = y.index_add(0, token, w[token, slot].unsqueeze(1) * out)
@@ -48,7 +53,8 @@ def _dense_step(p, expert_bias, x, target, total, cfg):
 def _train_worker(rank, world_size, cfg):
     buf = moe_comm.Buffer(num_experts=E, ranks_per_node=cfg["ranks_per_node"])
     layer = MoELayer(H, F, E, K, buf, score_func=cfg["score_func"], max_nodes=cfg["max_nodes"],
-                     normalize=cfg["normalize"], bias_update_rate=cfg["bias_rate"])
+                     normalize=cfg["normalize"], bias_update_rate=cfg["bias_rate"],
+                     capacity_factor=cfg.get("capacity"), drop_policy=cfg.get("policy", "probs"))
     full = _full_params(seed=5)
     local = slice(layer.first_expert, layer.first_expert + buf.experts_per_rank)
     with torch.no_grad():
@@ -62,6 +68,7 @@ def _train_worker(rank, world_size, cfg):
     dense_bias = torch.zeros(E)
     cfg = dict(cfg, nodes=buf.topology.num_nodes)
 
+    dropped = []
     for step in range(STEPS):
         data = [_data(step, r) for r in range(world_size)]
         total = sum(x.shape[0] for x, _ in data) * H
@@ -77,7 +84,8 @@ def _train_worker(rank, world_size, cfg):
         dense_opt.zero_grad()
         all_x = torch.cat([d[0] for d in data])
         all_t = torch.cat([d[1] for d in data])
-        dense_loss, dense_load = _dense_step(dense, dense_bias, all_x, all_t, total, cfg)
+        dense_loss, dense_load = _dense_step(dense, dense_bias, all_x, all_t, total, cfg,
+                                             [d[0].shape[0] for d in data])
         dense_loss.backward()
         dense_opt.step()
         if cfg["bias_rate"]:
@@ -92,13 +100,21 @@ def _train_worker(rank, world_size, cfg):
         for name in ("w_gate", "w_up", "w_down"):
             torch.testing.assert_close(getattr(layer, name), dense[name][local], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"step {step} {name}: {m}")
+        if cfg.get("capacity"):
+            dropped.append(layer.drop_rate)
+    assert not cfg.get("capacity") or max(dropped) > 0 or rank == 1  # rank 1 has no tokens
     return float(global_loss)
 
 
 @pytest.mark.parametrize("cfg", [
     dict(ranks_per_node=4, score_func="softmax", max_nodes=None, normalize=False, bias_rate=0.0),
     dict(ranks_per_node=2, score_func="sigmoid", max_nodes=1, normalize=True, bias_rate=0.01),
-], ids=["flat-softmax-topk", "2x2-hierarchical-sigmoid-node-limited-bias"])
+    dict(ranks_per_node=4, score_func="softmax", max_nodes=None, normalize=False, bias_rate=0.0, capacity=0.5,
+         policy="probs"),
+    dict(ranks_per_node=2, score_func="sigmoid", max_nodes=None, normalize=True, bias_rate=0.0, capacity=0.75,
+         policy="position"),
+], ids=["flat-softmax-topk", "2x2-hierarchical-sigmoid-node-limited-bias", "flat-capacity-probs",
+        "2x2-hierarchical-capacity-position"])
 def test_expert_parallel_training_equals_single_process(cfg):
     losses = run_distributed(4, _train_worker, cfg)
     assert len(set(losses)) == 1  # every rank saw the same global loss

@@ -108,8 +108,10 @@ class PyEngine {
 
   // -> (problem (code, rank, seen_by, field, mine, theirs), routing (kind, token, slot, value),
   //     recv_x, recv_weights, tokens_per_expert, layout) ; outputs None when a problem was agreed.
+  // capacity: -1 none, else pairs each expert keeps of this rank's (by_weight: the largest).
   py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
-                     const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream) {
+                     const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream,
+                     int64_t capacity, bool by_weight) {
     Tensor xk, idx, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -120,10 +122,17 @@ class PyEngine {
       topk = idx.size(1);
       w = weights_of(topk_weights, wk);
     }
+    engine::Capacity cap;
+    if (capacity >= 0) {
+      MOE_HOST_ASSERT(!by_weight || w, "drop_policy 'probs' needs topk_weights");
+      cap = engine::Capacity{capacity, by_weight, w};
+    }
     engine::DispatchResult r;
     {
       py::gil_scoped_release release;
-      r = guarded(stream, [&] { return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected); });
+      r = guarded(stream, [&] {
+        return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected, cap);
+      });
     }
     const auto& p = r.problem;
     py::tuple problem = py::make_tuple(p.code, p.rank, p.seen_by, p.field, p.mine, p.theirs);
@@ -323,6 +332,7 @@ void register_engine_ops(py::module_& m) {
         d["rows_sent_inter_node"] = l.stats.rows_inter;
         d["bytes_sent_intra_node"] = l.stats.bytes_intra;
         d["bytes_sent_inter_node"] = l.stats.bytes_inter;
+        d["pairs_dropped"] = l.stats.pairs_dropped;
         return d;
       })
       .def_property_readonly("counters", [](const DispatchLayout& l) { return counters_dict(l.counters); });

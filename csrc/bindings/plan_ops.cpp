@@ -54,7 +54,7 @@ SendPlan plan_send(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
   return on_backend(topk_idx.device(), stream, "topk_idx", [&](engine::Device& device) {
     TorchAllocator alloc(topk_idx.device());
     engine::StagePlan plan;
-    device.plan_send(r, alloc, plan);
+    device.plan_send(r, engine::Capacity{}, alloc, plan);
     const int64_t slots = plan.send_token.bytes / int64_t(sizeof(int64_t));
     return SendPlan{as_tensor(plan.rows_per_dest, torch::kInt64, {num_ranks}),
                     as_tensor(plan.pairs_per_expert, torch::kInt64, {num_experts}),
@@ -62,6 +62,23 @@ SendPlan plan_send(const Tensor& topk_idx, int64_t num_experts, int64_t num_rank
                     as_tensor(plan.send_token, torch::kInt64, {slots}),
                     as_tensor(plan.pair_slot, torch::kInt64, {r.num_tokens, r.topk}),
                     as_tensor(plan.first_slot, torch::kInt64, {r.num_tokens, r.topk})};
+  });
+}
+
+// -> kept_idx [T, K] (pairs past `capacity` per expert as -1), dropped [1], on topk_idx's
+//    device: the capacity passes of the send plan (by_weight: the largest weights stay).
+std::tuple<Tensor, Tensor> drop_by_capacity(const Tensor& topk_idx, const std::optional<Tensor>& weights,
+                                            int64_t num_experts, int64_t capacity, bool by_weight, int64_t stream) {
+  const Routing r = routing_of(topk_idx, num_experts, 1, topk_idx.device());
+  MOE_HOST_ASSERT(capacity >= 0, "capacity must be >= 0, got " << capacity);
+  const float* w = optional_weights(weights, r.num_tokens, r.topk, "weights", topk_idx.device());
+  MOE_HOST_ASSERT(!by_weight || weights, "by_weight needs weights");
+  return on_backend(topk_idx.device(), stream, "topk_idx", [&](engine::Device& device) {
+    TorchAllocator alloc(topk_idx.device());
+    engine::StagePlan plan;
+    device.plan_send(r, engine::Capacity{capacity, by_weight, w}, alloc, plan);
+    return std::tuple<Tensor, Tensor>{as_tensor(plan.kept_idx, torch::kInt64, {r.num_tokens, r.topk}),
+                                      as_tensor(plan.dropped, torch::kInt64, {1})};
   });
 }
 
@@ -151,6 +168,8 @@ Expanded expand_rows(const Tensor& rows, int64_t hidden, c10::ScalarType dtype, 
 void register_plan_ops(py::module_& m) {
   m.def("plan_send", &plan_send, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),
         py::arg("stream") = 0);
+  m.def("drop_by_capacity", &drop_by_capacity, py::arg("topk_idx"), py::arg("weights"), py::arg("num_experts"),
+        py::arg("capacity"), py::arg("by_weight"), py::arg("stream") = 0);
   m.def("count_tokens", &count_tokens, py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"),
         py::arg("stream") = 0);
   m.def("expand_rows", &expand_rows, py::arg("rows"), py::arg("hidden"), py::arg("dtype"), py::arg("topk"),

@@ -26,9 +26,21 @@ void count_pass(const bodies::SendPlanArgs& a) {
 
 }  // namespace
 
-void CpuDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
+void CpuDevice::plan_send(const Routing& r, const engine::Capacity& capacity, engine::Allocator& alloc,
+                          engine::StagePlan& plan) {
   engine::SendPlanWork work = engine::prepare_send_plan(r, plan_workers(r.num_tokens), alloc, plan);
   bodies::SendPlanArgs& a = work.args;
+  if (capacity.on()) {
+    const engine::CapacityWork cw =
+        engine::prepare_capacity(r, capacity, plan_workers(r.num_tokens * r.topk), alloc, plan, a);
+    const bodies::CapacityArgs& c = cw.args;
+    for (int64_t w = 0; w < c.split.workers; ++w) bodies::capacity_count(c, w);
+    for (int64_t e = 0; e < c.num_experts; ++e) bodies::capacity_column(c, e);
+    bodies::capacity_starts(c);
+    for (int64_t w = 0; w < c.split.workers; ++w) bodies::capacity_group(c, w);
+    for (int64_t e = 0; e < c.num_experts; ++e) bodies::capacity_select(c, e);
+    for (int64_t w = 0; w < c.split.workers; ++w) bodies::capacity_keep(c, w);
+  }
   count_pass(a);
   bodies::send_plan_starts(a);
   plan.num_send = a.send_offsets[r.num_ranks];

@@ -10,7 +10,8 @@ namespace cpu {
 class CpuDevice final : public engine::Device {
  public:
   bool host_readable() const override { return true; }
-  void plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) override;
+  void plan_send(const Routing& r, const engine::Capacity& capacity, engine::Allocator& alloc,
+                 engine::StagePlan& plan) override;
   void count_tokens(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_rank) override;
   engine::Array upload(const void* host, int64_t bytes, engine::Allocator& alloc) override;
   void fill_header(const engine::HeaderFill& h) override;

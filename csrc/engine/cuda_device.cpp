@@ -34,19 +34,24 @@ uint8_t* CudaDevice::pinned(int64_t bytes) {
   return static_cast<uint8_t*>(pinned_);
 }
 
-void CudaDevice::plan_send(const Routing& r, engine::Allocator& alloc, engine::StagePlan& plan) {
+void CudaDevice::plan_send(const Routing& r, const engine::Capacity& capacity, engine::Allocator& alloc,
+                           engine::StagePlan& plan) {
   // Scratch freed on return: the caching allocator hands it out again only to work ordered
   // after this launch on the same stream.
   engine::SendPlanWork work = engine::prepare_send_plan(r, plan_workers(r.num_tokens), alloc, plan);
   // Room for every (token, destination): the header tells the host how many are used.
   plan.send_token = alloc.allocate(r.num_tokens * r.num_ranks * int64_t(sizeof(int64_t)));
   work.args.send_token = plan.send_token.as<int64_t>();
-  MOE_CUDA_CHECK(launch_send_plan(work.args, stream_));
+  engine::CapacityWork dropping;
+  if (capacity.on()) {
+    dropping = engine::prepare_capacity(r, capacity, plan_workers(r.num_tokens * r.topk), alloc, plan, work.args);
+  }
+  MOE_CUDA_CHECK(launch_send_plan(work.args, capacity.on() ? &dropping.args : nullptr, stream_));
 }
 
 void CudaDevice::count_tokens(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_rank) {
-  MOE_CUDA_CHECK(
-      launch_send_plan(engine::prepare_token_count(r, plan_workers(r.num_tokens), alloc, tokens_per_rank).args, stream_));
+  MOE_CUDA_CHECK(launch_send_plan(engine::prepare_token_count(r, plan_workers(r.num_tokens), alloc, tokens_per_rank).args,
+                                  nullptr, stream_));
 }
 
 engine::Array CudaDevice::upload(const void* host, int64_t bytes, engine::Allocator& alloc) {

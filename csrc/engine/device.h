@@ -30,7 +30,18 @@ struct StagePlan {
   Array send_token;       // [num_send] int64: input row of each send slot, destination-major
   Array pair_slot;        // [num_in, K] int64: send slot of (row, k), -1 masked
   Array first_slot;       // [num_in, K] int64: the same on each destination's first slot only
+  Array kept_idx;         // [num_in, K] int64: the routing after capacity dropped pairs (-1), or empty
+  Array dropped;          // [1] int64: pairs capacity dropped, or empty
   std::vector<int64_t> send_rows, recv_rows;  // per peer, from the header exchange
+};
+
+// Expert capacity on the sending rank: each expert keeps at most `capacity` of its pairs, the
+// largest weights (by_weight) or the first tokens; the rest are dropped before the plan.
+struct Capacity {
+  int64_t capacity = -1;  // -1: no capacity
+  bool by_weight = false;
+  const float* weights = nullptr;  // [T, K] where the routing lives; needed when by_weight
+  bool on() const { return capacity >= 0; }
 };
 
 // Receiver side of dispatch: arrived rows -> expert-major rows and the maps combine reuses.
@@ -72,7 +83,9 @@ class Device {
 
   // The send plan of one stage; allocates its arrays, and checks the routing into
   // plan.status on the way (an index out of range counts as masked; nothing is sent then).
-  virtual void plan_send(const Routing& r, Allocator& alloc, StagePlan& plan) = 0;
+  // With capacity on, pairs past it are dropped first (plan.kept_idx, plan.dropped), in the
+  // same launch.
+  virtual void plan_send(const Routing& r, const Capacity& capacity, Allocator& alloc, StagePlan& plan) = 0;
   // Headers, a row per thread (header.h bodies).
   virtual void fill_header(const HeaderFill& h) = 0;
   virtual void relay_header(const HeaderRelay& h) = 0;

@@ -159,7 +159,7 @@ void Engine::reduce_rows(const RowsIn& src, const int64_t* map, const float* wei
 // ---- dispatch -------------------------------------------------------------------------------
 
 Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
-                                 const int64_t* forward, Headers& h) {
+                                 const int64_t* forward, Headers& h, LinkStats& stats) {
   const StageSpec& first = stages_[0];
   if (stages_.size() == 1) {
     h.layouts = {HeaderLayout{1, 0, experts_per_rank_}};
@@ -216,6 +216,9 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
     copies.push_back({h.sent_on_device[j].data, h.sent[j].data(), count * int64_t(sizeof(int64_t))});
     copies.push_back({h.received_on_device[j].data, h.received[j].data(), count * int64_t(sizeof(int64_t))});
   }
+  if (!local.any() && plan0->dropped.data) {  // capacity's count rides in the same wait
+    copies.push_back({plan0->dropped.data, &stats.pairs_dropped, int64_t(sizeof(int64_t))});
+  }
   ++current_->host_waits;
   device_->download(copies, "dispatch/header");
   pending_used_ = pending_folded_ = 0;  // reported by this header, on every rank
@@ -244,7 +247,7 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
     if (j > 0) {
       Routing r{idx, rows.rows, topk, stage.size * stage.experts_per_dest, stage.size};
       launch();
-      device_->plan_send(r, *allocator_, plan);
+      device_->plan_send(r, Capacity{}, *allocator_, plan);
     }
     plan.send_rows = header_rows(h.sent[j], stage.size, h.layouts[j]);
     plan.recv_rows = header_rows(h.received[j], stage.size, h.layouts[j]);
@@ -281,7 +284,7 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
 }
 
 DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                                int64_t rejected) {
+                                int64_t rejected, const Capacity& capacity) {
   begin("dispatch");
   DispatchResult out;
   CallFacts call;
@@ -291,22 +294,24 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   auto layout = std::make_shared<DispatchLayout>();
   layout->plans.resize(stages_.size());
   Array forward;
+  const int64_t* routed = topk_idx;
   if (!local.any()) {
     call.hidden = x.cols;
     call.dtype = static_cast<int64_t>(x.dtype);
     call.topk = topk;
     launch();
-    device_->plan_send(Routing{topk_idx, x.rows, topk, num_experts_, stages_[0].size}, *allocator_,
+    device_->plan_send(Routing{topk_idx, x.rows, topk, num_experts_, stages_[0].size}, capacity, *allocator_,
                        layout->plans[0]);
+    if (capacity.on()) routed = layout->plans[0].kept_idx.as<int64_t>();  // what is sent from here on
     if (stages_.size() == 2) {  // rows each rail peer will forward to each rank of its node
       forward = allocate(world_size_ * int64_t(sizeof(int64_t)));
       launch();
-      device_->count_tokens(Routing{topk_idx, x.rows, topk, num_experts_, world_size_}, *allocator_,
+      device_->count_tokens(Routing{routed, x.rows, topk, num_experts_, world_size_}, *allocator_,
                             forward.as<int64_t>());
     }
   }
   Headers h;
-  out.problem = exchange_headers(call, local, &layout->plans[0], forward.as<int64_t>(), h);
+  out.problem = exchange_headers(call, local, &layout->plans[0], forward.as<int64_t>(), h, layout->stats);
   if (out.problem.any()) {
     if (!local.any() && out.problem.rank == rank_ && out.problem.code == kRoutingCode) {
       // This rank's own routing: find the slot to name (the error path may wait on the device).
@@ -317,7 +322,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
     return out;  // no token has moved, on any rank
   }
 
-  std::vector<uint8_t*> arrived = run_stages(x, topk_idx, topk, weights, h, *layout);
+  std::vector<uint8_t*> arrived = run_stages(x, routed, topk, weights, h, *layout);
 
   // The last header announced every arrival: outputs are sized without waiting on the device.
   const size_t last = stages_.size() - 1;

@@ -40,6 +40,7 @@ struct RowsIn {
 
 struct LinkStats {
   int64_t rows_intra = 0, rows_inter = 0, bytes_intra = 0, bytes_inter = 0;
+  int64_t pairs_dropped = 0;  // this rank's (token, expert) pairs capacity dropped
 };
 
 // Everything combine and the backwards reuse: the handle's native part.
@@ -82,8 +83,9 @@ class Engine {
   // x [T, H]; topk_idx [T, K] int64 (host-readable where the device is); weights [T, K] or
   // null. rejected: the argument code this rank's Python checks rejected (0: none); the rank
   // then joins the header exchange only, with zeros but num_experts.
+  // capacity: pairs past it are dropped on this rank before anything is sent.
   DispatchResult dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                          int64_t rejected);
+                          int64_t rejected, const Capacity& capacity);
 
   // expert_y [R, H] (ignored when this rank rejected its input, status_code > 0: zeros are sent);
   // weights [T, K] or null; reuse: they are dispatch's weights, already at the receivers.
@@ -113,7 +115,7 @@ class Engine {
  private:
   struct Headers;
   Problem exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
-                           const int64_t* forward, Headers& h);
+                           const int64_t* forward, Headers& h, LinkStats& stats);
   std::vector<uint8_t*> run_stages(const RowsIn& x, const int64_t* idx, int64_t topk, const float* weights,
                                    Headers& h, DispatchLayout& layout);
   // The reverse path: partials summed at every hop. -> y [T, H] in rows' dtype; scalars [T, K].

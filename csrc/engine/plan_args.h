@@ -52,6 +52,44 @@ inline SendPlanWork prepare_send_plan(const Routing& r, int64_t workers, Allocat
   return w;
 }
 
+struct CapacityWork {
+  bodies::CapacityArgs args;
+  Array table, starts, grouped, last_kept;  // scratch, as above
+};
+
+// Drops pairs past capacity into plan.kept_idx, and points the send plan at it (the rules are
+// still checked on the caller's routing).
+inline CapacityWork prepare_capacity(const Routing& r, const Capacity& c, int64_t workers, Allocator& alloc,
+                                     StagePlan& plan, bodies::SendPlanArgs& send) {
+  auto i64 = [&](int64_t n) { return alloc.allocate(n * int64_t(sizeof(int64_t))); };
+  const int64_t pairs = r.num_tokens * r.topk;
+  plan.kept_idx = i64(pairs);
+  plan.dropped = i64(1);
+  CapacityWork w;
+  w.table = i64(workers * r.num_experts);
+  w.starts = i64(r.num_experts + 1);
+  w.grouped = i64(pairs);
+  w.last_kept = i64(r.num_experts);
+  bodies::CapacityArgs& a = w.args;
+  a.topk_idx = r.topk_idx;
+  a.weights = c.weights;
+  a.num_tokens = r.num_tokens;
+  a.topk = r.topk;
+  a.num_experts = r.num_experts;
+  a.capacity = c.capacity;
+  a.by_weight = c.by_weight;
+  a.split = bodies::WorkSplit{pairs, workers};
+  a.table = w.table.as<int64_t>();
+  a.starts = w.starts.as<int64_t>();
+  a.grouped = w.grouped.as<int64_t>();
+  a.last_kept = w.last_kept.as<int64_t>();
+  a.kept_idx = plan.kept_idx.as<int64_t>();
+  a.dropped = plan.dropped.as<int64_t>();
+  send.rule_idx = r.topk_idx;
+  send.topk_idx = a.kept_idx;
+  return w;
+}
+
 struct ExpandPlanWork {
   bodies::ExpandPlanArgs args;
   Array table, starts, status;  // scratch, as above

@@ -26,7 +26,10 @@ cudaError_t launch_row_dots(const DotParams& p, cudaStream_t stream);
 // The send plan and the expand plan (bodies/plan.h), one cooperative launch each (plan.cu).
 // plan_workers: how many workers a plan over `items` uses on the GPU (args.split.workers).
 int64_t plan_workers(int64_t items);
-cudaError_t launch_send_plan(const bodies::SendPlanArgs& a, cudaStream_t stream);
+// capacity (may be null): pairs past it dropped first, in the same launch (a.topk_idx points
+// at capacity->kept_idx then).
+cudaError_t launch_send_plan(const bodies::SendPlanArgs& a, const bodies::CapacityArgs* capacity,
+                             cudaStream_t stream);
 // The plan, then each arrived row copied into its expert rows (s: the scatter of a.row_map).
 cudaError_t launch_expand(const bodies::ExpandPlanArgs& a, const ScatterParams& s, cudaStream_t stream);
 

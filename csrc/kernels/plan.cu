@@ -26,8 +26,22 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ int64_t thread_rank() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
 __device__ __forceinline__ int64_t thread_count() { return int64_t(gridDim.x) * blockDim.x; }
 
-__global__ void send_plan_kernel(bodies::SendPlanArgs a) {
+__global__ void send_plan_kernel(bodies::SendPlanArgs a, bodies::CapacityArgs c, bool with_capacity) {
   cg::grid_group grid = cg::this_grid();
+  if (with_capacity) {  // the same branch for the whole grid
+    for (int64_t w = thread_rank(); w < c.split.workers; w += thread_count()) bodies::capacity_count(c, w);
+    grid.sync();
+    for (int64_t e = thread_rank(); e < c.num_experts; e += thread_count()) bodies::capacity_column(c, e);
+    grid.sync();
+    if (thread_rank() == 0) bodies::capacity_starts(c);
+    grid.sync();
+    for (int64_t w = thread_rank(); w < c.split.workers; w += thread_count()) bodies::capacity_group(c, w);
+    grid.sync();
+    for (int64_t e = thread_rank(); e < c.num_experts; e += thread_count()) bodies::capacity_select(c, e);
+    grid.sync();
+    for (int64_t w = thread_rank(); w < c.split.workers; w += thread_count()) bodies::capacity_keep(c, w);
+    grid.sync();
+  }
   for (int64_t w = thread_rank(); w < a.split.workers; w += thread_count()) bodies::send_plan_count(a, w);
   grid.sync();
   const int64_t columns = bodies::send_plan_column_count(a);
@@ -94,11 +108,15 @@ int64_t plan_workers(int64_t items) {
   return std::max<int64_t>(1, std::min(workers, items));
 }
 
-cudaError_t launch_send_plan(const bodies::SendPlanArgs& a, cudaStream_t stream) {
+cudaError_t launch_send_plan(const bodies::SendPlanArgs& a, const bodies::CapacityArgs* capacity,
+                             cudaStream_t stream) {
   if (a.num_dests <= 0 || a.num_experts % a.num_dests != 0) return cudaErrorInvalidValue;
   bodies::SendPlanArgs args = a;
-  void* params[] = {&args};
-  const int64_t work = std::max(a.split.workers, bodies::send_plan_column_count(a));
+  bodies::CapacityArgs dropping = capacity ? *capacity : bodies::CapacityArgs{};
+  bool with_capacity = capacity != nullptr;
+  void* params[] = {&args, &dropping, &with_capacity};
+  int64_t work = std::max(a.split.workers, bodies::send_plan_column_count(a));
+  if (capacity) work = std::max({work, capacity->split.workers, capacity->num_experts});
   return launch_cooperative(reinterpret_cast<const void*>(send_plan_kernel), work, params, stream);
 }
 

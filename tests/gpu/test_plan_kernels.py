@@ -45,3 +45,16 @@ def test_plan_send_cuda_reports_a_bad_routing():
     idx = torch.tensor([[0, 9], [1, -1]], device="cuda")
     _, pairs, offsets, _, pair_slot, _ = C.plan_send(idx, 4, 2, torch.cuda.current_stream().cuda_stream)
     assert pair_slot.cpu().tolist() == [[0, -1], [1, -1]] and int(pairs.sum()) == 2
+
+
+@pytest.mark.parametrize("by_weight", [True, False])
+@pytest.mark.parametrize("T,K,E,capacity", [(0, 2, 8, 1), (1, 1, 1, 0), (300, 8, 64, 10), (8192, 8, 256, 64),
+                                            (4097, 4, 16, 2000)])
+def test_capacity_cuda_matches_cpu(T, K, E, capacity, by_weight):
+    idx = _routing(T, K, E, seed=T + 2)
+    gen = torch.Generator().manual_seed(T)
+    w = (torch.rand(T, K, generator=gen) * 8).floor() / 8  # ties: the lower token first
+    kept, dropped = C.drop_by_capacity(idx, w, E, capacity, by_weight)
+    stream = torch.cuda.current_stream().cuda_stream
+    got_kept, got_dropped = C.drop_by_capacity(idx.cuda(), w.cuda(), E, capacity, by_weight, stream)
+    assert torch.equal(got_kept.cpu(), kept) and int(got_dropped) == int(dropped)

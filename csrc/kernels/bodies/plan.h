@@ -65,10 +65,133 @@ MOE_HD void scan_starts(const int64_t* totals, int64_t n, int64_t* starts) {
   starts[n] = running;
 }
 
+// ---- capacity: each expert keeps at most `capacity` of this rank's (token, expert) pairs -------
+// The pairs are grouped by expert (the counted passes above, over pairs in token order). By
+// token ("position"), a pair's rank is its place in its expert's group. By weight ("probs":
+// larger first, ties to the lower token), a worker per expert selects the pair ranked last
+// inside the capacity (quickselect, linear on average) and every pair compares itself with it.
+// Pairs past the capacity become -1 in kept_idx, which the send plan then plans as masked: a
+// dropped pair is never sent.
+
+struct CapacityArgs {
+  const int64_t* topk_idx = nullptr;  // [num_tokens, topk]
+  const float* weights = nullptr;     // [num_tokens, topk]; read when by_weight
+  int64_t num_tokens = 0, topk = 0, num_experts = 0;
+  int64_t capacity = 0;
+  bool by_weight = false;
+  WorkSplit split;                    // over pairs, t * topk + k
+  int64_t* table = nullptr;           // [workers, num_experts] scratch
+  int64_t* starts = nullptr;          // [num_experts + 1] scratch
+  int64_t* grouped = nullptr;         // [num_tokens * topk] scratch: valid pairs by expert
+  int64_t* last_kept = nullptr;       // [num_experts] scratch: by weight, the last pair kept
+                                      // (-1 every pair is kept, -2 none is)
+  int64_t* kept_idx = nullptr;        // [num_tokens, topk] out
+  int64_t* dropped = nullptr;         // [1] out: pairs dropped (zeroed by capacity_starts)
+};
+
+MOE_HD void capacity_count(const CapacityArgs& a, int64_t w) {
+  int64_t* mine = a.table + w * a.num_experts;
+  for (int64_t e = 0; e < a.num_experts; ++e) mine[e] = 0;
+  for (int64_t p = a.split.begin(w); p < a.split.end(w); ++p) {
+    if (valid_expert(a.topk_idx[p], a.num_experts)) ++mine[a.topk_idx[p]];
+  }
+}
+
+// One column per call, for e in [0, num_experts).
+MOE_HD void capacity_column(const CapacityArgs& a, int64_t e) {
+  a.starts[e] = scan_column(a.table, a.split.workers, a.num_experts, e);
+}
+
+MOE_HD void capacity_starts(const CapacityArgs& a) {
+  scan_starts(a.starts, a.num_experts, a.starts);
+  *a.dropped = 0;
+}
+
+MOE_HD void capacity_group(const CapacityArgs& a, int64_t w) {
+  int64_t* cursor = a.table + w * a.num_experts;
+  for (int64_t e = 0; e < a.num_experts; ++e) cursor[e] += a.starts[e];
+  for (int64_t p = a.split.begin(w); p < a.split.end(w); ++p) {
+    if (valid_expert(a.topk_idx[p], a.num_experts)) a.grouped[cursor[a.topk_idx[p]]++] = p;
+  }
+}
+
+// Pair q of the same expert ranks ahead of pair p.
+MOE_HD bool ranks_ahead(const CapacityArgs& a, int64_t q, int64_t p) {
+  if (!a.by_weight) return q < p;
+  const float wq = a.weights[q], wp = a.weights[p];
+  return wq > wp || (wq == wp && q < p);  // pairs of one expert have distinct tokens
+}
+
+MOE_HD void swap_pairs(int64_t* g, int64_t i, int64_t j) {
+  const int64_t t = g[i];
+  g[i] = g[j];
+  g[j] = t;
+}
+
+// Reorders grouped[lo, hi) so that the pair of rank k (0-based) sits at lo + k.
+MOE_HD void select_rank(const CapacityArgs& a, int64_t lo, int64_t hi, int64_t k) {
+  int64_t* g = a.grouped;
+  const int64_t target = lo + k;
+  while (hi - lo > 1) {
+    swap_pairs(g, lo + (hi - lo) / 2, hi - 1);  // the middle as pivot: no quadratic sorted input
+    const int64_t pivot = g[hi - 1];
+    int64_t store = lo;
+    for (int64_t i = lo; i < hi - 1; ++i) {
+      if (ranks_ahead(a, g[i], pivot)) swap_pairs(g, i, store++);
+    }
+    swap_pairs(g, store, hi - 1);
+    if (store == target) return;
+    if (target < store) {
+      hi = store;
+    } else {
+      lo = store + 1;
+    }
+  }
+}
+
+// One expert per call, for e in [0, num_experts): by weight, the last pair it keeps.
+MOE_HD void capacity_select(const CapacityArgs& a, int64_t e) {
+  const int64_t lo = a.starts[e], hi = a.starts[e + 1];
+  if (!a.by_weight || hi - lo <= a.capacity) {
+    a.last_kept[e] = -1;
+  } else if (a.capacity == 0) {
+    a.last_kept[e] = -2;
+  } else {
+    select_rank(a, lo, hi, a.capacity - 1);
+    a.last_kept[e] = a.grouped[lo + a.capacity - 1];
+  }
+}
+
+MOE_HD void capacity_keep(const CapacityArgs& a, int64_t w) {
+  for (int64_t p = a.split.begin(w); p < a.split.end(w); ++p) {
+    const int64_t e = a.topk_idx[p];
+    a.kept_idx[p] = e;  // masked and out-of-range slots stay as they are (the rules see them)
+    if (!valid_expert(e, a.num_experts)) continue;
+    bool kept;
+    if (a.by_weight) {
+      const int64_t last = a.last_kept[e];
+      kept = last == -1 || (last >= 0 && (p == last || ranks_ahead(a, p, last)));
+    } else {  // the group is in pair order: p's place in it, by bisection
+      int64_t lo = a.starts[e], hi = a.starts[e + 1];
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (a.grouped[mid] < p) lo = mid + 1; else hi = mid;
+      }
+      kept = lo - a.starts[e] < a.capacity;
+    }
+    if (!kept) {
+      a.kept_idx[p] = -1;
+      add_count(a.dropped, 1);
+    }
+  }
+}
+
 // ---- send plan: tokens -> rank-major send slots, ascending token inside a destination ------
 
 struct SendPlanArgs {
   const int64_t* topk_idx = nullptr;  // [num_tokens, topk]; outside [0, E) counts as masked
+  const int64_t* rule_idx = nullptr;  // the rows checked against the routing rules (the caller's
+                                      // topk_idx when capacity dropped pairs); null: topk_idx
   int64_t num_tokens = 0, topk = 0, num_experts = 0, num_dests = 0;
   WorkSplit split;                    // over tokens
   int64_t* table = nullptr;           // [workers, num_dests + 1] scratch; last column: bad rows
@@ -93,7 +216,8 @@ MOE_HD void send_plan_count(const SendPlanArgs& a, int64_t w) {
   const int64_t per_dest = a.experts_per_dest();
   for (int64_t t = a.split.begin(w); t < a.split.end(w); ++t) {
     const int64_t* row = a.topk_idx + t * a.topk;
-    if (routing_row_bad(row, a.topk, a.num_experts)) ++mine[a.num_dests];
+    const int64_t* rules = a.rule_idx ? a.rule_idx + t * a.topk : row;
+    if (routing_row_bad(rules, a.topk, a.num_experts)) ++mine[a.num_dests];
     for (int64_t k = 0; k < a.topk; ++k) {
       if (valid_expert(row[k], a.num_experts) && first_to_dest(row, k, a.num_experts, per_dest)) {
         ++mine[row[k] / per_dest];

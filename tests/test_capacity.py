@@ -1,0 +1,148 @@
+"""Expert capacity (API.md: Capacity): each expert keeps at most C = ceil(factor * T * K / E) of a
+rank's (token, expert) pairs, the largest weights ("probs") or the first tokens ("position");
+dropped pairs are never sent. Checked against moe_comm.reference.drop_by_capacity, exactly, at
+the kernel (every split into workers) and through whole dispatch/combine/backward steps, flat
+and hierarchical."""
+
+import math
+
+import pytest
+import torch
+
+import moe_comm
+from moe_comm import reference
+from tests.cases import Case, all_inputs, expert_scale
+from tests.checks import assert_combine_close, assert_dispatch_equal
+from tests.distributed import run_distributed
+
+C = moe_comm.C
+
+
+@pytest.fixture(params=[1, 3, 32], ids=lambda n: f"workers{n}")
+def workers(request):
+    C.set_cpu_lanes(request.param)  # the plans' CPU workers are the emulated lanes
+    yield request.param
+    C.set_cpu_lanes(1)
+
+
+def _routing(T, K, E, seed, skew=0.0, mask=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, E, generator=gen) * torch.linspace(1.0 + skew, 1.0, E)
+    idx = scores.argsort(dim=1, descending=True)[:, :K].contiguous()
+    idx = idx.masked_fill(torch.rand(T, K, generator=gen) < mask, -1)
+    # Coarse weights: many ties, so the tie rule (lower token first) is exercised.
+    weights = (torch.rand(T, K, generator=gen) * 4).floor() / 4
+    return idx, weights
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize("T,K,E,factor,skew", [(0, 2, 4, 1.0, 0.0), (1, 1, 1, 0.5, 0.0), (37, 3, 8, 1.0, 3.0),
+                                              (200, 4, 16, 0.5, 5.0), (64, 8, 8, 2.0, 0.0), (50, 2, 6, 0.01, 1.0)])
+def test_kernel_drops_exactly_what_the_reference_drops(T, K, E, factor, skew, policy, workers):
+    idx, w = _routing(T, K, E, seed=T + K + E, skew=skew)
+    capacity = math.ceil(factor * T * K / E)
+    kept, dropped = C.drop_by_capacity(idx, w, E, capacity, policy == "probs")
+    expected = reference.drop_by_capacity(idx, w, E, factor, policy)
+    assert torch.equal(kept, expected)
+    assert int(dropped) == int(((idx >= 0) & (expected < 0)).sum())
+    for e in range(E):
+        assert int((kept == e).sum()) == min(capacity, int((idx == e).sum()))
+
+
+def _check(rank, case, buf, factor, policy):
+    """One step with capacity on: dispatch exact against the reference on the kept routing,
+    combine within rounding, gradients equal to a dispatch of the kept routing itself, and the
+    dropped pairs counted and given a zero weight gradient."""
+    E = case.num_experts
+    xs, idxs, ws = all_inputs(case)
+    kept = [reference.drop_by_capacity(i, w, E, factor, policy) for i, w in zip(idxs, ws)]
+    x = xs[rank].clone().requires_grad_(True)
+    w = ws[rank].clone().requires_grad_(True)
+    recv_x, recv_w, counts, handle = moe_comm.dispatch(x, idxs[rank], w, buf, capacity_factor=factor,
+                                                       drop_policy=policy)
+    ref = reference.dispatch_all(xs, kept, ws, E)
+    assert_dispatch_equal((recv_x.detach(), recv_w.detach(), counts), ref[rank], what=f"{case} {policy}")
+    assert handle.stats["pairs_dropped"] == int(((idxs[rank] >= 0) & (kept[rank] < 0)).sum())
+
+    dtype = case.torch_dtype
+    scale = expert_scale(case, rank, recv_x.shape[0], counts)
+    y = moe_comm.combine((recv_x.float() * scale).to(dtype), handle, w)
+    expert_ys = [(r[0].float() * expert_scale(case, d, r[0].shape[0], r[2])).to(dtype) for d, r in enumerate(ref)]
+    tokens = [case.tokens_of(r) for r in range(case.world_size)]
+    ref_y = reference.combine_all(expert_ys, kept, ws, E, tokens, dtype)[rank]
+    bound = reference.combine_all([e.float().abs() for e in expert_ys], kept, ws, E, tokens, torch.float32)[rank]
+    assert_combine_close(y.detach(), ref_y, bound, dtype, stages=len(buf.stages), what=f"{case} {policy}")
+    y.float().square().sum().backward()
+
+    # The same step on the kept routing, no capacity: the same gradients.
+    x2 = xs[rank].clone().requires_grad_(True)
+    w2 = ws[rank].clone().requires_grad_(True)
+    recv_x2, _, counts2, handle2 = moe_comm.dispatch(x2, kept[rank], w2, buf)
+    y2 = moe_comm.combine((recv_x2.float() * expert_scale(case, rank, recv_x2.shape[0], counts2)).to(dtype),
+                          handle2, w2)
+    y2.float().square().sum().backward()
+    assert torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad)
+    assert not w.grad[(idxs[rank] >= 0) & (kept[rank] < 0)].any()  # dropped pairs: zero gradient
+    return handle.stats["pairs_dropped"]
+
+
+CASES = [
+    Case(3, 6, topk=2, hidden=5, pattern="skewed", tokens=(40, 0, 17), seed=1),
+    Case(3, 6, topk=1, hidden=8, pattern="one_expert", tokens=(9,), seed=2),
+    Case(3, 6, topk=3, hidden=7, dtype="bfloat16", pattern="masked", tokens=(25, 12), seed=3),
+]
+
+
+def _flat_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=6, ranks_per_node=world_size)
+    dropped = 0
+    for case in CASES:
+        for policy in ("probs", "position"):
+            for factor in (0.5, 1.0, 4.0):
+                dropped += _check(rank, case, buf, factor, policy)
+    return dropped
+
+
+def test_capacity_through_whole_steps_flat():
+    assert sum(run_distributed(3, _flat_worker)) > 0  # some pairs were dropped
+
+
+def _hier_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=8, ranks_per_node=2)
+    assert buf.hierarchical
+    case = Case(4, 8, topk=3, hidden=6, pattern="skewed", tokens=(30, 11, 0, 23), seed=4)
+    return sum(_check(rank, case, buf, factor, policy) for policy in ("probs", "position") for factor in (0.5, 1.5))
+
+
+def test_capacity_through_whole_steps_hierarchical():
+    assert sum(run_distributed(4, _hier_worker)) > 0
+
+
+def _bad_capacity_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=20)
+    x, idx = torch.randn(5, 4), torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [2, 1]])
+    w = torch.rand(5, 2)
+    bad = {"zero": dict(capacity_factor=0.0), "nan": dict(capacity_factor=float("nan")),
+           "type": dict(capacity_factor="1"), "policy": dict(capacity_factor=1.0, drop_policy="random"),
+           "probs without weights": dict(capacity_factor=1.0)}
+    expected = {"zero": (ValueError, r"^capacity_factor: must be a finite number > 0", "capacity_factor"),
+                "nan": (ValueError, r"^capacity_factor: must be a finite number > 0", "capacity_factor"),
+                "type": (TypeError, r"^capacity_factor: must be a number or None", "capacity_factor"),
+                "policy": (ValueError, r"^drop_policy: must be one of", "drop_policy"),
+                "probs without weights": (ValueError, r"^drop_policy: 'probs' keeps the largest", "drop_policy")}
+    for name, kwargs in bad.items():
+        exc_type, match, argument = expected[name]
+        weights = None if name == "probs without weights" else w
+        if rank == 1:
+            with pytest.raises(exc_type, match=match):
+                moe_comm.dispatch(x, idx, weights, buf, **kwargs)
+        else:
+            with pytest.raises(RuntimeError, match=rf"^dispatch: rank 1 rejected its argument '{argument}'"):
+                moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0)
+        recv_x, _, _, handle = moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0)  # still usable
+        assert moe_comm.combine(recv_x, handle, w).shape == x.shape
+    return len(bad)
+
+
+def test_bad_capacity_arguments_raise_on_every_rank():
+    assert run_distributed(2, _bad_capacity_worker) == [5, 5]
