@@ -75,7 +75,7 @@ void test_layout() {
     HostAllocator alloc;
     cpu::CpuDevice device;
     engine::StagePlan plan;
-    device.plan_send(r, alloc, plan);
+    device.plan_send(r, engine::Capacity{}, alloc, plan);
     CHECK((values(plan.rows_per_dest) == std::vector<int64_t>{2, 2}));
     CHECK((values(plan.pairs_per_expert) == std::vector<int64_t>{2, 1, 1, 1}));
     CHECK((values(plan.send_offsets) == std::vector<int64_t>{0, 2, 4}));
@@ -93,7 +93,7 @@ void test_layout() {
   HostAllocator alloc;
   cpu::CpuDevice device;
   engine::StagePlan plan;
-  device.plan_send(rb, alloc, plan);
+  device.plan_send(rb, engine::Capacity{}, alloc, plan);
   CHECK(values(plan.status)[0] == engine::kRoutingCode);
   CHECK((values(plan.pair_slot) == std::vector<int64_t>{0, -1, 1, -1}));
   cpu::set_emulated_lanes(1);
@@ -126,7 +126,7 @@ void test_pack_expand_reduce() {
   HostAllocator alloc;
   cpu::CpuDevice device;
   engine::StagePlan sent;
-  device.plan_send(r, alloc, sent);
+  device.plan_send(r, engine::Capacity{}, alloc, sent);
   const std::vector<int64_t> offsets = values(sent.send_offsets), send_token = values(sent.send_token);
   const std::vector<int64_t> per_rank = values(sent.rows_per_dest);
 
