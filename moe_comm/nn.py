@@ -26,13 +26,14 @@ class MoELayer(nn.Module):
     selection bias moves by rate * sign(mean load - its load), loads counted over the group.
     capacity_factor, drop_policy: expert capacity, as in dispatch (None: no dropping; a dropped
     pair contributes nothing, the residual stream carries the token). `self.drop_rate` is the
-    fraction of this rank's routed pairs dropped in the last forward.
+    fraction of this rank's routed pairs dropped in the last forward. expert_alignment: as in
+    dispatch (the experts then also run on the zero padding rows, which combine ignores).
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, topk: int, buffer, *,
                  score_func: str = "softmax", max_nodes: Optional[int] = None, normalize: bool = False,
                  scaling_factor: float = 1.0, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
-                 capacity_factor: Optional[float] = None, drop_policy: str = "probs"):
+                 capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1):
         super().__init__()
         if num_experts != buffer.num_experts:
             raise ValueError(f"num_experts: {num_experts} but the Buffer was built for {buffer.num_experts}")
@@ -42,6 +43,7 @@ class MoELayer(nn.Module):
         self.normalize, self.scaling_factor = normalize, scaling_factor
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.expert_alignment = expert_alignment
         self.drop_rate = 0.0
         local = buffer.experts_per_rank
         self.first_expert = buffer.rank * local
@@ -80,7 +82,8 @@ class MoELayer(nn.Module):
         idx, weights, probs = self.route(x)
         recv_x, _, tokens_per_expert, handle = dispatch(x, idx, weights, self.buffer,
                                                         capacity_factor=self.capacity_factor,
-                                                        drop_policy=self.drop_policy)
+                                                        drop_policy=self.drop_policy,
+                                                        expert_alignment=self.expert_alignment)
         y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
         routed = int((idx >= 0).sum())
         self.drop_rate = handle.stats["pairs_dropped"] / routed if routed else 0.0

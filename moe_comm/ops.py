@@ -29,10 +29,10 @@ from .validation import (CODE_OF, check_capacity_arguments, check_combine_inputs
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
 
 
-def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy):
+def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment):
     buffer.begin_call("dispatch")
     rejected = (check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
-                or check_capacity_arguments(capacity_factor, drop_policy, topk_weights))
+                or check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment))
     code = CODE_OF[rejected.argument] if rejected is not None else 0
     weights = topk_weights.detach() if (topk_weights is not None and not code) else None
     capacity = -1
@@ -40,7 +40,7 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
         capacity = expert_capacity(capacity_factor, x.shape[0], topk_idx.shape[1], buffer.num_experts)
     problem, routing, recv_x, recv_weights, counts, layout = call_engine(
         buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,
-        stream_of(buffer.device), capacity, drop_policy == "probs")
+        stream_of(buffer.device), capacity, drop_policy == "probs", expert_alignment if not code else 1)
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     handle = DispatchHandle(
@@ -52,9 +52,10 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy):
+    def forward(ctx, x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment):
         recv_x, recv_weights, tokens_per_expert, handle = _dispatch_forward(x, topk_idx, topk_weights, buffer,
-                                                                            capacity_factor, drop_policy)
+                                                                            capacity_factor, drop_policy,
+                                                                            expert_alignment)
         ctx.handle = handle
         ctx.mark_non_differentiable(tokens_per_expert)
         return recv_x, recv_weights, tokens_per_expert, handle
@@ -68,7 +69,7 @@ class _Dispatch(torch.autograd.Function):
         want_w = ctx.needs_input_grad[1]
         grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
                                      grad_recv_weights.contiguous() if want_w else None, stream_of(h.buffer.device))
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -132,7 +133,7 @@ def _views_dispatch_weights(topk_weights, handle: DispatchHandle) -> bool:
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer,
-             capacity_factor: Optional[float] = None, drop_policy: str = "probs"):
+             capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1):
     """Sends each token once to every rank owning one of its experts (hierarchical: once to
     each destination node, then inside it); expands it there to one row per local expert.
 
@@ -142,10 +143,13 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     rank's (token, expert) pairs, chosen by drop_policy: "probs" the largest weights (ties: the
     lower token), "position" the first tokens. Dropped pairs are never sent; combine gives them
     nothing and their weights a zero gradient; handle.stats["pairs_dropped"] counts them.
+    expert_alignment: zero rows end each local expert's segment so that its length (counted in
+    tokens_per_expert) is a multiple of it, for grouped GEMMs; combine ignores them, and their
+    expert_y rows get a zero gradient.
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU), handle.
     """
-    return _Dispatch.apply(x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy)
+    return _Dispatch.apply(x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment)
 
 
 def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None):

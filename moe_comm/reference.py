@@ -55,6 +55,19 @@ def drop_by_capacity(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor
     return kept
 
 
+def pad_experts(recv_x: torch.Tensor, recv_weights: torch.Tensor, tokens_per_expert: torch.Tensor,
+                alignment: int):
+    """One rank's dispatch outputs with zero rows ending each expert's segment up to a multiple
+    of `alignment` (API.md: expert_alignment). -> (recv_x, recv_weights, tokens_per_expert)."""
+    xs, ws, counts = [], [], []
+    for rows, weights in zip(recv_x.split(tokens_per_expert.tolist()), recv_weights.split(tokens_per_expert.tolist())):
+        pad = -len(rows) % alignment
+        xs += [rows, rows.new_zeros((pad, rows.shape[1]))]
+        ws += [weights, weights.new_zeros(pad)]
+        counts.append(len(rows) + pad)
+    return torch.cat(xs), torch.cat(ws), torch.tensor(counts, dtype=torch.int64)
+
+
 def dispatch_all(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
                  topk_weights: Sequence[Optional[torch.Tensor]], num_experts: int):
     """-> list over ranks of (recv_x [R, H], recv_weights [R] float32, tokens_per_expert [E_local])."""

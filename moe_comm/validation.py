@@ -19,7 +19,8 @@ from ._native import C
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Header status codes of dispatch's arguments (4 is a disagreement: csrc/engine/header.h).
-ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights", 5: "capacity_factor", 6: "drop_policy"}
+ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights", 5: "capacity_factor", 6: "drop_policy",
+                  7: "expert_alignment"}
 DROP_POLICIES = ("probs", "position")
 CODE_OF = {name: code for code, name in ARGUMENT_CODES.items() if name}
 
@@ -88,8 +89,12 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Op
     return None
 
 
-def check_capacity_arguments(capacity_factor, drop_policy, topk_weights) -> Optional[InputError]:
-    """dispatch's capacity arguments (host facts); None when fine or capacity is off."""
+def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment) -> Optional[InputError]:
+    """dispatch's capacity and padding arguments (host facts); None when fine."""
+    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int):
+        return _type_error("expert_alignment", f"must be an int, got {type(expert_alignment).__name__}")
+    if expert_alignment < 1:
+        return _value_error("expert_alignment", f"must be >= 1, got {expert_alignment}")
     if drop_policy not in DROP_POLICIES:
         return _value_error("drop_policy", f"must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if capacity_factor is None:

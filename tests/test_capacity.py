@@ -146,3 +146,60 @@ def _bad_capacity_worker(rank, world_size):
 
 def test_bad_capacity_arguments_raise_on_every_rank():
     assert run_distributed(2, _bad_capacity_worker) == [5, 5]
+
+
+def _aligned_worker(rank, world_size, ranks_per_node, alignment):
+    """expert_alignment: each local expert's segment ends with zero rows up to a multiple of it;
+    everything else is the unaligned step's, bit for bit, and padding rows get zero gradient."""
+    buf = moe_comm.Buffer(num_experts=8, ranks_per_node=ranks_per_node)
+    case = Case(world_size, 8, topk=3, hidden=5, pattern="skewed", tokens=(13, 0, 22, 5), seed=6)
+    xs, idxs, ws = all_inputs(case)
+    outputs = []
+    for kwargs in (dict(expert_alignment=alignment), dict(), dict(capacity_factor=0.75, expert_alignment=alignment)):
+        x = xs[rank].clone().requires_grad_(True)
+        w = ws[rank].clone().requires_grad_(True)
+        recv_x, recv_w, counts, handle = moe_comm.dispatch(x, idxs[rank], w, buf, **kwargs)
+        kept = idxs
+        if "capacity_factor" in kwargs:
+            kept = [reference.drop_by_capacity(i, ww, 8, 0.75, "probs") for i, ww in zip(idxs, ws)]
+        expected = reference.dispatch_all(xs, kept, ws, 8)[rank]
+        if "expert_alignment" in kwargs:
+            expected = reference.pad_experts(*expected, alignment)
+            assert all(int(c) % alignment == 0 for c in counts)
+        assert_dispatch_equal((recv_x.detach(), recv_w.detach(), counts), expected, what=str(kwargs))
+        expert_y = recv_x * 3
+        expert_y.retain_grad()
+        y = moe_comm.combine(expert_y, handle, w)
+        y.square().sum().backward()
+        outputs.append((y.detach(), x.grad, w.grad, expert_y.grad, counts))
+    (y_a, gx_a, gw_a, gy_a, counts_a), (y_u, gx_u, gw_u, gy_u, counts_u), _ = outputs
+    assert torch.equal(y_a, y_u) and torch.equal(gx_a, gx_u) and torch.equal(gw_a, gw_u)
+    real = torch.cat([torch.arange(int(p)) < int(r) for p, r in zip(counts_a, counts_u)])
+    assert torch.equal(gy_a[real], gy_u) and not gy_a[~real].any()  # padding rows: zero gradient
+    return int((~real).sum())
+
+
+@pytest.mark.parametrize("ranks_per_node,alignment", [(4, 4), (2, 3), (4, 1)])
+def test_expert_alignment_pads_with_zero_rows_and_changes_nothing_else(ranks_per_node, alignment):
+    padding = run_distributed(4, _aligned_worker, ranks_per_node, alignment)
+    assert (sum(padding) > 0) == (alignment > 1)
+
+
+def _bad_alignment_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=20)
+    x, idx, w = torch.randn(5, 4), torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [2, 1]]), torch.rand(5, 2)
+    for bad, exc_type, match in ((0, ValueError, r"^expert_alignment: must be >= 1"),
+                                 ("4", TypeError, r"^expert_alignment: must be an int")):
+        if rank == 0:
+            with pytest.raises(exc_type, match=match):
+                moe_comm.dispatch(x, idx, w, buf, expert_alignment=bad)
+        else:
+            with pytest.raises(RuntimeError, match=r"^dispatch: rank 0 rejected its argument 'expert_alignment'"):
+                moe_comm.dispatch(x, idx, w, buf, expert_alignment=4)
+    recv_x, _, counts, handle = moe_comm.dispatch(x, idx, w, buf, expert_alignment=4)
+    assert all(int(c) % 4 == 0 for c in counts)
+    return moe_comm.combine(recv_x, handle, w).shape == x.shape
+
+
+def test_bad_expert_alignment_raises_on_every_rank():
+    assert run_distributed(2, _bad_alignment_worker) == [True, True]

@@ -54,7 +54,8 @@ def _train_worker(rank, world_size, cfg):
     buf = moe_comm.Buffer(num_experts=E, ranks_per_node=cfg["ranks_per_node"])
     layer = MoELayer(H, F, E, K, buf, score_func=cfg["score_func"], max_nodes=cfg["max_nodes"],
                      normalize=cfg["normalize"], bias_update_rate=cfg["bias_rate"],
-                     capacity_factor=cfg.get("capacity"), drop_policy=cfg.get("policy", "probs"))
+                     capacity_factor=cfg.get("capacity"), drop_policy=cfg.get("policy", "probs"),
+                     expert_alignment=cfg.get("alignment", 1))
     full = _full_params(seed=5)
     local = slice(layer.first_expert, layer.first_expert + buf.experts_per_rank)
     with torch.no_grad():
@@ -112,9 +113,9 @@ def _train_worker(rank, world_size, cfg):
     dict(ranks_per_node=4, score_func="softmax", max_nodes=None, normalize=False, bias_rate=0.0, capacity=0.5,
          policy="probs"),
     dict(ranks_per_node=2, score_func="sigmoid", max_nodes=None, normalize=True, bias_rate=0.0, capacity=0.75,
-         policy="position"),
+         policy="position", alignment=4),
 ], ids=["flat-softmax-topk", "2x2-hierarchical-sigmoid-node-limited-bias", "flat-capacity-probs",
-        "2x2-hierarchical-capacity-position"])
+        "2x2-hierarchical-capacity-position-aligned"])
 def test_expert_parallel_training_equals_single_process(cfg):
     losses = run_distributed(4, _train_worker, cfg)
     assert len(set(losses)) == 1  # every rank saw the same global loss

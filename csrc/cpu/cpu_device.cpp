@@ -87,7 +87,8 @@ void CpuDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowF
 }
 
 void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
-  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), e.expert_offsets, alloc);
+  engine::ExpandPlanWork work =
+      engine::prepare_expand(e, plan_workers(e.num_rows), e.expert_offsets, e.padded_offsets, alloc);
   const bodies::ExpandPlanArgs& a = work.args;
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_count(a, w);
   for (int64_t c = 0; c <= a.experts; ++c) bodies::expand_plan_column(a, c);
@@ -104,6 +105,10 @@ void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
                                                                      << ", " << arrived[x] << " arrived");
   }
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_fill(a, w);
+  const int64_t padding = bodies::padding_rows(a);
+  for (int64_t j = 0; j < padding; ++j) {
+    for (int64_t l = 0; l < emulated_lanes(); ++l) bodies::zero_padding_row(a, j, bodies::Lanes{l, emulated_lanes()});
+  }
   cpu::scatter_rows(engine::expand_scatter(e));
 }
 

@@ -2,6 +2,7 @@
 
 #if defined(MOE_COMM_WITH_CUDA)
 #include <cstring>
+#include <vector>
 
 #include "../core/error.h"
 #include "../kernels/launchers.h"
@@ -103,9 +104,13 @@ void CudaDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const Row
 void CudaDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
   // The announced offsets go up with the rows' plan (a copy, not a launch); a disagreement
   // places no row (bodies/plan.h), so a corrupted header cannot write out of bounds.
-  const int64_t offsets_bytes = (e.experts_per_rank + 1) * int64_t(sizeof(int64_t));
-  engine::Array announced = upload(e.expert_offsets, offsets_bytes, alloc);
-  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), announced.as<int64_t>(), alloc);
+  const int64_t n = e.experts_per_rank + 1;
+  std::vector<int64_t> tables(e.expert_offsets, e.expert_offsets + n);
+  if (e.padded_offsets) tables.insert(tables.end(), e.padded_offsets, e.padded_offsets + n);
+  engine::Array on_device = upload(tables.data(), int64_t(tables.size() * sizeof(int64_t)), alloc);
+  const int64_t* announced = on_device.as<int64_t>();
+  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), announced,
+                                                       e.padded_offsets ? announced + n : nullptr, alloc);
   MOE_CUDA_CHECK(launch_expand(work.args, engine::expand_scatter(e), stream_));
 }
 

@@ -55,6 +55,9 @@ struct ExpandArgs {
   int64_t hidden = 0;
   const int64_t* row_order = nullptr;  // [num_rows] on the device: (source rank, token) order; null: arrival
   const int64_t* expert_offsets = nullptr;  // [experts_per_rank + 1], from the headers (host)
+  // [experts_per_rank + 1] (host): each expert's segment aligned, zero rows filling the tail;
+  // null: none. recv_x and recv_weights are then padded_offsets[experts_per_rank] rows.
+  const int64_t* padded_offsets = nullptr;
   int64_t* row_map = nullptr;      // [num_rows, topk] out
   float* slot_weights = nullptr;   // [num_rows, topk] out
   float* recv_weights = nullptr;   // [R] out

@@ -284,7 +284,7 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
 }
 
 DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                                int64_t rejected, const Capacity& capacity) {
+                                int64_t rejected, const Capacity& capacity, int64_t alignment) {
   begin("dispatch");
   DispatchResult out;
   CallFacts call;
@@ -337,7 +337,17 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   }
   std::vector<int64_t> expert_offsets(experts_per_rank_ + 1, 0);
   std::partial_sum(layout->tokens_per_expert.begin(), layout->tokens_per_expert.end(), expert_offsets.begin() + 1);
-  const int64_t R = expert_offsets.back();
+  std::vector<int64_t> padded_offsets;  // expert alignment: zero rows end each expert's segment
+  if (alignment > 1) {
+    padded_offsets.assign(experts_per_rank_ + 1, 0);
+    for (int64_t e = 0; e < experts_per_rank_; ++e) {
+      const int64_t rows = (layout->tokens_per_expert[e] + alignment - 1) / alignment * alignment;
+      padded_offsets[e + 1] = padded_offsets[e] + rows;
+      layout->tokens_per_expert[e] = rows;  // grouped GEMMs see the padded segments
+    }
+    layout->padded = padded_offsets.back() > expert_offsets.back();
+  }
+  const int64_t R = padded_offsets.empty() ? expert_offsets.back() : padded_offsets.back();
   const int64_t N = layout->plans[last].num_recv;
 
   // Arrival order is (sender, block); the API wants (source rank, token) order. Flat: sender s
@@ -381,6 +391,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   }
   a.row_order = order_on_device.as<int64_t>();
   a.expert_offsets = expert_offsets.data();
+  a.padded_offsets = layout->padded ? padded_offsets.data() : nullptr;
   a.row_map = layout->row_map.as<int64_t>();
   a.slot_weights = layout->slot_weights.as<float>();
   a.recv_weights = out.recv_weights.as<float>();
@@ -552,6 +563,10 @@ BackwardResult Engine::combine_backward(const DispatchLayout& layout, const Rows
   const RowsIn grad_rows = send_along(layout, grad_y, "combine-backward", nullptr);
   const int64_t R = layout.num_recv_rows, H = layout.hidden;
   out.grad_rows = allocate(R * H * dtype_size(grad_y.dtype));
+  if (layout.padded) {  // no slot maps to a padding row: its gradient is zero
+    launch();
+    device_->fill_zero(out.grad_rows.data, out.grad_rows.bytes);
+  }
   ScatterParams s;
   s.src = grad_rows.data;
   s.src_stride = grad_rows.stride_bytes;

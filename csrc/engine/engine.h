@@ -49,7 +49,8 @@ struct DispatchLayout {
   DType dtype = DType::kFloat32;
   std::vector<StagePlan> plans;
   int64_t num_last = 0;       // rows that arrived at the final stage (N)
-  int64_t num_recv_rows = 0;  // expert-major rows (R)
+  int64_t num_recv_rows = 0;  // expert-major rows (R), padding included
+  bool padded = false;        // some of them are padding (zero rows no slot maps to)
   Array row_map;              // [N, K] int64: expert-major row of (arrived row, k), -1 masked
   Array slot_weights;         // [N, K] float32: dispatch router weights at the receiver
   std::vector<int64_t> tokens_per_expert;
@@ -84,8 +85,9 @@ class Engine {
   // null. rejected: the argument code this rank's Python checks rejected (0: none); the rank
   // then joins the header exchange only, with zeros but num_experts.
   // capacity: pairs past it are dropped on this rank before anything is sent.
+  // alignment: each local expert's rows end with zero rows up to a multiple of it.
   DispatchResult dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                          int64_t rejected, const Capacity& capacity);
+                          int64_t rejected, const Capacity& capacity, int64_t alignment);
 
   // expert_y [R, H] (ignored when this rank rejected its input, status_code > 0: zeros are sent);
   // weights [T, K] or null; reuse: they are dispatch's weights, already at the receivers.

@@ -95,9 +95,10 @@ struct ExpandPlanWork {
   Array table, starts, status;  // scratch, as above
 };
 
-// announced: ExpandArgs::expert_offsets where the backend reads it (on the device for CUDA).
+// announced, padded: ExpandArgs::expert_offsets and padded_offsets where the backend reads them
+// (on the device for CUDA).
 inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const int64_t* announced,
-                                     Allocator& alloc) {
+                                     const int64_t* padded, Allocator& alloc) {
   ExpandPlanWork w;
   w.table = alloc.allocate(workers * (e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
   w.starts = alloc.allocate((e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
@@ -118,6 +119,9 @@ inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const
   a.row_map = e.row_map;
   a.slot_weights = e.slot_weights;
   a.recv_weights = e.recv_weights;
+  a.padded = padded;
+  a.recv_x = e.recv_x;
+  a.out_row_bytes = e.hidden * dtype_size(e.dtype);
   return w;
 }
 

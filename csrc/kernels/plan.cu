@@ -65,6 +65,8 @@ __global__ void expand_kernel(bodies::ExpandPlanArgs a, ScatterParams s) {
   for (int64_t w = thread_rank(); w < a.split.workers; w += thread_count()) bodies::expand_plan_fill(a, w);
   grid.sync();
   const bodies::Lanes lanes{int64_t(threadIdx.x), int64_t(blockDim.x)};
+  const int64_t padding = bodies::padding_rows(a);
+  for (int64_t j = blockIdx.x; j < padding; j += gridDim.x) bodies::zero_padding_row(a, j, lanes);
   for (int64_t i = blockIdx.x; i < s.num_src; i += gridDim.x) bodies::scatter_row<E>(s, i, lanes);
 }
 

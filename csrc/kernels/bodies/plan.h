@@ -18,6 +18,7 @@
 #include "../../core/hd.h"
 #include "../../core/row_format.h"
 #include "layout.h"
+#include "token_rows.h"
 
 namespace moe_comm {
 namespace bodies {
@@ -293,7 +294,12 @@ struct ExpandPlanArgs {
   int64_t* status = nullptr;           // [1]: 1 when what arrived is not what was announced
   int64_t* row_map = nullptr;          // [num_rows, topk] in arrival order: output row, -1 none
   float* slot_weights = nullptr;       // [num_rows, topk]
-  float* recv_weights = nullptr;       // [announced[experts]]
+  float* recv_weights = nullptr;       // [padded[experts]] (or [announced[experts]])
+  // Expert alignment: expert e's rows start at padded[e] and zero rows fill its segment up to
+  // padded[e + 1] (null: no padding).
+  const int64_t* padded = nullptr;     // [experts + 1]
+  uint8_t* recv_x = nullptr;           // [padded[experts], out_row_bytes]: padding rows zeroed
+  int64_t out_row_bytes = 0;
 
   MOE_HD int64_t columns() const { return experts + 1; }
   MOE_HD int64_t row(int64_t n) const { return row_order ? row_order[n] : n; }
@@ -343,11 +349,35 @@ MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
         a.slot_weights[at] = 0.0f;
         continue;
       }
-      const int64_t out = cursor[m.local_expert]++;
+      const int64_t e = m.local_expert;
+      const int64_t out = cursor[e]++ + (a.padded ? a.padded[e] - a.starts[e] : 0);
       a.row_map[at] = out;
       a.slot_weights[at] = m.weight;
       a.recv_weights[out] = m.weight;
     }
+  }
+}
+
+// Padding rows: the tails of the experts' segments, numbered across experts in order.
+MOE_HD int64_t padding_rows(const ExpandPlanArgs& a) {
+  // Nothing when the arrivals disagree with the headers the padding was sized from.
+  return a.padded && *a.status == 0 ? a.padded[a.experts] - a.starts[a.experts] : 0;
+}
+
+// Zeroes padding row j (of padding_rows) of recv_x and its weight, the lanes sharing the row.
+MOE_HD void zero_padding_row(const ExpandPlanArgs& a, int64_t j, Lanes lanes) {
+  for (int64_t e = 0; e < a.experts; ++e) {
+    const int64_t real = a.starts[e + 1] - a.starts[e];
+    const int64_t tail = a.padded[e + 1] - a.padded[e] - real;
+    if (j >= tail) {
+      j -= tail;
+      continue;
+    }
+    const int64_t row = a.padded[e] + real + j;
+    uint8_t* out = a.recv_x + row * a.out_row_bytes;
+    for (int64_t b = lanes.id; b < a.out_row_bytes; b += lanes.count) out[b] = 0;
+    if (lanes.id == 0) a.recv_weights[row] = 0.0f;
+    return;
   }
 }
 
