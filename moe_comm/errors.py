@@ -10,6 +10,7 @@ from .validation import ARGUMENT_CODES, routing_error
 
 DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
 EARLIER_COMBINE = 8  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
+ARRIVAL_MISMATCH = 0x10  # header.h kArrivalMismatch: a rank's rows disagreed with its headers
 FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts"}  # header.h Field
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
@@ -40,6 +41,10 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
         a, b = sorted((bad_rank, seen_by))
         return ValueError(f"dispatch: rank {a} and rank {b} disagree on the hidden size, dtype, top-k or "
                           f"num_experts; every rank of the group must agree")
+    if code == EARLIER_COMBINE + ARRIVAL_MISMATCH:
+        return RuntimeError(f"dispatch: the rows an earlier dispatch delivered to rank {bad_rank} disagreed with its "
+                            f"headers (a corrupted exchange); that dispatch's outputs on rank {bad_rank} are not "
+                            f"valid; no tokens were exchanged in this dispatch")
     if code > EARLIER_COMBINE:
         argument = COMBINE_ARGUMENTS.get(code - EARLIER_COMBINE, code - EARLIER_COMBINE)
         reasons = (posted_reason(buffer, bad_rank, call) for call in reversed(buffer.combines_reported))

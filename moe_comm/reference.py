@@ -47,7 +47,9 @@ def drop_by_capacity(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor
     for e in range(num_experts):
         tokens, slots = (kept == e).nonzero(as_tuple=True)  # ascending token
         if drop_policy == "probs":
-            order = sorted(range(len(tokens)), key=lambda i: (-float(topk_weights[tokens[i], slots[i]]), int(tokens[i])))
+            weight = [float(topk_weights[t, s]) for t, s in zip(tokens, slots)]
+            weight = [w if w == w else -math.inf for w in weight]  # NaN ranks below every number
+            order = sorted(range(len(tokens)), key=lambda i: (-weight[i], int(tokens[i])))
         else:
             order = list(range(len(tokens)))
         for i in order[capacity:]:

@@ -45,6 +45,10 @@ def test_kernel_drops_exactly_what_the_reference_drops(T, K, E, factor, skew, po
     expected = reference.drop_by_capacity(idx, w, E, factor, policy)
     assert torch.equal(kept, expected)
     assert int(dropped) == int(((idx >= 0) & (expected < 0)).sum())
+    if T > 1:  # a NaN weight ranks below every number
+        w[::3] = float("nan")
+        kept, _ = C.drop_by_capacity(idx, w, E, capacity, policy == "probs")
+        assert torch.equal(kept, reference.drop_by_capacity(idx, w, E, factor, policy))
     for e in range(E):
         assert int((kept == e).sum()) == min(capacity, int((idx == e).sum()))
 

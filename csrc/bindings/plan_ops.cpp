@@ -157,6 +157,8 @@ Expanded expand_rows(const Tensor& rows, int64_t hidden, c10::ScalarType dtype, 
   a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
   on_backend(dev, stream, "rows", [&](engine::Device& device) {
     TorchAllocator alloc(dev);
+    engine::Array status = alloc.allocate(int64_t(sizeof(int64_t)));
+    a.status = status.as<int64_t>();
     device.expand(a, alloc);
     return 0;
   });

@@ -58,6 +58,10 @@ struct ExpandArgs {
   // [experts_per_rank + 1] (host): each expert's segment aligned, zero rows filling the tail;
   // null: none. recv_x and recv_weights are then padded_offsets[experts_per_rank] rows.
   const int64_t* padded_offsets = nullptr;
+  // Where the plan says whether what arrived is what the headers announced (0, or bad_status:
+  // then it placed nothing); the engine keeps it for the next dispatch's header.
+  int64_t* status = nullptr;
+  int64_t bad_status = 1;
   int64_t* row_map = nullptr;      // [num_rows, topk] out
   float* slot_weights = nullptr;   // [num_rows, topk] out
   float* recv_weights = nullptr;   // [R] out

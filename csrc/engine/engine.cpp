@@ -392,6 +392,10 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   a.row_order = order_on_device.as<int64_t>();
   a.expert_offsets = expert_offsets.data();
   a.padded_offsets = layout->padded ? padded_offsets.data() : nullptr;
+  // A mismatch is noticed where the rows are (on CUDA nothing waits for it): the next header
+  // reports it on every rank, as a deferred combine status.
+  a.status = reserve_pending(1);
+  a.bad_status = (world_size_ - rank_) << 8 | kArrivalMismatch;
   a.row_map = layout->row_map.as<int64_t>();
   a.slot_weights = layout->slot_weights.as<float>();
   a.recv_weights = out.recv_weights.as<float>();
@@ -531,7 +535,10 @@ CombineResult Engine::combine(const DispatchLayout& layout, const RowsIn& expert
     rows.data = zeros.data;
   }
   Array unused;
-  reduce_back(layout, rows, layout.row_map.as<int64_t>(), slot_weights, nullptr, "combine", carried, out.y, unused);
+  // The weights' pass carried the status already, when there was one.
+  int64_t* carried_back = (weights && !reuse) ? nullptr : carried;
+  reduce_back(layout, rows, layout.row_map.as<int64_t>(), slot_weights, nullptr, "combine", carried_back, out.y,
+              unused);
   out.status = status;
   return out;
 }

@@ -28,6 +28,9 @@ constexpr int64_t kRoutingCode = 2;        // topk_idx: a value out of range or 
 // A deferred combine status reported by the next dispatch: kEarlierCombine + the argument code
 // the combine rejected (1 expert_y, 2 topk_weights).
 constexpr int64_t kEarlierCombine = 8;
+// Beside those: what arrived at a rank's expand disagreed with its headers (a corrupted
+// exchange), reported by the next dispatch's header as kEarlierCombine + kArrivalMismatch.
+constexpr int64_t kArrivalMismatch = 0x10;
 
 // The call as this rank sees it (zeros but num_experts when its input was rejected).
 struct CallFacts {

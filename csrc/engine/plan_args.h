@@ -92,17 +92,17 @@ inline CapacityWork prepare_capacity(const Routing& r, const Capacity& c, int64_
 
 struct ExpandPlanWork {
   bodies::ExpandPlanArgs args;
-  Array table, starts, status;  // scratch, as above
+  Array table, starts;  // scratch, as above
 };
 
 // announced, padded: ExpandArgs::expert_offsets and padded_offsets where the backend reads them
 // (on the device for CUDA).
 inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const int64_t* announced,
                                      const int64_t* padded, Allocator& alloc) {
+  MOE_HOST_ASSERT(e.status, "the expand needs a status word");
   ExpandPlanWork w;
   w.table = alloc.allocate(workers * (e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
   w.starts = alloc.allocate((e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
-  w.status = alloc.allocate(int64_t(sizeof(int64_t)));
   bodies::ExpandPlanArgs& a = w.args;
   a.rows = e.rows;
   a.num_rows = e.num_rows;
@@ -115,7 +115,8 @@ inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const
   a.table = w.table.as<int64_t>();
   a.starts = w.starts.as<int64_t>();
   a.announced = announced;
-  a.status = w.status.as<int64_t>();
+  a.status = e.status;
+  a.bad_status = e.bad_status;
   a.row_map = e.row_map;
   a.slot_weights = e.slot_weights;
   a.recv_weights = e.recv_weights;

@@ -70,8 +70,8 @@ __global__ void expand_kernel(bodies::ExpandPlanArgs a, ScatterParams s) {
   for (int64_t i = blockIdx.x; i < s.num_src; i += gridDim.x) bodies::scatter_row<E>(s, i, lanes);
 }
 
-// Every block of a cooperative launch must be resident at once: at most this many, asked of
-// the runtime once per (kernel, device).
+// How many blocks a cooperative launch of `kernel` uses at most, asked of the runtime once per
+// (kernel, device).
 cudaError_t resident_blocks(const void* kernel, int64_t* blocks) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, int64_t> known;
@@ -87,8 +87,11 @@ cudaError_t resident_blocks(const void* kernel, int64_t* blocks) {
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
   if (err != cudaSuccess) return err;
-  if (int64_t(per_sm) * sms < 1) return cudaErrorInvalidConfiguration;
-  *blocks = known[{kernel, device}] = int64_t(per_sm) * sms;
+  if (per_sm < 1 || sms < 1) return cudaErrorInvalidConfiguration;
+  // One block per SM, not the device's full occupancy: every block of a cooperative launch must
+  // be resident at once, and kernels of other streams (NCCL's, waiting for a peer that may be
+  // waiting for us) must still fit beside it.
+  *blocks = known[{kernel, device}] = sms;
   return cudaSuccess;
 }
 
@@ -97,8 +100,12 @@ cudaError_t launch_cooperative(const void* kernel, int64_t work, void** args, cu
   cudaError_t err = resident_blocks(kernel, &limit);
   if (err != cudaSuccess) return err;
   const int64_t wanted = std::max<int64_t>(1, (work + kThreads - 1) / kThreads);
-  const dim3 grid(unsigned(std::min(wanted, limit))), block(kThreads);
-  return cudaLaunchCooperativeKernel(kernel, grid, block, args, 0, stream);
+  for (int64_t blocks = std::min(wanted, limit);; blocks = (blocks + 1) / 2) {
+    err = cudaLaunchCooperativeKernel(kernel, dim3(unsigned(blocks)), dim3(kThreads), args, 0, stream);
+    // Fewer SMs than the device has (MPS, green contexts): a smaller grid does the same work.
+    if (err != cudaErrorCooperativeLaunchTooLarge || blocks == 1) return err;
+    cudaGetLastError();  // clear it before the retry
+  }
 }
 
 }  // namespace

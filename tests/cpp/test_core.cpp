@@ -161,7 +161,10 @@ void test_pack_expand_reduce() {
   e.slot_weights = slot_w.data();
   e.recv_weights = recv_w.data();
   e.recv_x = reinterpret_cast<uint8_t*>(recv_x.data());
+  int64_t status = -1;
+  e.status = &status;
   device.expand(e, alloc);
+  CHECK(status == 0);
   CHECK((row_map == std::vector<int64_t>{1, -1, 0, 2}));
   CHECK((recv_w == std::vector<float>{1.0f, 0.5f, 2.0f}));
   bool refused = false;  // counts that disagree with the header's: an error, nothing placed
@@ -172,7 +175,7 @@ void test_pack_expand_reduce() {
   } catch (const Error&) {
     refused = true;
   }
-  CHECK(refused);
+  CHECK(refused && status == 1);
 
   // Combine on rank 1 with expert_y = recv rows: partial[token 0] = 0.5 * x0,
   // partial[token 1] = 1 * x1 + 2 * x1.

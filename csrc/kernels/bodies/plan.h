@@ -13,6 +13,7 @@
 // occupancy), so the GPU's positions are the ones the CPU suite checks.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "../../core/hd.h"
@@ -119,7 +120,9 @@ MOE_HD void capacity_group(const CapacityArgs& a, int64_t w) {
 // Pair q of the same expert ranks ahead of pair p.
 MOE_HD bool ranks_ahead(const CapacityArgs& a, int64_t q, int64_t p) {
   if (!a.by_weight) return q < p;
-  const float wq = a.weights[q], wp = a.weights[p];
+  // A NaN weight ranks below every number (a total order, so the selection is well defined).
+  const float wq = a.weights[q] == a.weights[q] ? a.weights[q] : -INFINITY;
+  const float wp = a.weights[p] == a.weights[p] ? a.weights[p] : -INFINITY;
   return wq > wp || (wq == wp && q < p);  // pairs of one expert have distinct tokens
 }
 
@@ -291,7 +294,8 @@ struct ExpandPlanArgs {
   int64_t* table = nullptr;            // [workers, experts + 1] scratch; last column: bad slots
   int64_t* starts = nullptr;           // [experts + 1]: each expert's first output row
   const int64_t* announced = nullptr;  // [experts + 1]: the starts the headers announced
-  int64_t* status = nullptr;           // [1]: 1 when what arrived is not what was announced
+  int64_t* status = nullptr;           // [1]: bad_status when what arrived is not what was announced
+  int64_t bad_status = 1;
   int64_t* row_map = nullptr;          // [num_rows, topk] in arrival order: output row, -1 none
   float* slot_weights = nullptr;       // [num_rows, topk]
   float* recv_weights = nullptr;       // [padded[experts]] (or [announced[experts]])
@@ -332,7 +336,7 @@ MOE_HD void expand_plan_starts(const ExpandPlanArgs& a) {
   // expert id out of range or a count that disagrees places nothing.
   bool agrees = bad == 0;
   for (int64_t e = 0; e <= a.experts && agrees && a.announced; ++e) agrees = a.starts[e] == a.announced[e];
-  *a.status = agrees ? 0 : 1;
+  *a.status = agrees ? 0 : a.bad_status;
 }
 
 MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
