@@ -104,6 +104,8 @@ def parse_args(argv=None):
                    help="which pairs an expert keeps past its capacity (with --capacity-factor)")
     p.add_argument("--expert-alignment", type=int, default=1,
                    help="pad each local expert's rows with zero rows to a multiple of this")
+    p.add_argument("--pad-to-capacity", action="store_true",
+                   help="every (expert, source rank) block padded to the capacity (needs --capacity-factor)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per op")
     p.add_argument("--iters", type=int, default=30, help="timed calls per op")
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -305,7 +307,7 @@ def timed(fn, args, group, device):
 
 def capacity_kwargs(args):
     return dict(capacity_factor=args.capacity_factor, drop_policy=args.drop_policy,
-                expert_alignment=args.expert_alignment)
+                expert_alignment=args.expert_alignment, pad_to_capacity=args.pad_to_capacity)
 
 
 def kept_routing(args, idx, weights):
@@ -326,6 +328,8 @@ def check_against_baseline(x, idx, kept, weights, buf, experts, args):
     theirs = baseline.dispatch(x, kept, weights, experts)
     # Our padding rows (--expert-alignment) aside, the rows are the same.
     real = torch.cat([torch.arange(int(p)) < int(r) for p, r in zip(ours[2], theirs[2].cpu())]).to(x.device)
+    if args.pad_to_capacity:  # padding inside every block: the real rows are those with a weight
+        real = ours[1] != 0
     assert torch.equal(ours[0][real], theirs[0]) and torch.equal(ours[1][real], theirs[1]), "baseline disagrees"
     y_ours = moe_comm.combine(ours[0], ours[3], weights)
     y_theirs = baseline.combine(theirs[0], theirs[3])

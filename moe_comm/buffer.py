@@ -94,11 +94,15 @@ class Buffer:
       False: no status: a bad combine input raises on its rank only, and its peers end in the
         timeout.
     buf.combine_status says which was chosen ("immediate", "deferred" or None).
+
+    max_tokens_per_rank: the most tokens a dispatch may get on any rank (more: an error naming x
+    on every rank); a capacity C is then computed from it instead of each rank's own count, so
+    every rank gets the same C (pad_to_capacity needs that).
     """
 
     def __init__(self, group=None, num_experts: int = 0, ranks_per_node: Optional[int] = None,
                  hierarchical="auto", timeout: Optional[float] = None, device=None,
-                 combine_status=True, cpu_transport: str = "auto"):
+                 combine_status=True, cpu_transport: str = "auto", max_tokens_per_rank: Optional[int] = None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("moe_comm.Buffer needs torch.distributed to be initialised "
                                "(dist.init_process_group) before it is created")
@@ -111,6 +115,9 @@ class Buffer:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if not (isinstance(combine_status, bool) or combine_status in ("immediate", "deferred")):
             raise ValueError(f"combine_status must be True, False, 'immediate' or 'deferred', got {combine_status!r}")
+        if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool)
+                                                or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 0):
+            raise ValueError(f"max_tokens_per_rank must be an int >= 0 or None, got {max_tokens_per_rank!r}")
         if cpu_transport not in CPU_TRANSPORTS:
             raise ValueError(f"cpu_transport must be one of {CPU_TRANSPORTS}, got {cpu_transport!r}")
 
@@ -153,6 +160,7 @@ class Buffer:
         if combine_status is True:
             combine_status = "deferred" if self.device.type == "cuda" else "immediate"
         self.combine_status = combine_status or None
+        self.max_tokens_per_rank = max_tokens_per_rank
         if self.device.type == "cuda":
             # Collective: every rank of each stage joins its communicator, stage by stage.
             for stage in self.stages:

@@ -9,9 +9,10 @@ from .transport import comm_error
 from .validation import ARGUMENT_CODES, routing_error
 
 DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
-EARLIER_COMBINE = 8  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
+EARLIER_COMBINE = 32  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
 ARRIVAL_MISMATCH = 0x10  # header.h kArrivalMismatch: a rank's rows disagreed with its headers
-FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts"}  # header.h Field
+FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts",
+                7: "pad_to_capacity: rows per block (C, 0 without pad_to_capacity)"}  # header.h Field
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
 
@@ -39,8 +40,8 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
             return ValueError(f"{FIELD_LABELS[field]} is {mine} on rank {buffer.rank} but {theirs} on rank "
                               f"{bad_rank}: every rank of the group must agree")
         a, b = sorted((bad_rank, seen_by))
-        return ValueError(f"dispatch: rank {a} and rank {b} disagree on the hidden size, dtype, top-k or "
-                          f"num_experts; every rank of the group must agree")
+        return ValueError(f"dispatch: rank {a} and rank {b} disagree on the hidden size, dtype, top-k, "
+                          f"num_experts or pad_to_capacity's C; every rank of the group must agree")
     if code == EARLIER_COMBINE + ARRIVAL_MISMATCH:
         return RuntimeError(f"dispatch: the rows an earlier dispatch delivered to rank {bad_rank} disagreed with its "
                             f"headers (a corrupted exchange); that dispatch's outputs on rank {bad_rank} are not "

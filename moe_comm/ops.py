@@ -24,23 +24,28 @@ from .handle import DispatchHandle, version_of
 from .roll_call import post_reason
 from .streams import stream_of
 from .validation import (CODE_OF, check_capacity_arguments, check_combine_inputs, check_dispatch_inputs,
-                         expert_capacity)
+                         check_token_budget, expert_capacity)
 
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
 
 
-def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment):
+def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
+                      pad_to_capacity):
     buffer.begin_call("dispatch")
     rejected = (check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
-                or check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment))
+                or check_token_budget(x, buffer.max_tokens_per_rank)
+                or check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment,
+                                            pad_to_capacity))
     code = CODE_OF[rejected.argument] if rejected is not None else 0
     weights = topk_weights.detach() if (topk_weights is not None and not code) else None
     capacity = -1
     if capacity_factor is not None and not code:
-        capacity = expert_capacity(capacity_factor, x.shape[0], topk_idx.shape[1], buffer.num_experts)
+        tokens = buffer.max_tokens_per_rank if buffer.max_tokens_per_rank is not None else x.shape[0]
+        capacity = expert_capacity(capacity_factor, tokens, topk_idx.shape[1], buffer.num_experts)
     problem, routing, recv_x, recv_weights, counts, layout = call_engine(
         buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,
-        stream_of(buffer.device), capacity, drop_policy == "probs", expert_alignment if not code else 1)
+        stream_of(buffer.device), capacity, drop_policy == "probs", expert_alignment if not code else 1,
+        bool(pad_to_capacity) and not code)
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     handle = DispatchHandle(
@@ -52,10 +57,11 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment):
+    def forward(ctx, x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment,
+                pad_to_capacity):
         recv_x, recv_weights, tokens_per_expert, handle = _dispatch_forward(x, topk_idx, topk_weights, buffer,
                                                                             capacity_factor, drop_policy,
-                                                                            expert_alignment)
+                                                                            expert_alignment, pad_to_capacity)
         ctx.handle = handle
         ctx.mark_non_differentiable(tokens_per_expert)
         return recv_x, recv_weights, tokens_per_expert, handle
@@ -69,7 +75,7 @@ class _Dispatch(torch.autograd.Function):
         want_w = ctx.needs_input_grad[1]
         grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
                                      grad_recv_weights.contiguous() if want_w else None, stream_of(h.buffer.device))
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -133,7 +139,8 @@ def _views_dispatch_weights(topk_weights, handle: DispatchHandle) -> bool:
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer,
-             capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1):
+             capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1,
+             pad_to_capacity: bool = False):
     """Sends each token once to every rank owning one of its experts (hierarchical: once to
     each destination node, then inside it); expands it there to one row per local expert.
 
@@ -146,10 +153,14 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     expert_alignment: zero rows end each local expert's segment so that its length (counted in
     tokens_per_expert) is a multiple of it, for grouped GEMMs; combine ignores them, and their
     expert_y rows get a zero gradient.
+    pad_to_capacity: every (local expert, source rank) block holds exactly C rows (kept rows, then
+    zero rows): static shapes, R = E_local * W * C (then aligned). Every rank must get the same C:
+    give the Buffer a max_tokens_per_rank (C then uses it for T), or the same T everywhere.
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU), handle.
     """
-    return _Dispatch.apply(x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment)
+    return _Dispatch.apply(x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment,
+                           pad_to_capacity)
 
 
 def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None):

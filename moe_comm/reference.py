@@ -92,6 +92,33 @@ def dispatch_all(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
     return out
 
 
+def dispatch_all_blocks(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
+                        topk_weights: Sequence[Optional[torch.Tensor]], num_experts: int, block_rows: int,
+                        alignment: int = 1):
+    """dispatch_all with pad_to_capacity (API.md): each local expert's segment is one block of
+    block_rows rows per source rank (its rows, then zero rows), then zero rows up to a multiple
+    of `alignment`. -> list over ranks of (recv_x, recv_weights, tokens_per_expert)."""
+    hidden = xs[0].shape[1]
+    out = []
+    for experts in _owner_layout(topk_idxs, num_experts, len(xs)):
+        rows, weights, counts = [], [], []
+        for blocks in experts:
+            n = 0
+            for src, tokens, slots in blocks:
+                assert len(tokens) <= block_rows, "a block holds more than block_rows rows"
+                pad = block_rows - len(tokens)
+                w = topk_weights[src]
+                rows += [xs[src][tokens], xs[src].new_zeros((pad, hidden))]
+                weights += [w[tokens, slots] if w is not None else torch.ones(len(tokens)), torch.zeros(pad)]
+                n += block_rows
+            tail = -n % alignment
+            rows.append(xs[0].new_zeros((tail, hidden)))
+            weights.append(torch.zeros(tail))
+            counts.append(n + tail)
+        out.append((torch.cat(rows), torch.cat(weights).float(), torch.tensor(counts, dtype=torch.int64)))
+    return out
+
+
 def combine_all(expert_ys: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
                 topk_weights: Sequence[Optional[torch.Tensor]], num_experts: int,
                 num_tokens: Sequence[int], out_dtype: torch.dtype) -> List[torch.Tensor]:

@@ -20,7 +20,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Header status codes of dispatch's arguments (4 is a disagreement: csrc/engine/header.h).
 ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights", 5: "capacity_factor", 6: "drop_policy",
-                  7: "expert_alignment"}
+                  7: "expert_alignment", 8: "pad_to_capacity"}
 DROP_POLICIES = ("probs", "position")
 CODE_OF = {name: code for code, name in ARGUMENT_CODES.items() if name}
 
@@ -89,8 +89,14 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Op
     return None
 
 
-def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment) -> Optional[InputError]:
+def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment,
+                             pad_to_capacity) -> Optional[InputError]:
     """dispatch's capacity and padding arguments (host facts); None when fine."""
+    if not isinstance(pad_to_capacity, bool):
+        return _type_error("pad_to_capacity", f"must be True or False, got {type(pad_to_capacity).__name__}")
+    if pad_to_capacity and capacity_factor is None:
+        return _value_error("pad_to_capacity", "pads every (expert, source rank) block to the capacity C, "
+                                               "which needs a capacity_factor")
     if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int):
         return _type_error("expert_alignment", f"must be an int, got {type(expert_alignment).__name__}")
     if expert_alignment < 1:
@@ -109,9 +115,18 @@ def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_
     return None
 
 
+def check_token_budget(x, max_tokens_per_rank: Optional[int]) -> Optional[InputError]:
+    """x's tokens within the Buffer's max_tokens_per_rank."""
+    if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank:
+        return _value_error("x", f"has {x.shape[0]} tokens, more than the Buffer's max_tokens_per_rank "
+                                 f"{max_tokens_per_rank}")
+    return None
+
+
 def expert_capacity(capacity_factor: float, tokens: int, topk: int, num_experts: int) -> int:
     """C = ceil(capacity_factor * tokens * topk / num_experts): the (token, expert) pairs of this
-    rank each expert keeps (API.md: Capacity)."""
+    rank each expert keeps (API.md: Capacity; tokens: the Buffer's max_tokens_per_rank when it
+    has one, else the rank's own)."""
     return math.ceil(capacity_factor * tokens * topk / num_experts)
 
 

@@ -207,3 +207,72 @@ def _bad_alignment_worker(rank, world_size):
 
 def test_bad_expert_alignment_raises_on_every_rank():
     assert run_distributed(2, _bad_alignment_worker) == [True, True]
+
+
+def _padded_worker(rank, world_size, ranks_per_node, alignment):
+    """pad_to_capacity: every (expert, source rank) block has exactly C rows, R = E_local * W * C
+    (aligned) on every rank whatever the routing; combine and the gradients as without padding."""
+    max_tokens = 24
+    buf = moe_comm.Buffer(num_experts=8, ranks_per_node=ranks_per_node, max_tokens_per_rank=max_tokens)
+    case = Case(world_size, 8, topk=3, hidden=5, pattern="skewed", tokens=(13, 0, 22, 5), seed=7)
+    xs, idxs, ws = all_inputs(case)
+    factor = 0.75
+    C_rows = math.ceil(factor * max_tokens * 3 / 8)
+    kept = []
+    for i, w in zip(idxs, ws):  # the reference with the Buffer's T for C
+        padded_i = torch.cat([i, torch.full((max_tokens - len(i), 3), -1)])
+        padded_w = torch.cat([w, torch.zeros(max_tokens - len(w), 3)])
+        kept.append(reference.drop_by_capacity(padded_i, padded_w, 8, factor, "probs")[:len(i)])
+    results = []
+    for pad in (True, False):
+        x = xs[rank].clone().requires_grad_(True)
+        w = ws[rank].clone().requires_grad_(True)
+        recv_x, recv_w, counts, handle = moe_comm.dispatch(x, idxs[rank], w, buf, capacity_factor=factor,
+                                                           pad_to_capacity=pad, expert_alignment=alignment)
+        if pad:
+            segment = -(-world_size * C_rows // alignment) * alignment
+            assert counts.tolist() == [segment] * 2 and recv_x.shape[0] == 2 * segment  # static shapes
+            expected = reference.dispatch_all_blocks(xs, kept, ws, 8, C_rows, alignment)[rank]
+        else:
+            expected = reference.pad_experts(*reference.dispatch_all(xs, kept, ws, 8)[rank], alignment)
+        assert_dispatch_equal((recv_x.detach(), recv_w.detach(), counts), expected, what=f"pad {pad}")
+        expert_y = recv_x * 3
+        expert_y.retain_grad()
+        y = moe_comm.combine(expert_y, handle, w)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, w.grad, expert_y.grad, recv_w.detach()))
+    (y_p, gx_p, gw_p, gy_p, rw_p), (y_u, gx_u, gw_u, gy_u, rw_u) = results
+    assert torch.equal(y_p, y_u) and torch.equal(gx_p, gx_u) and torch.equal(gw_p, gw_u)
+    assert torch.equal(gy_p[rw_p != 0], gy_u[rw_u != 0]) and not gy_p[rw_p == 0].any()
+    return recv_x.shape[0]
+
+
+@pytest.mark.parametrize("ranks_per_node,alignment", [(4, 1), (2, 8)])
+def test_pad_to_capacity_gives_static_blocks(ranks_per_node, alignment):
+    run_distributed(4, _padded_worker, ranks_per_node, alignment)
+
+
+def _pad_disagreement_worker(rank, world_size):
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=20)  # no max_tokens_per_rank
+    tokens = 6 if rank == 0 else 9  # so C differs
+    gen = torch.Generator().manual_seed(rank)
+    x, w = torch.randn(tokens, 4, generator=gen), torch.rand(tokens, 2, generator=gen)
+    idx = torch.rand(tokens, 4, generator=gen).argsort(dim=1)[:, :2]
+    with pytest.raises(ValueError, match=r"pad_to_capacity: rows per block .* on rank \d but \d+ on rank \d"):
+        moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
+    with pytest.raises((ValueError, RuntimeError), match=r"pad_to_capacity"):
+        moe_comm.dispatch(x, idx, w, buf, pad_to_capacity=rank == 0)  # no capacity_factor on rank 0
+    small = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=20, max_tokens_per_rank=7)
+    if rank == 1:
+        with pytest.raises(ValueError, match=r"^x: has 9 tokens, more than the Buffer's max_tokens_per_rank 7"):
+            moe_comm.dispatch(x, idx, w, small)
+    else:
+        with pytest.raises(RuntimeError, match=r"^dispatch: rank 1 rejected its argument 'x'"):
+            moe_comm.dispatch(x, idx, w, small)
+    recv_x, _, _, handle = moe_comm.dispatch(x[:7], idx[:7], w[:7], small, capacity_factor=1.0, pad_to_capacity=True)
+    return tuple(recv_x.shape)
+
+
+def test_pad_to_capacity_errors_on_every_rank():
+    shapes = run_distributed(2, _pad_disagreement_worker)
+    assert shapes[0] == shapes[1]  # the same static shape on both ranks

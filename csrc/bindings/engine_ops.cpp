@@ -111,7 +111,7 @@ class PyEngine {
   // capacity: -1 none, else pairs each expert keeps of this rank's (by_weight: the largest).
   py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
                      const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream,
-                     int64_t capacity, bool by_weight, int64_t alignment) {
+                     int64_t capacity, bool by_weight, int64_t alignment, bool pad_to_capacity) {
     Tensor xk, idx, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -132,7 +132,7 @@ class PyEngine {
       py::gil_scoped_release release;
       r = guarded(stream, [&] {
         return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected, cap,
-                                 alignment);
+                                 alignment, pad_to_capacity && !rejected);
       });
     }
     const auto& p = r.problem;

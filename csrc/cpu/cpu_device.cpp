@@ -88,15 +88,16 @@ void CpuDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const RowF
 
 void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
   engine::ExpandPlanWork work =
-      engine::prepare_expand(e, plan_workers(e.num_rows), e.expert_offsets, e.padded_offsets, alloc);
+      engine::prepare_expand(e, plan_workers(e.num_rows), e.expert_offsets, e.padded_offsets, e.source_starts, alloc);
   const bodies::ExpandPlanArgs& a = work.args;
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_count(a, w);
-  for (int64_t c = 0; c <= a.experts; ++c) bodies::expand_plan_column(a, c);
-  const int64_t bad_slots = a.starts[a.experts];
-  std::vector<int64_t> arrived(a.starts, a.starts + a.experts);
+  for (int64_t c = 0; c <= a.buckets(); ++c) bodies::expand_plan_column(a, c);
+  const int64_t bad_slots = a.starts[a.buckets()];
+  std::vector<int64_t> arrived(a.experts, 0);  // per local expert, before the starts pass
+  for (int64_t b = 0; b < a.buckets(); ++b) arrived[b % a.experts] += a.starts[b];
   bodies::expand_plan_starts(a);
   // The outputs were sized from the headers' counts: prove them right (free on the CPU; on
-  // CUDA the plan places nothing then, and reads nothing out of bounds).
+  // CUDA the plan places nothing then, and the next dispatch's header reports it).
   MOE_HOST_ASSERT(bad_slots == 0, bad_slots << " arrived slot(s) name a local expert outside [0, "
                                             << a.experts << ")");
   for (int64_t x = 0; x < a.experts; ++x) {
@@ -104,10 +105,12 @@ void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
     MOE_HOST_ASSERT(arrived[x] == announced, "the header announced " << announced << " rows for local expert " << x
                                                                      << ", " << arrived[x] << " arrived");
   }
+  MOE_HOST_ASSERT(*a.status == 0, "more rows arrived from one source rank for one expert than its block of "
+                                      << a.block_rows << " holds");
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_fill(a, w);
-  const int64_t padding = bodies::padding_rows(a);
-  for (int64_t j = 0; j < padding; ++j) {
-    for (int64_t l = 0; l < emulated_lanes(); ++l) bodies::zero_padding_row(a, j, bodies::Lanes{l, emulated_lanes()});
+  const int64_t lanes = emulated_lanes();
+  for (int64_t r = 0; a.padded && r < a.output_rows(); ++r) {
+    for (int64_t l = 0; l < lanes; ++l) bodies::zero_if_padding(a, r, bodies::Lanes{l, lanes});
   }
   cpu::scatter_rows(engine::expand_scatter(e));
 }

@@ -105,12 +105,14 @@ void CudaDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
   // The announced offsets go up with the rows' plan (a copy, not a launch); a disagreement
   // places no row (bodies/plan.h), so a corrupted header cannot write out of bounds.
   const int64_t n = e.experts_per_rank + 1;
-  std::vector<int64_t> tables(e.expert_offsets, e.expert_offsets + n);
+  std::vector<int64_t> tables(e.expert_offsets, e.expert_offsets + n);  // one upload for all three
   if (e.padded_offsets) tables.insert(tables.end(), e.padded_offsets, e.padded_offsets + n);
+  if (e.source_starts) tables.insert(tables.end(), e.source_starts, e.source_starts + e.sources + 1);
   engine::Array on_device = upload(tables.data(), int64_t(tables.size() * sizeof(int64_t)), alloc);
   const int64_t* announced = on_device.as<int64_t>();
-  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), announced,
-                                                       e.padded_offsets ? announced + n : nullptr, alloc);
+  const int64_t* padded = e.padded_offsets ? announced + n : nullptr;
+  const int64_t* sources = e.source_starts ? announced + (padded ? 2 * n : n) : nullptr;
+  engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), announced, padded, sources, alloc);
   MOE_CUDA_CHECK(launch_expand(work.args, engine::expand_scatter(e), stream_));
 }
 

@@ -58,6 +58,12 @@ struct ExpandArgs {
   // [experts_per_rank + 1] (host): each expert's segment aligned, zero rows filling the tail;
   // null: none. recv_x and recv_weights are then padded_offsets[experts_per_rank] rows.
   const int64_t* padded_offsets = nullptr;
+  // pad_to_capacity: each expert's segment is one block of block_rows rows per source rank
+  // (0: none; padded_offsets then given); the rows of source s are the API-order rows
+  // [source_starts[s], source_starts[s + 1]) (host, [sources + 1]).
+  int64_t block_rows = 0;
+  int64_t sources = 1;
+  const int64_t* source_starts = nullptr;
   // Where the plan says whether what arrived is what the headers announced (0, or bad_status:
   // then it placed nothing); the engine keeps it for the next dispatch's header.
   int64_t* status = nullptr;

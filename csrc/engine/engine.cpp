@@ -284,7 +284,8 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
 }
 
 DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                                int64_t rejected, const Capacity& capacity, int64_t alignment) {
+                                int64_t rejected, const Capacity& capacity, int64_t alignment,
+                                bool pad_to_capacity) {
   begin("dispatch");
   DispatchResult out;
   CallFacts call;
@@ -299,6 +300,10 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
     call.hidden = x.cols;
     call.dtype = static_cast<int64_t>(x.dtype);
     call.topk = topk;
+    if (pad_to_capacity) {
+      MOE_HOST_ASSERT(capacity.on(), "pad_to_capacity needs a capacity");
+      call.block_rows = capacity.capacity;
+    }
     launch();
     device_->plan_send(Routing{topk_idx, x.rows, topk, num_experts_, stages_[0].size}, capacity, *allocator_,
                        layout->plans[0]);
@@ -337,11 +342,14 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   }
   std::vector<int64_t> expert_offsets(experts_per_rank_ + 1, 0);
   std::partial_sum(layout->tokens_per_expert.begin(), layout->tokens_per_expert.end(), expert_offsets.begin() + 1);
-  std::vector<int64_t> padded_offsets;  // expert alignment: zero rows end each expert's segment
-  if (alignment > 1) {
+  // Padding: blocks of C rows per source rank (pad_to_capacity), then zero rows to the
+  // alignment, end each expert's segment.
+  std::vector<int64_t> padded_offsets;
+  if (alignment > 1 || pad_to_capacity) {
     padded_offsets.assign(experts_per_rank_ + 1, 0);
     for (int64_t e = 0; e < experts_per_rank_; ++e) {
-      const int64_t rows = (layout->tokens_per_expert[e] + alignment - 1) / alignment * alignment;
+      const int64_t kept = pad_to_capacity ? world_size_ * call.block_rows : layout->tokens_per_expert[e];
+      const int64_t rows = (kept + alignment - 1) / alignment * alignment;
       padded_offsets[e + 1] = padded_offsets[e] + rows;
       layout->tokens_per_expert[e] = rows;  // grouped GEMMs see the padded segments
     }
@@ -392,6 +400,18 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   a.row_order = order_on_device.as<int64_t>();
   a.expert_offsets = expert_offsets.data();
   a.padded_offsets = layout->padded ? padded_offsets.data() : nullptr;
+  std::vector<int64_t> source_starts(world_size_ + 1, 0);  // API-order rows of each source rank
+  if (pad_to_capacity && layout->padded) {
+    for (int64_t s = 0; s < senders; ++s) {
+      for (int64_t b = 0; b < hl.blocks; ++b) {  // flat: one block, the sender is the source
+        source_starts[b * senders + s + 1] = got[s * hl.width() + hl.rows_col() + b];
+      }
+    }
+    std::partial_sum(source_starts.begin(), source_starts.end(), source_starts.begin());
+    a.block_rows = call.block_rows;
+    a.sources = world_size_;
+    a.source_starts = source_starts.data();
+  }
   // A mismatch is noticed where the rows are (on CUDA nothing waits for it): the next header
   // reports it on every rank, as a deferred combine status.
   a.status = reserve_pending(1);

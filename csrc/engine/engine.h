@@ -86,8 +86,10 @@ class Engine {
   // then joins the header exchange only, with zeros but num_experts.
   // capacity: pairs past it are dropped on this rank before anything is sent.
   // alignment: each local expert's rows end with zero rows up to a multiple of it.
+  // pad_to_capacity: each expert's segment is one block of capacity.capacity rows per source
+  // rank (kept rows, then zero rows); every rank must use the same capacity.
   DispatchResult dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                          int64_t rejected, const Capacity& capacity, int64_t alignment);
+                          int64_t rejected, const Capacity& capacity, int64_t alignment, bool pad_to_capacity);
 
   // expert_y [R, H] (ignored when this rank rejected its input, status_code > 0: zeros are sent);
   // weights [T, K] or null; reuse: they are dispatch's weights, already at the receivers.

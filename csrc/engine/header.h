@@ -21,13 +21,13 @@
 namespace moe_comm {
 namespace engine {
 
-enum Field : int64_t { kStatus = 0, kBadRank, kSeenBy, kHidden, kDtype, kTopk, kNumExperts, kNumFields };
-constexpr int64_t kFirstAgreed = kHidden;  // hidden, dtype, topk, num_experts must agree
+enum Field : int64_t { kStatus = 0, kBadRank, kSeenBy, kHidden, kDtype, kTopk, kNumExperts, kBlockRows, kNumFields };
+constexpr int64_t kFirstAgreed = kHidden;  // hidden, dtype, topk, num_experts, block rows must agree
 constexpr int64_t kDisagreement = 4;       // status code beside the argument codes (1 x, 2 topk_idx, 3 weights)
 constexpr int64_t kRoutingCode = 2;        // topk_idx: a value out of range or repeated in a row
 // A deferred combine status reported by the next dispatch: kEarlierCombine + the argument code
 // the combine rejected (1 expert_y, 2 topk_weights).
-constexpr int64_t kEarlierCombine = 8;
+constexpr int64_t kEarlierCombine = 32;  // past the dispatch argument codes
 // Beside those: what arrived at a rank's expand disagreed with its headers (a corrupted
 // exchange), reported by the next dispatch's header as kEarlierCombine + kArrivalMismatch.
 constexpr int64_t kArrivalMismatch = 0x10;
@@ -35,9 +35,10 @@ constexpr int64_t kArrivalMismatch = 0x10;
 // The call as this rank sees it (zeros but num_experts when its input was rejected).
 struct CallFacts {
   int64_t hidden = 0, dtype = 0, topk = 0, num_experts = 0;
+  int64_t block_rows = 0;  // pad_to_capacity's C (0: no blocks)
   MOE_HD int64_t get(int64_t field) const {
     return field == kHidden ? hidden : field == kDtype ? dtype : field == kTopk ? topk
-                                                                : field == kNumExperts ? num_experts : 0;
+           : field == kNumExperts ? num_experts : field == kBlockRows ? block_rows : 0;
   }
 };
 

@@ -95,21 +95,25 @@ struct ExpandPlanWork {
   Array table, starts;  // scratch, as above
 };
 
-// announced, padded: ExpandArgs::expert_offsets and padded_offsets where the backend reads them
-// (on the device for CUDA).
+// announced, padded, source_starts: ExpandArgs::expert_offsets, padded_offsets and
+// source_starts where the backend reads them (on the device for CUDA).
 inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const int64_t* announced,
-                                     const int64_t* padded, Allocator& alloc) {
+                                     const int64_t* padded, const int64_t* source_starts, Allocator& alloc) {
   MOE_HOST_ASSERT(e.status, "the expand needs a status word");
+  MOE_HOST_ASSERT(e.block_rows == 0 || (padded && source_starts), "blocks need padded offsets and source starts");
   ExpandPlanWork w;
-  w.table = alloc.allocate(workers * (e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
-  w.starts = alloc.allocate((e.experts_per_rank + 1) * int64_t(sizeof(int64_t)));
   bodies::ExpandPlanArgs& a = w.args;
+  a.experts = e.experts_per_rank;
+  a.block_rows = e.block_rows;
+  a.sources = e.block_rows ? e.sources : 1;
+  a.source_starts = source_starts;
+  w.table = alloc.allocate(workers * a.columns() * int64_t(sizeof(int64_t)));
+  w.starts = alloc.allocate(a.columns() * int64_t(sizeof(int64_t)));
   a.rows = e.rows;
   a.num_rows = e.num_rows;
   a.row_bytes = e.fmt.row_bytes;
   a.meta_offset = e.fmt.meta_offset;
   a.topk = e.topk;
-  a.experts = e.experts_per_rank;
   a.row_order = e.row_order;
   a.split = bodies::WorkSplit{e.num_rows, workers};
   a.table = w.table.as<int64_t>();

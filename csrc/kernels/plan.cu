@@ -58,15 +58,15 @@ __global__ void expand_kernel(bodies::ExpandPlanArgs a, ScatterParams s) {
   cg::grid_group grid = cg::this_grid();
   for (int64_t w = thread_rank(); w < a.split.workers; w += thread_count()) bodies::expand_plan_count(a, w);
   grid.sync();
-  for (int64_t c = thread_rank(); c <= a.experts; c += thread_count()) bodies::expand_plan_column(a, c);
+  for (int64_t c = thread_rank(); c <= a.buckets(); c += thread_count()) bodies::expand_plan_column(a, c);
   grid.sync();
   if (thread_rank() == 0) bodies::expand_plan_starts(a);
   grid.sync();
   for (int64_t w = thread_rank(); w < a.split.workers; w += thread_count()) bodies::expand_plan_fill(a, w);
   grid.sync();
   const bodies::Lanes lanes{int64_t(threadIdx.x), int64_t(blockDim.x)};
-  const int64_t padding = bodies::padding_rows(a);
-  for (int64_t j = blockIdx.x; j < padding; j += gridDim.x) bodies::zero_padding_row(a, j, lanes);
+  const int64_t padded_rows = a.padded ? a.output_rows() : 0;
+  for (int64_t r = blockIdx.x; r < padded_rows; r += gridDim.x) bodies::zero_if_padding(a, r, lanes);
   for (int64_t i = blockIdx.x; i < s.num_src; i += gridDim.x) bodies::scatter_row<E>(s, i, lanes);
 }
 
@@ -133,7 +133,7 @@ cudaError_t launch_expand(const bodies::ExpandPlanArgs& a, const ScatterParams& 
   bodies::ExpandPlanArgs args = a;
   ScatterParams scatter = s;
   void* params[] = {&args, &scatter};
-  const int64_t work = std::max({a.split.workers, a.experts + 1, s.num_src * kThreads});
+  const int64_t work = std::max({a.split.workers, a.buckets() + 1, s.num_src * kThreads});
   cudaError_t err = cudaSuccess;
   const bool known = bodies::with_elem(s.dtype, [&](auto elem) {
     err = launch_cooperative(reinterpret_cast<const void*>(expand_kernel<decltype(elem)>), work, params, stream);

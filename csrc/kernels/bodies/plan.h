@@ -284,6 +284,9 @@ MOE_HD void send_plan_fill(const SendPlanArgs& a, int64_t w) {
 }
 
 // ---- expand plan: arrived rows -> expert-major output rows, (source rank, token) order -----
+// Buckets are the local experts, or with blocks (pad_to_capacity) the (source rank, expert)
+// pairs: every expert's segment then holds one block of block_rows rows per source rank, its
+// rows first, zero rows after.
 
 struct ExpandPlanArgs {
   const uint8_t* rows = nullptr;       // [num_rows, row_bytes] with SlotMeta at meta_offset
@@ -291,60 +294,98 @@ struct ExpandPlanArgs {
   int64_t experts = 0;                 // local experts
   const int64_t* row_order = nullptr;  // [num_rows]: the n-th row in API order; null: arrival
   WorkSplit split;                     // over rows in API order
-  int64_t* table = nullptr;            // [workers, experts + 1] scratch; last column: bad slots
-  int64_t* starts = nullptr;           // [experts + 1]: each expert's first output row
-  const int64_t* announced = nullptr;  // [experts + 1]: the starts the headers announced
+  // Blocks: the rows of source s are API rows [source_starts[s], source_starts[s + 1]).
+  int64_t block_rows = 0;              // 0: no blocks
+  int64_t sources = 1;
+  const int64_t* source_starts = nullptr;  // [sources + 1]
+  int64_t* table = nullptr;            // [workers, buckets + 1] scratch; last column: bad slots
+  int64_t* starts = nullptr;           // [buckets + 1]: bucket totals, then (no blocks) starts
+  const int64_t* announced = nullptr;  // [experts + 1]: each expert's start as the headers said
   int64_t* status = nullptr;           // [1]: bad_status when what arrived is not what was announced
   int64_t bad_status = 1;
   int64_t* row_map = nullptr;          // [num_rows, topk] in arrival order: output row, -1 none
   float* slot_weights = nullptr;       // [num_rows, topk]
-  float* recv_weights = nullptr;       // [padded[experts]] (or [announced[experts]])
-  // Expert alignment: expert e's rows start at padded[e] and zero rows fill its segment up to
-  // padded[e + 1] (null: no padding).
+  float* recv_weights = nullptr;       // [output rows]
+  // Padding (expert alignment, blocks): expert e's rows start at padded[e], zero rows fill its
+  // segment up to padded[e + 1] (null: no padding).
   const int64_t* padded = nullptr;     // [experts + 1]
-  uint8_t* recv_x = nullptr;           // [padded[experts], out_row_bytes]: padding rows zeroed
+  uint8_t* recv_x = nullptr;           // [output rows, out_row_bytes]: padding rows zeroed
   int64_t out_row_bytes = 0;
 
-  MOE_HD int64_t columns() const { return experts + 1; }
+  MOE_HD bool blocks() const { return block_rows > 0; }
+  MOE_HD int64_t buckets() const { return blocks() ? sources * experts : experts; }
+  MOE_HD int64_t columns() const { return buckets() + 1; }
+  MOE_HD int64_t bucket(int64_t source, int64_t e) const { return blocks() ? source * experts + e : e; }
   MOE_HD int64_t row(int64_t n) const { return row_order ? row_order[n] : n; }
   MOE_HD SlotMeta meta(int64_t row, int64_t k) const {
     return reinterpret_cast<const SlotMeta*>(rows + row * row_bytes + meta_offset)[k];
   }
+  MOE_HD int64_t output_rows() const { return padded ? padded[experts] : announced[experts]; }
 };
+
+// The last i in [0, n) with sorted[i] <= value (sorted ascending, sorted[0] <= value).
+MOE_HD int64_t last_at_or_below(const int64_t* sorted, int64_t n, int64_t value) {
+  int64_t lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted[mid] <= value) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+MOE_HD int64_t source_of(const ExpandPlanArgs& a, int64_t n) {
+  return a.blocks() ? last_at_or_below(a.source_starts, a.sources, n) : 0;
+}
 
 MOE_HD void expand_plan_count(const ExpandPlanArgs& a, int64_t w) {
   int64_t* mine = a.table + w * a.columns();
   for (int64_t c = 0; c < a.columns(); ++c) mine[c] = 0;
   for (int64_t n = a.split.begin(w); n < a.split.end(w); ++n) {
-    const int64_t row = a.row(n);
+    const int64_t row = a.row(n), source = source_of(a, n);
     for (int64_t k = 0; k < a.topk; ++k) {
       const int64_t e = a.meta(row, k).local_expert;
-      if (e >= 0) ++mine[e < a.experts ? e : a.experts];
+      if (e >= 0) ++mine[e < a.experts ? a.bucket(source, e) : a.buckets()];
     }
   }
 }
 
-// One column per call, for c in [0, experts]; starts[c] holds the total until expand_plan_starts.
+// One column per call, for c in [0, buckets]; starts[c] holds the bucket's total.
 MOE_HD void expand_plan_column(const ExpandPlanArgs& a, int64_t c) {
   a.starts[c] = scan_column(a.table, a.split.workers, a.columns(), c);
 }
 
 MOE_HD void expand_plan_starts(const ExpandPlanArgs& a) {
-  const int64_t bad = a.starts[a.experts];
-  scan_starts(a.starts, a.experts, a.starts);  // in place
   // Rows are only placed where the headers said (the outputs were sized from them): a local
-  // expert id out of range or a count that disagrees places nothing.
-  bool agrees = bad == 0;
-  for (int64_t e = 0; e <= a.experts && agrees && a.announced; ++e) agrees = a.starts[e] == a.announced[e];
+  // expert id out of range, a count that disagrees or a block past its rows places nothing.
+  bool agrees = a.starts[a.buckets()] == 0;
+  if (a.blocks()) {  // starts keep the totals (the padding pass reads them)
+    for (int64_t e = 0; e < a.experts && agrees; ++e) {
+      int64_t total = 0;
+      for (int64_t s = 0; s < a.sources; ++s) {
+        const int64_t count = a.starts[a.bucket(s, e)];
+        agrees = agrees && count <= a.block_rows;
+        total += count;
+      }
+      agrees = agrees && (!a.announced || total == a.announced[e + 1] - a.announced[e]);
+    }
+  } else {
+    scan_starts(a.starts, a.experts, a.starts);  // in place
+    for (int64_t e = 0; e <= a.experts && agrees && a.announced; ++e) agrees = a.starts[e] == a.announced[e];
+  }
   *a.status = agrees ? 0 : a.bad_status;
 }
 
+// The first output row of bucket (source, e).
+MOE_HD int64_t bucket_base(const ExpandPlanArgs& a, int64_t source, int64_t e) {
+  if (a.blocks()) return a.padded[e] + source * a.block_rows;
+  return a.padded ? a.padded[e] : a.starts[e];
+}
+
 MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
-  int64_t* cursor = a.table + w * a.columns();
-  for (int64_t e = 0; e < a.experts; ++e) cursor[e] += a.starts[e];
+  int64_t* cursor = a.table + w * a.columns();  // this worker's next index in each bucket
   const bool place = *a.status == 0;
   for (int64_t n = a.split.begin(w); n < a.split.end(w); ++n) {
-    const int64_t row = a.row(n);
+    const int64_t row = a.row(n), source = source_of(a, n);
     for (int64_t k = 0; k < a.topk; ++k) {
       const SlotMeta m = a.meta(row, k);
       const int64_t at = row * a.topk + k;
@@ -354,7 +395,7 @@ MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
         continue;
       }
       const int64_t e = m.local_expert;
-      const int64_t out = cursor[e]++ + (a.padded ? a.padded[e] - a.starts[e] : 0);
+      const int64_t out = bucket_base(a, source, e) + cursor[a.bucket(source, e)]++;
       a.row_map[at] = out;
       a.slot_weights[at] = m.weight;
       a.recv_weights[out] = m.weight;
@@ -362,27 +403,22 @@ MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
   }
 }
 
-// Padding rows: the tails of the experts' segments, numbered across experts in order.
-MOE_HD int64_t padding_rows(const ExpandPlanArgs& a) {
-  // Nothing when the arrivals disagree with the headers the padding was sized from.
-  return a.padded && *a.status == 0 ? a.padded[a.experts] - a.starts[a.experts] : 0;
+// Output row r is padding: past its expert's rows, or past its block's.
+MOE_HD bool is_padding(const ExpandPlanArgs& a, int64_t r) {
+  const int64_t e = last_at_or_below(a.padded, a.experts, r);
+  const int64_t within = r - a.padded[e];
+  if (!a.blocks()) return within >= a.starts[e + 1] - a.starts[e];
+  const int64_t source = within / a.block_rows;
+  return source >= a.sources || within % a.block_rows >= a.starts[a.bucket(source, e)];
 }
 
-// Zeroes padding row j (of padding_rows) of recv_x and its weight, the lanes sharing the row.
-MOE_HD void zero_padding_row(const ExpandPlanArgs& a, int64_t j, Lanes lanes) {
-  for (int64_t e = 0; e < a.experts; ++e) {
-    const int64_t real = a.starts[e + 1] - a.starts[e];
-    const int64_t tail = a.padded[e + 1] - a.padded[e] - real;
-    if (j >= tail) {
-      j -= tail;
-      continue;
-    }
-    const int64_t row = a.padded[e] + real + j;
-    uint8_t* out = a.recv_x + row * a.out_row_bytes;
-    for (int64_t b = lanes.id; b < a.out_row_bytes; b += lanes.count) out[b] = 0;
-    if (lanes.id == 0) a.recv_weights[row] = 0.0f;
-    return;
-  }
+// Zeroes output row r of recv_x and its weight if it is padding, the lanes sharing the row.
+// Nothing when the arrivals disagree with the headers the padding was sized from.
+MOE_HD void zero_if_padding(const ExpandPlanArgs& a, int64_t r, Lanes lanes) {
+  if (!a.padded || *a.status != 0 || !is_padding(a, r)) return;
+  uint8_t* out = a.recv_x + r * a.out_row_bytes;
+  for (int64_t b = lanes.id; b < a.out_row_bytes; b += lanes.count) out[b] = 0;
+  if (lanes.id == 0) a.recv_weights[r] = 0.0f;
 }
 
 }  // namespace bodies
