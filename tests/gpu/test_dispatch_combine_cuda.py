@@ -174,3 +174,31 @@ def _peer_missing_from_combine_worker(rank, world_size, combine_status):
 def test_peer_missing_from_combine_ends_in_error_not_hang(combine_status):
     waited, _ = run_distributed(2, _peer_missing_from_combine_worker, combine_status, timeout=120)
     assert waited < 9
+
+
+def _capacity_worker(rank, world_size, ranks_per_node):
+    """Capacity, alignment and pad_to_capacity on CUDA: the same bytes as the CPU path."""
+    become_own_host(rank)
+    kwargs = [dict(capacity_factor=0.75), dict(capacity_factor=0.75, drop_policy="position", expert_alignment=8),
+              dict(capacity_factor=1.0, pad_to_capacity=True, expert_alignment=4)]
+    case = Case(world_size, 8, topk=3, hidden=40, pattern="skewed", tokens=(33, 0, 17, 9), seed=8)
+    xs, idxs, ws = all_inputs(case)
+    gpu = moe_comm.Buffer(num_experts=8, ranks_per_node=ranks_per_node, device="cuda", timeout=120,
+                          max_tokens_per_rank=40)
+    cpu = moe_comm.Buffer(num_experts=8, ranks_per_node=ranks_per_node, device="cpu", timeout=120,
+                          max_tokens_per_rank=40)
+    for kw in kwargs:
+        on_cpu = moe_comm.dispatch(xs[rank], idxs[rank], ws[rank], cpu, **kw)
+        on_gpu = moe_comm.dispatch(xs[rank].cuda(), idxs[rank].cuda(), ws[rank].cuda(), gpu, **kw)
+        for c, g in zip(on_cpu[:3], on_gpu[:3]):
+            assert torch.equal(c, g.cpu()), kw
+        assert on_cpu[3].stats["pairs_dropped"] == on_gpu[3].stats["pairs_dropped"]
+        y_cpu = moe_comm.combine(on_cpu[0] * 2, on_cpu[3], ws[rank])
+        y_gpu = moe_comm.combine(on_gpu[0] * 2, on_gpu[3], ws[rank].cuda())
+        torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-5, atol=1e-5)
+    return len(kwargs)
+
+
+@pytest.mark.parametrize("world_size,ranks_per_node", [(1, 1), (4, 2)])
+def test_capacity_and_padding_on_cuda_match_the_cpu(world_size, ranks_per_node):
+    assert run_distributed(world_size, _capacity_worker, ranks_per_node, timeout=600) == [3] * world_size
