@@ -28,12 +28,15 @@ class MoELayer(nn.Module):
     pair contributes nothing, the residual stream carries the token). `self.drop_rate` is the
     fraction of this rank's routed pairs dropped in the last forward. expert_alignment: as in
     dispatch (the experts then also run on the zero padding rows, which combine ignores).
+    pad_to_capacity: static expert segments, as in dispatch (the Buffer needs a
+    max_tokens_per_rank unless every rank has the same number of tokens).
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, topk: int, buffer, *,
                  score_func: str = "softmax", max_nodes: Optional[int] = None, normalize: bool = False,
                  scaling_factor: float = 1.0, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
-                 capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1):
+                 capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1,
+                 pad_to_capacity: bool = False):
         super().__init__()
         if num_experts != buffer.num_experts:
             raise ValueError(f"num_experts: {num_experts} but the Buffer was built for {buffer.num_experts}")
@@ -43,7 +46,7 @@ class MoELayer(nn.Module):
         self.normalize, self.scaling_factor = normalize, scaling_factor
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
-        self.expert_alignment = expert_alignment
+        self.expert_alignment, self.pad_to_capacity = expert_alignment, pad_to_capacity
         self.drop_rate = 0.0
         local = buffer.experts_per_rank
         self.first_expert = buffer.rank * local
@@ -83,7 +86,8 @@ class MoELayer(nn.Module):
         recv_x, _, tokens_per_expert, handle = dispatch(x, idx, weights, self.buffer,
                                                         capacity_factor=self.capacity_factor,
                                                         drop_policy=self.drop_policy,
-                                                        expert_alignment=self.expert_alignment)
+                                                        expert_alignment=self.expert_alignment,
+                                                        pad_to_capacity=self.pad_to_capacity)
         y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
         routed = int((idx >= 0).sum())
         self.drop_rate = handle.stats["pairs_dropped"] / routed if routed else 0.0

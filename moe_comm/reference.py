@@ -37,12 +37,13 @@ def _owner_layout(topk_idxs: Sequence[torch.Tensor], num_experts: int, world_siz
 
 
 def drop_by_capacity(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], num_experts: int,
-                     capacity_factor: float, drop_policy: str = "probs") -> torch.Tensor:
+                     capacity_factor: float, drop_policy: str = "probs", tokens: Optional[int] = None) -> torch.Tensor:
     """One rank's routing after expert capacity (API.md: Capacity): each expert keeps at most
-    C = ceil(capacity_factor * T * K / E) of its pairs, the largest weights ("probs", ties to
-    the lower token) or the first tokens ("position"); the others become -1."""
+    C = ceil(capacity_factor * T * K / E) of its pairs (T: `tokens`, the Buffer's
+    max_tokens_per_rank, else the rank's own), the largest weights ("probs", ties to the lower
+    token) or the first tokens ("position"); the others become -1."""
     T, K = topk_idx.shape
-    capacity = math.ceil(capacity_factor * T * K / num_experts)
+    capacity = math.ceil(capacity_factor * (T if tokens is None else tokens) * K / num_experts)
     kept = topk_idx.to(torch.int64).clone()
     for e in range(num_experts):
         tokens, slots = (kept == e).nonzero(as_tuple=True)  # ascending token

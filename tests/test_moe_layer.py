@@ -39,7 +39,8 @@ def _dense_step(p, expert_bias, x, target, total, cfg, sizes):
                                          bias=expert_bias if cfg["bias_rate"] else None)
     kept = idx
     if cfg.get("capacity"):
-        kept = torch.cat([reference.drop_by_capacity(i, ww.detach(), E, cfg["capacity"], cfg["policy"])
+        kept = torch.cat([reference.drop_by_capacity(i, ww.detach(), E, cfg["capacity"], cfg["policy"],
+                                                     tokens=cfg.get("max_tokens"))
                           for i, ww in zip(idx.split(sizes), w.split(sizes))])
     y = torch.zeros_like(x)
     for e in range(E):
@@ -51,11 +52,11 @@ def _dense_step(p, expert_bias, x, target, total, cfg, sizes):
 
 
 def _train_worker(rank, world_size, cfg):
-    buf = moe_comm.Buffer(num_experts=E, ranks_per_node=cfg["ranks_per_node"])
+    buf = moe_comm.Buffer(num_experts=E, ranks_per_node=cfg["ranks_per_node"], max_tokens_per_rank=cfg.get("max_tokens"))
     layer = MoELayer(H, F, E, K, buf, score_func=cfg["score_func"], max_nodes=cfg["max_nodes"],
                      normalize=cfg["normalize"], bias_update_rate=cfg["bias_rate"],
                      capacity_factor=cfg.get("capacity"), drop_policy=cfg.get("policy", "probs"),
-                     expert_alignment=cfg.get("alignment", 1))
+                     expert_alignment=cfg.get("alignment", 1), pad_to_capacity=cfg.get("pad", False))
     full = _full_params(seed=5)
     local = slice(layer.first_expert, layer.first_expert + buf.experts_per_rank)
     with torch.no_grad():
@@ -111,10 +112,10 @@ def _train_worker(rank, world_size, cfg):
     dict(ranks_per_node=4, score_func="softmax", max_nodes=None, normalize=False, bias_rate=0.0),
     dict(ranks_per_node=2, score_func="sigmoid", max_nodes=1, normalize=True, bias_rate=0.01),
     dict(ranks_per_node=4, score_func="softmax", max_nodes=None, normalize=False, bias_rate=0.0, capacity=0.5,
-         policy="probs"),
+         policy="probs", pad=True, max_tokens=12),
     dict(ranks_per_node=2, score_func="sigmoid", max_nodes=None, normalize=True, bias_rate=0.0, capacity=0.75,
          policy="position", alignment=4),
-], ids=["flat-softmax-topk", "2x2-hierarchical-sigmoid-node-limited-bias", "flat-capacity-probs",
+], ids=["flat-softmax-topk", "2x2-hierarchical-sigmoid-node-limited-bias", "flat-capacity-probs-padded",
         "2x2-hierarchical-capacity-position-aligned"])
 def test_expert_parallel_training_equals_single_process(cfg):
     losses = run_distributed(4, _train_worker, cfg)
