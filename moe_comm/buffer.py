@@ -116,8 +116,9 @@ class Buffer:
         if not (isinstance(combine_status, bool) or combine_status in ("immediate", "deferred")):
             raise ValueError(f"combine_status must be True, False, 'immediate' or 'deferred', got {combine_status!r}")
         if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool)
-                                                or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 0):
-            raise ValueError(f"max_tokens_per_rank must be an int >= 0 or None, got {max_tokens_per_rank!r}")
+                                                or not isinstance(max_tokens_per_rank, int)
+                                                or not 0 <= max_tokens_per_rank <= 2 ** 40):
+            raise ValueError(f"max_tokens_per_rank must be an int in [0, 2**40] or None, got {max_tokens_per_rank!r}")
         if cpu_transport not in CPU_TRANSPORTS:
             raise ValueError(f"cpu_transport must be one of {CPU_TRANSPORTS}, got {cpu_transport!r}")
 

@@ -12,7 +12,8 @@ DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
 EARLIER_COMBINE = 32  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
 ARRIVAL_MISMATCH = 0x10  # header.h kArrivalMismatch: a rank's rows disagreed with its headers
 FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts",
-                7: "pad_to_capacity: rows per block (C, 0 without pad_to_capacity)"}  # header.h Field
+                7: "pad_to_capacity"}  # header.h Field
+PAD_FIELD = 7  # its value: C + 1, or 0 without pad_to_capacity
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
 
@@ -37,6 +38,8 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
         return routing_error(*routing, buffer.num_experts).error
     if code == DISAGREEMENT:
         if field >= 0:  # seen directly in a header this rank received
+            if field == PAD_FIELD:
+                mine, theirs = (f"C = {v - 1}" if v else "off" for v in (mine, theirs))
             return ValueError(f"{FIELD_LABELS[field]} is {mine} on rank {buffer.rank} but {theirs} on rank "
                               f"{bad_rank}: every rank of the group must agree")
         a, b = sorted((bad_rank, seen_by))

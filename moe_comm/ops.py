@@ -33,14 +33,15 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
                       pad_to_capacity):
     buffer.begin_call("dispatch")
     rejected = (check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
-                or check_token_budget(x, buffer.max_tokens_per_rank)
-                or check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment,
-                                            pad_to_capacity))
+                or check_token_budget(x, buffer.max_tokens_per_rank))
+    if rejected is None:  # x and topk_idx are sound: their shapes size the capacity
+        tokens = buffer.max_tokens_per_rank if buffer.max_tokens_per_rank is not None else x.shape[0]
+        rejected = check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment,
+                                            pad_to_capacity, tokens, topk_idx.shape[1], buffer.num_experts)
     code = CODE_OF[rejected.argument] if rejected is not None else 0
     weights = topk_weights.detach() if (topk_weights is not None and not code) else None
     capacity = -1
     if capacity_factor is not None and not code:
-        tokens = buffer.max_tokens_per_rank if buffer.max_tokens_per_rank is not None else x.shape[0]
         capacity = expert_capacity(capacity_factor, tokens, topk_idx.shape[1], buffer.num_experts)
     problem, routing, recv_x, recv_weights, counts, layout = call_engine(
         buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,

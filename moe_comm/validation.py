@@ -89,9 +89,12 @@ def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Op
     return None
 
 
+MAX_ROWS = 2 ** 40  # bounds C and the alignment: the engine's row arithmetic stays in int64
+
+
 def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment,
-                             pad_to_capacity) -> Optional[InputError]:
-    """dispatch's capacity and padding arguments (host facts); None when fine."""
+                             pad_to_capacity, tokens: int, topk: int, num_experts: int) -> Optional[InputError]:
+    """dispatch's capacity and padding arguments (host facts); None when fine. tokens: T for C."""
     if not isinstance(pad_to_capacity, bool):
         return _type_error("pad_to_capacity", f"must be True or False, got {type(pad_to_capacity).__name__}")
     if pad_to_capacity and capacity_factor is None:
@@ -99,8 +102,8 @@ def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_
                                                "which needs a capacity_factor")
     if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int):
         return _type_error("expert_alignment", f"must be an int, got {type(expert_alignment).__name__}")
-    if expert_alignment < 1:
-        return _value_error("expert_alignment", f"must be >= 1, got {expert_alignment}")
+    if not 1 <= expert_alignment <= MAX_ROWS:
+        return _value_error("expert_alignment", f"must be in [1, 2**40], got {expert_alignment}")
     if drop_policy not in DROP_POLICIES:
         return _value_error("drop_policy", f"must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if capacity_factor is None:
@@ -109,6 +112,8 @@ def check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_
         return _type_error("capacity_factor", f"must be a number or None, got {type(capacity_factor).__name__}")
     if not math.isfinite(capacity_factor) or capacity_factor <= 0:
         return _value_error("capacity_factor", f"must be a finite number > 0, got {capacity_factor!r}")
+    if expert_capacity(capacity_factor, tokens, topk, num_experts) > MAX_ROWS:
+        return _value_error("capacity_factor", f"{capacity_factor!r} gives a capacity over 2**40 rows")
     if drop_policy == "probs" and topk_weights is None:
         return _value_error("drop_policy", "'probs' keeps the largest topk_weights, and none were given; "
                                            "pass topk_weights or drop_policy='position'")

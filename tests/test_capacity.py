@@ -192,7 +192,7 @@ def test_expert_alignment_pads_with_zero_rows_and_changes_nothing_else(ranks_per
 def _bad_alignment_worker(rank, world_size):
     buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=20)
     x, idx, w = torch.randn(5, 4), torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [2, 1]]), torch.rand(5, 2)
-    for bad, exc_type, match in ((0, ValueError, r"^expert_alignment: must be >= 1"),
+    for bad, exc_type, match in ((0, ValueError, r"^expert_alignment: must be in \[1, 2\*\*40\]"),
                                  ("4", TypeError, r"^expert_alignment: must be an int")):
         if rank == 0:
             with pytest.raises(exc_type, match=match):
@@ -236,10 +236,13 @@ def _padded_worker(rank, world_size, ranks_per_node, alignment):
         else:
             expected = reference.pad_experts(*reference.dispatch_all(xs, kept, ws, 8)[rank], alignment)
         assert_dispatch_equal((recv_x.detach(), recv_w.detach(), counts), expected, what=f"pad {pad}")
-        expert_y = recv_x * 3
+        # Garbage in the padding rows of expert_y must not reach y; gradients the caller puts on
+        # padding rows of recv_x and recv_weights must not reach x or w.
+        garbage = torch.where(recv_w.detach() == 0, float("nan"), 0.0).unsqueeze(1)
+        expert_y = recv_x * 3 + garbage
         expert_y.retain_grad()
         y = moe_comm.combine(expert_y, handle, w)
-        y.square().sum().backward()
+        (y.square().sum() + recv_x.sum() + recv_w.sum()).backward()
         results.append((y.detach(), x.grad, w.grad, expert_y.grad, recv_w.detach()))
     (y_p, gx_p, gw_p, gy_p, rw_p), (y_u, gx_u, gw_u, gy_u, rw_u) = results
     assert torch.equal(y_p, y_u) and torch.equal(gx_p, gx_u) and torch.equal(gw_p, gw_u)
@@ -258,8 +261,21 @@ def _pad_disagreement_worker(rank, world_size):
     gen = torch.Generator().manual_seed(rank)
     x, w = torch.randn(tokens, 4, generator=gen), torch.rand(tokens, 2, generator=gen)
     idx = torch.rand(tokens, 4, generator=gen).argsort(dim=1)[:, :2]
-    with pytest.raises(ValueError, match=r"pad_to_capacity: rows per block .* on rank \d but \d+ on rank \d"):
+    with pytest.raises(ValueError, match=r"pad_to_capacity is C = \d on rank \d but C = \d on rank \d"):
         moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
+    # No tokens on rank 0 (C = 0) padding, rank 1 not padding: a disagreement, not a silent mix.
+    with pytest.raises(ValueError, match=r"pad_to_capacity is (C = 0|off) on rank \d but (off|C = 0) on rank \d"):
+        if rank == 0:
+            moe_comm.dispatch(x[:0], idx[:0], w[:0], buf, capacity_factor=1.0, pad_to_capacity=True)
+        else:
+            moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0)
+    # A capacity past 2**40 rows: rejected on every rank, not an overflow on one.
+    if rank == 0:
+        with pytest.raises(ValueError, match=r"^capacity_factor: 1e\+20 gives a capacity over 2\*\*40 rows"):
+            moe_comm.dispatch(x, idx, w, buf, capacity_factor=1e20)
+    else:
+        with pytest.raises(RuntimeError, match=r"^dispatch: rank 0 rejected its argument 'capacity_factor'"):
+            moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0)
     with pytest.raises((ValueError, RuntimeError), match=r"pad_to_capacity"):
         moe_comm.dispatch(x, idx, w, buf, pad_to_capacity=rank == 0)  # no capacity_factor on rank 0
     small = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size, timeout=20, max_tokens_per_rank=7)

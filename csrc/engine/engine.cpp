@@ -302,7 +302,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
     call.topk = topk;
     if (pad_to_capacity) {
       MOE_HOST_ASSERT(capacity.on(), "pad_to_capacity needs a capacity");
-      call.block_rows = capacity.capacity;
+      call.block_rows = capacity.capacity + 1;  // agreed with C + 1: 0 is "not padding", even for C = 0
     }
     launch();
     device_->plan_send(Routing{topk_idx, x.rows, topk, num_experts_, stages_[0].size}, capacity, *allocator_,
@@ -348,7 +348,11 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   if (alignment > 1 || pad_to_capacity) {
     padded_offsets.assign(experts_per_rank_ + 1, 0);
     for (int64_t e = 0; e < experts_per_rank_; ++e) {
-      const int64_t kept = pad_to_capacity ? world_size_ * call.block_rows : layout->tokens_per_expert[e];
+      const int64_t block_rows = call.block_rows - 1;
+      MOE_HOST_ASSERT(!pad_to_capacity || layout->tokens_per_expert[e] <= world_size_ * block_rows,
+                      "the headers announced " << layout->tokens_per_expert[e] << " rows for local expert " << e
+                                               << ", more than its " << world_size_ << " blocks of " << block_rows);
+      const int64_t kept = pad_to_capacity ? world_size_ * block_rows : layout->tokens_per_expert[e];
       const int64_t rows = (kept + alignment - 1) / alignment * alignment;
       padded_offsets[e + 1] = padded_offsets[e] + rows;
       layout->tokens_per_expert[e] = rows;  // grouped GEMMs see the padded segments
@@ -408,7 +412,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
       }
     }
     std::partial_sum(source_starts.begin(), source_starts.end(), source_starts.begin());
-    a.block_rows = call.block_rows;
+    a.block_rows = call.block_rows - 1;
     a.sources = world_size_;
     a.source_starts = source_starts.data();
   }

@@ -35,7 +35,7 @@ constexpr int64_t kArrivalMismatch = 0x10;
 // The call as this rank sees it (zeros but num_experts when its input was rejected).
 struct CallFacts {
   int64_t hidden = 0, dtype = 0, topk = 0, num_experts = 0;
-  int64_t block_rows = 0;  // pad_to_capacity's C (0: no blocks)
+  int64_t block_rows = 0;  // pad_to_capacity's C + 1 (0: no blocks)
   MOE_HD int64_t get(int64_t field) const {
     return field == kHidden ? hidden : field == kDtype ? dtype : field == kTopk ? topk
            : field == kNumExperts ? num_experts : field == kBlockRows ? block_rows : 0;
