@@ -209,26 +209,23 @@ def test_bad_expert_alignment_raises_on_every_rank():
     assert run_distributed(2, _bad_alignment_worker) == [True, True]
 
 
-def _padded_worker(rank, world_size, ranks_per_node, alignment):
+def _padded_worker(rank, world_size, ranks_per_node, alignment, topk, dtype, pattern, policy):
     """pad_to_capacity: every (expert, source rank) block has exactly C rows, R = E_local * W * C
     (aligned) on every rank whatever the routing; combine and the gradients as without padding."""
     max_tokens = 24
     buf = moe_comm.Buffer(num_experts=8, ranks_per_node=ranks_per_node, max_tokens_per_rank=max_tokens)
-    case = Case(world_size, 8, topk=3, hidden=5, pattern="skewed", tokens=(13, 0, 22, 5), seed=7)
+    case = Case(world_size, 8, topk=topk, hidden=5, dtype=dtype, pattern=pattern, tokens=(13, 0, 22, 5), seed=7)
     xs, idxs, ws = all_inputs(case)
     factor = 0.75
-    C_rows = math.ceil(factor * max_tokens * 3 / 8)
-    kept = []
-    for i, w in zip(idxs, ws):  # the reference with the Buffer's T for C
-        padded_i = torch.cat([i, torch.full((max_tokens - len(i), 3), -1)])
-        padded_w = torch.cat([w, torch.zeros(max_tokens - len(w), 3)])
-        kept.append(reference.drop_by_capacity(padded_i, padded_w, 8, factor, "probs")[:len(i)])
+    C_rows = math.ceil(factor * max_tokens * topk / 8)
+    kept = [reference.drop_by_capacity(i, w, 8, factor, policy, tokens=max_tokens) for i, w in zip(idxs, ws)]
     results = []
     for pad in (True, False):
         x = xs[rank].clone().requires_grad_(True)
         w = ws[rank].clone().requires_grad_(True)
         recv_x, recv_w, counts, handle = moe_comm.dispatch(x, idxs[rank], w, buf, capacity_factor=factor,
-                                                           pad_to_capacity=pad, expert_alignment=alignment)
+                                                           drop_policy=policy, pad_to_capacity=pad,
+                                                           expert_alignment=alignment)
         if pad:
             segment = -(-world_size * C_rows // alignment) * alignment
             assert counts.tolist() == [segment] * 2 and recv_x.shape[0] == 2 * segment  # static shapes
@@ -238,7 +235,7 @@ def _padded_worker(rank, world_size, ranks_per_node, alignment):
         assert_dispatch_equal((recv_x.detach(), recv_w.detach(), counts), expected, what=f"pad {pad}")
         # Garbage in the padding rows of expert_y must not reach y; gradients the caller puts on
         # padding rows of recv_x and recv_weights must not reach x or w.
-        garbage = torch.where(recv_w.detach() == 0, float("nan"), 0.0).unsqueeze(1)
+        garbage = torch.where(recv_w.detach() == 0, float("nan"), 0.0).unsqueeze(1).to(recv_x.dtype)
         expert_y = recv_x * 3 + garbage
         expert_y.retain_grad()
         y = moe_comm.combine(expert_y, handle, w)
@@ -250,9 +247,11 @@ def _padded_worker(rank, world_size, ranks_per_node, alignment):
     return recv_x.shape[0]
 
 
-@pytest.mark.parametrize("ranks_per_node,alignment", [(4, 1), (2, 8)])
-def test_pad_to_capacity_gives_static_blocks(ranks_per_node, alignment):
-    run_distributed(4, _padded_worker, ranks_per_node, alignment)
+@pytest.mark.parametrize("ranks_per_node,alignment,topk,dtype,pattern,policy", [
+    (4, 1, 3, "float32", "skewed", "probs"), (2, 8, 3, "float32", "skewed", "position"),
+    (4, 4, 1, "bfloat16", "one_expert", "probs"), (2, 1, 2, "float16", "masked", "position")])
+def test_pad_to_capacity_gives_static_blocks(ranks_per_node, alignment, topk, dtype, pattern, policy):
+    run_distributed(4, _padded_worker, ranks_per_node, alignment, topk, dtype, pattern, policy)
 
 
 def _pad_disagreement_worker(rank, world_size):
@@ -285,6 +284,14 @@ def _pad_disagreement_worker(rank, world_size):
     else:
         with pytest.raises(RuntimeError, match=r"^dispatch: rank 1 rejected its argument 'x'"):
             moe_comm.dispatch(x, idx, w, small)
+    # A rank rejected while the others pad: every rank raises, naming it.
+    bad_x = x[:7].double() if rank == 1 else x[:7]
+    if rank == 1:
+        with pytest.raises(TypeError, match=r"^x: dtype must be"):
+            moe_comm.dispatch(bad_x, idx[:7], w[:7], small, capacity_factor=1.0, pad_to_capacity=True)
+    else:
+        with pytest.raises(RuntimeError, match=r"^dispatch: rank 1 rejected its argument 'x'"):
+            moe_comm.dispatch(bad_x, idx[:7], w[:7], small, capacity_factor=1.0, pad_to_capacity=True)
     recv_x, _, _, handle = moe_comm.dispatch(x[:7], idx[:7], w[:7], small, capacity_factor=1.0, pad_to_capacity=True)
     return tuple(recv_x.shape)
 
