@@ -108,9 +108,8 @@ void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
   MOE_HOST_ASSERT(*a.status == 0, "more rows arrived from one source rank for one expert than its block of "
                                       << a.block_rows << " holds");
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_fill(a, w);
-  const int64_t lanes = emulated_lanes();
   for (int64_t r = 0; a.padded && r < a.output_rows(); ++r) {
-    for (int64_t l = 0; l < lanes; ++l) bodies::zero_if_padding(a, r, bodies::Lanes{l, lanes});
+    each_lane([&](bodies::Lanes l) { bodies::zero_if_padding(a, r, l); });
   }
   cpu::scatter_rows(engine::expand_scatter(e));
 }

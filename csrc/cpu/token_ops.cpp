@@ -18,13 +18,6 @@ void with_dtype(DType t, Fn&& fn) {
 
 std::atomic<int64_t> g_lanes{1};
 
-// Runs body(Lanes) for every emulated lane of one row, in lane order.
-template <typename Body>
-void each_lane(Body&& body) {
-  const int64_t count = g_lanes.load(std::memory_order_relaxed);
-  for (int64_t lane = 0; lane < count; ++lane) body(bodies::Lanes{lane, count});
-}
-
 }  // namespace
 
 void set_emulated_lanes(int64_t lanes) {
@@ -32,7 +25,7 @@ void set_emulated_lanes(int64_t lanes) {
   g_lanes = lanes;
 }
 
-int64_t emulated_lanes() { return g_lanes.load(); }
+int64_t emulated_lanes() { return g_lanes.load(std::memory_order_relaxed); }
 
 void pack_rows(const PackParams& p) {
   MOE_HOST_ASSERT(!p.topk_idx || p.fmt.meta_bytes == p.topk * int64_t(sizeof(SlotMeta)),

@@ -7,6 +7,7 @@
 
 #include "../core/row_format.h"
 #include "../core/token_params.h"
+#include "../kernels/bodies/token_rows.h"
 
 namespace moe_comm {
 namespace cpu {
@@ -17,6 +18,13 @@ namespace cpu {
 // GPU takes.
 void set_emulated_lanes(int64_t lanes);
 int64_t emulated_lanes();
+
+// Runs body(Lanes) for every emulated lane of one row, in lane order.
+template <typename Body>
+void each_lane(Body&& body) {
+  const int64_t count = emulated_lanes();
+  for (int64_t lane = 0; lane < count; ++lane) body(bodies::Lanes{lane, count});
+}
 
 void pack_rows(const PackParams& p);
 void scatter_rows(const ScatterParams& p);

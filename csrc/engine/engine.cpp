@@ -344,11 +344,11 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   std::partial_sum(layout->tokens_per_expert.begin(), layout->tokens_per_expert.end(), expert_offsets.begin() + 1);
   // Padding: blocks of C rows per source rank (pad_to_capacity), then zero rows to the
   // alignment, end each expert's segment.
+  const int64_t block_rows = pad_to_capacity ? capacity.capacity : 0;
   std::vector<int64_t> padded_offsets;
   if (alignment > 1 || pad_to_capacity) {
     padded_offsets.assign(experts_per_rank_ + 1, 0);
     for (int64_t e = 0; e < experts_per_rank_; ++e) {
-      const int64_t block_rows = call.block_rows - 1;
       MOE_HOST_ASSERT(!pad_to_capacity || layout->tokens_per_expert[e] <= world_size_ * block_rows,
                       "the headers announced " << layout->tokens_per_expert[e] << " rows for local expert " << e
                                                << ", more than its " << world_size_ << " blocks of " << block_rows);
@@ -412,7 +412,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
       }
     }
     std::partial_sum(source_starts.begin(), source_starts.end(), source_starts.begin());
-    a.block_rows = call.block_rows - 1;
+    a.block_rows = block_rows;
     a.sources = world_size_;
     a.source_starts = source_starts.data();
   }
