@@ -9,10 +9,12 @@ import torch
 import torch.distributed as dist
 
 from ._native import C
+from .errors import call_engine, static_problem_error
 from .nccl_comm import create_nccl_communicator
 from .groups import buffer_key, connect_gloo_group, default_store
 from .shared_memory import shared_memory_token
 from .stages import Stage, flat_stages, hierarchical_stages
+from .streams import stream_of
 from .topology import Topology, resolve_topology
 from .transport import SIGN_AFTER_S
 
@@ -265,6 +267,23 @@ class Buffer:
         """Numbers this rank's collectives of one stage name, in call order."""
         self._collectives[name] += 1
         return self._collectives[name]
+
+    def static_tokens(self, pad_to_capacity) -> int:
+        """The token budget a dispatch runs the static mode with (0: not static): a flat Buffer
+        with max_tokens_per_rank, and pad_to_capacity=True (README: Static mode)."""
+        if pad_to_capacity is not True or self.hierarchical or not self.max_tokens_per_rank:
+            return 0
+        return self.max_tokens_per_rank
+
+    def check(self) -> None:
+        """Raises, on every rank, a problem the static mode (or a deferred combine status) kept
+        on the device instead of waiting for it: a rank's bad input, ranks that disagree. The
+        calls it concerns gave zeros. Collective over the group: every rank calls it at the same
+        point (outside a CUDA graph capture; one host wait and one small exchange). Clears it."""
+        self.check_open()
+        status = call_engine(self, "agree_status", stream_of(self.device))
+        if status:
+            raise static_problem_error(self, status)
 
     @property
     def workspace_bytes(self) -> int:

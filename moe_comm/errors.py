@@ -9,11 +9,12 @@ from .transport import comm_error
 from .validation import ARGUMENT_CODES, routing_error
 
 DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
+STATIC_FLAG = 0x80  # header.h kStaticFlag: a problem a static-mode call kept on the device
 EARLIER_COMBINE = 32  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
 ARRIVAL_MISMATCH = 0x10  # header.h kArrivalMismatch: a rank's rows disagreed with its headers
-FIELD_LABELS = {3: "x: hidden size", 4: "x: dtype code", 5: "topk_idx: k", 6: "num_experts",
-                7: "pad_to_capacity"}  # header.h Field
-PAD_FIELD = 7  # its value: C + 1, or 0 without pad_to_capacity
+FIELD_LABELS = {4: "x: hidden size", 5: "x: dtype code", 6: "topk_idx: k", 7: "num_experts",
+                8: "pad_to_capacity", 9: "the static mode's rows per peer (Buffer max_tokens_per_rank)"}  # header.h Field
+PAD_FIELD = 8  # its value: C + 1, or 0 without pad_to_capacity
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
 
@@ -34,6 +35,8 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
     code, bad_rank, seen_by, field, mine, theirs = problem
     if rejected is not None:
         return rejected.error
+    if code & STATIC_FLAG:
+        return static_problem_error(buffer, (buffer.world_size - bad_rank) << 8 | code)
     if bad_rank == buffer.rank and routing[0]:
         return routing_error(*routing, buffer.num_experts).error
     if code == DISAGREEMENT:
@@ -59,6 +62,24 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
                             f"(Buffer(combine_status='deferred') reports it here); no tokens were exchanged")
     return RuntimeError(f"dispatch: rank {bad_rank} rejected its argument '{ARGUMENT_CODES.get(code, code)}' "
                         f"(see that rank's error); no tokens were exchanged")
+
+
+def static_problem_error(buffer, status: int) -> Exception:
+    """A problem a static-mode dispatch found on the device, where it could not raise: that
+    call's outputs were zeros on every rank. status: (world - bad rank) << 8 | STATIC_FLAG | code,
+    as Buffer.check() or the next dispatch reports it."""
+    bad_rank, code = buffer.world_size - (status >> 8), status & 0x7F
+    if code == DISAGREEMENT:
+        inner = ValueError(f"rank {bad_rank} disagreed with another rank on the hidden size, dtype, top-k, "
+                           f"pad_to_capacity's C or max_tokens_per_rank; every rank of the group must agree")
+    elif code == 2 and bad_rank == buffer.rank:
+        inner = ValueError("topk_idx: a value outside [-1, num_experts) or an expert repeated in a row (found on "
+                           "the device; run the call once without the static mode to find the slot)")
+    else:
+        inner = dispatch_problem_error(buffer, (code, bad_rank, bad_rank, -1, 0, 0), (0, 0, 0, 0), None)
+    return type(inner)(f"static mode (max_tokens_per_rank, pad_to_capacity=True): a dispatch found on the device "
+                       f"that {inner}; its outputs were zeros on every rank, and what was computed from them is not "
+                       f"valid")
 
 
 def agreed_combine_error(buffer, status: int) -> Exception:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_problem_error
+from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_problem_error, static_problem_error
 from .handle import DispatchHandle, version_of
 from .roll_call import post_reason
 from .streams import stream_of
@@ -43,12 +43,14 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
     capacity = -1
     if capacity_factor is not None and not code:
         capacity = expert_capacity(capacity_factor, tokens, topk_idx.shape[1], buffer.num_experts)
-    problem, routing, recv_x, recv_weights, counts, layout = call_engine(
+    problem, routing, recv_x, recv_weights, counts, layout, static_status = call_engine(
         buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,
         stream_of(buffer.device), capacity, drop_policy == "probs", expert_alignment if not code else 1,
-        bool(pad_to_capacity) and not code)
+        bool(pad_to_capacity) and not code, buffer.static_tokens(pad_to_capacity))
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
+    if static_status:  # the static mode with immediate statuses: agreed at the end of the call
+        raise static_problem_error(buffer, static_status)
     handle = DispatchHandle(
         buffer=buffer, num_tokens=x.shape[0], hidden=x.shape[1], topk=topk_idx.shape[1], dtype=x.dtype,
         layout=layout, row_map=layout.row_map, tokens_per_expert=counts, dispatch_weights=topk_weights,

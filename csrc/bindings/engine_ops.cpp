@@ -107,11 +107,14 @@ class PyEngine {
   }
 
   // -> (problem (code, rank, seen_by, field, mine, theirs), routing (kind, token, slot, value),
-  //     recv_x, recv_weights, tokens_per_expert, layout) ; outputs None when a problem was agreed.
-  // capacity: -1 none, else pairs each expert keeps of this rank's (by_weight: the largest).
+  //     recv_x, recv_weights, tokens_per_expert, layout, static status) ; outputs None when a
+  // problem was agreed. capacity: -1 none, else pairs each expert keeps of this rank's
+  // (by_weight: the largest). static_tokens > 0: the static mode (tokens_per_expert then on the
+  // device; the static status is the agreed problem when statuses are immediate, else 0).
   py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
                      const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream,
-                     int64_t capacity, bool by_weight, int64_t alignment, bool pad_to_capacity) {
+                     int64_t capacity, bool by_weight, int64_t alignment, bool pad_to_capacity,
+                     int64_t static_tokens) {
     Tensor xk, idx, wk;
     RowsIn rows;
     const float* w = nullptr;
@@ -132,19 +135,26 @@ class PyEngine {
       py::gil_scoped_release release;
       r = guarded(stream, [&] {
         return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected, cap,
-                                 alignment, pad_to_capacity && !rejected);
+                                 alignment, pad_to_capacity && !rejected, static_tokens);
       });
     }
     const auto& p = r.problem;
     py::tuple problem = py::make_tuple(p.code, p.rank, p.seen_by, p.field, p.mine, p.theirs);
     py::tuple routing = py::make_tuple(static_cast<int>(r.routing.kind), r.routing.token, r.routing.slot,
                                        r.routing.value);
-    if (p.any()) return py::make_tuple(problem, routing, py::none(), py::none(), py::none(), py::none());
+    if (p.any()) return py::make_tuple(problem, routing, py::none(), py::none(), py::none(), py::none(), 0);
     const DispatchLayout& l = *r.layout;
     Tensor recv_x = as_tensor(r.recv_x, scalar_type(l.dtype), {l.num_recv_rows, l.hidden});
     Tensor recv_weights = as_tensor(r.recv_weights, torch::kFloat32, {l.num_recv_rows});
-    Tensor counts = torch::tensor(l.tokens_per_expert, torch::TensorOptions().dtype(torch::kInt64));  // CPU: API
-    return py::make_tuple(problem, routing, recv_x, recv_weights, counts, r.layout);
+    Tensor counts;
+    if (l.fixed) {  // every segment has the same length: a fill where the tokens are, no copy
+      const int64_t segment = l.tokens_per_expert.empty() ? 0 : l.tokens_per_expert[0];
+      counts = torch::full({int64_t(l.tokens_per_expert.size())}, segment,
+                           torch::TensorOptions().dtype(torch::kInt64).device(device_));
+    } else {
+      counts = torch::tensor(l.tokens_per_expert, torch::TensorOptions().dtype(torch::kInt64));  // CPU: API
+    }
+    return py::make_tuple(problem, routing, recv_x, recv_weights, counts, r.layout, r.static_status);
   }
 
   // -> (agreed status, y or None, slot_weights or None)
@@ -234,6 +244,11 @@ class PyEngine {
     return engine_ ? engine_->workspace_bytes() : 0;
   }
   py::tuple last_failure() const { return py::make_tuple(last_failure_.stage, last_failure_.seq); }
+  // Buffer.check(): the kept problems, agreed over every rank (collective, one host wait).
+  int64_t agree_status(int64_t stream) {
+    py::gil_scoped_release release;
+    return guarded(stream, [&] { return engine_->agree_status(); });
+  }
 
  private:
   template <typename Fn>
@@ -333,7 +348,11 @@ void register_engine_ops(py::module_& m) {
         d["rows_sent_inter_node"] = l.stats.rows_inter;
         d["bytes_sent_intra_node"] = l.stats.bytes_intra;
         d["bytes_sent_inter_node"] = l.stats.bytes_inter;
-        d["pairs_dropped"] = l.stats.pairs_dropped;
+        if (l.fixed) {  // counted on the device: a 0-d tensor there (reading it would wait)
+          d["pairs_dropped"] = as_tensor(l.dropped, torch::kInt64, {});
+        } else {
+          d["pairs_dropped"] = l.stats.pairs_dropped;
+        }
         return d;
       })
       .def_property_readonly("counters", [](const DispatchLayout& l) { return counters_dict(l.counters); });
@@ -348,6 +367,7 @@ void register_engine_ops(py::module_& m) {
       .def("combine_backward", &PyEngine::combine_backward)
       .def("counters", &PyEngine::counters)
       .def("set_combine_status_deferred", &PyEngine::set_combine_status_deferred)
+      .def("agree_status", &PyEngine::agree_status)
       .def("close", &PyEngine::close)
       .def_property_readonly("workspace_bytes", &PyEngine::workspace_bytes)
       .def_property_readonly("last_failure", &PyEngine::last_failure);

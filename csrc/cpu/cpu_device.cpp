@@ -24,6 +24,22 @@ void count_pass(const bodies::SendPlanArgs& a) {
   for (int64_t c = 0; c < columns; ++c) bodies::send_plan_column(a, c);
 }
 
+// The outputs were sized from the headers' counts: prove them right (free on the CPU; on CUDA
+// the plan places nothing then, and the next dispatch's header reports it). The static mode
+// reads no header: its problems wait in the sticky word, as on CUDA.
+void check_arrivals(const engine::ExpandArgs& e, const bodies::ExpandPlanArgs& a, int64_t bad_slots,
+                    const std::vector<int64_t>& arrived) {
+  MOE_HOST_ASSERT(bad_slots == 0, bad_slots << " arrived slot(s) name a local expert outside [0, "
+                                            << a.experts << ")");
+  for (int64_t x = 0; x < a.experts; ++x) {
+    const int64_t announced = e.expert_offsets[x + 1] - e.expert_offsets[x];
+    MOE_HOST_ASSERT(arrived[x] == announced, "the header announced " << announced << " rows for local expert " << x
+                                                                     << ", " << arrived[x] << " arrived");
+  }
+  MOE_HOST_ASSERT(*a.status == 0, "more rows arrived from one source rank for one expert than its block of "
+                                      << a.block_rows << " holds");
+}
+
 }  // namespace
 
 void CpuDevice::plan_send(const Routing& r, const engine::Capacity& capacity, engine::Allocator& alloc,
@@ -46,6 +62,7 @@ void CpuDevice::plan_send(const Routing& r, const engine::Capacity& capacity, en
   plan.num_send = a.send_offsets[r.num_ranks];
   plan.send_token = alloc.allocate(plan.num_send * int64_t(sizeof(int64_t)));  // exact: the counts are here
   a.send_token = plan.send_token.as<int64_t>();
+  for (int64_t j = 0; j < bodies::send_plan_slots(a); ++j) bodies::send_plan_clear(a, j);
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::send_plan_fill(a, w);
 }
 
@@ -96,23 +113,14 @@ void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
   std::vector<int64_t> arrived(a.experts, 0);  // per local expert, before the starts pass
   for (int64_t b = 0; b < a.buckets(); ++b) arrived[b % a.experts] += a.starts[b];
   bodies::expand_plan_starts(a);
-  // The outputs were sized from the headers' counts: prove them right (free on the CPU; on
-  // CUDA the plan places nothing then, and the next dispatch's header reports it).
-  MOE_HOST_ASSERT(bad_slots == 0, bad_slots << " arrived slot(s) name a local expert outside [0, "
-                                            << a.experts << ")");
-  for (int64_t x = 0; x < a.experts; ++x) {
-    const int64_t announced = e.expert_offsets[x + 1] - e.expert_offsets[x];
-    MOE_HOST_ASSERT(arrived[x] == announced, "the header announced " << announced << " rows for local expert " << x
-                                                                     << ", " << arrived[x] << " arrived");
-  }
-  MOE_HOST_ASSERT(*a.status == 0, "more rows arrived from one source rank for one expert than its block of "
-                                      << a.block_rows << " holds");
+  if (a.source_stride == 0) check_arrivals(e, a, bad_slots, arrived);
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_fill(a, w);
-  for (int64_t r = 0; a.padded && r < a.output_rows(); ++r) {
+  for (int64_t r = 0; a.padding() && r < a.output_rows(); ++r) {
     each_lane([&](bodies::Lanes l) { bodies::zero_if_padding(a, r, l); });
   }
   cpu::scatter_rows(engine::expand_scatter(e));
 }
+
 
 void CpuDevice::scatter_rows(const ScatterParams& p) { cpu::scatter_rows(p); }
 void CpuDevice::reduce_rows(const ReduceParams& p) { cpu::reduce_rows(p); }

@@ -40,8 +40,10 @@ void CudaDevice::plan_send(const Routing& r, const engine::Capacity& capacity, e
   // Scratch freed on return: the caching allocator hands it out again only to work ordered
   // after this launch on the same stream.
   engine::SendPlanWork work = engine::prepare_send_plan(r, plan_workers(r.num_tokens), alloc, plan);
-  // Room for every (token, destination): the header tells the host how many are used.
-  plan.send_token = alloc.allocate(r.num_tokens * r.num_ranks * int64_t(sizeof(int64_t)));
+  // Room for every (token, destination): the header tells the host how many are used. Static
+  // mode: the fixed slots.
+  const int64_t slots = plan.stride ? plan.stride * r.num_ranks : r.num_tokens * r.num_ranks;
+  plan.send_token = alloc.allocate(slots * int64_t(sizeof(int64_t)));
   work.args.send_token = plan.send_token.as<int64_t>();
   engine::CapacityWork dropping;
   if (capacity.on()) {
@@ -102,6 +104,11 @@ void CudaDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const Row
 }
 
 void CudaDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
+  if (e.source_stride > 0) {  // static mode: every table is arithmetic, nothing goes up
+    engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), nullptr, nullptr, nullptr, alloc);
+    MOE_CUDA_CHECK(launch_expand(work.args, engine::expand_scatter(e), stream_));
+    return;
+  }
   // The announced offsets go up with the rows' plan (a copy, not a launch); a disagreement
   // places no row (bodies/plan.h), so a corrupted header cannot write out of bounds.
   const int64_t n = e.experts_per_rank + 1;

@@ -33,6 +33,8 @@ struct StagePlan {
   Array kept_idx;         // [num_in, K] int64: the routing after capacity dropped pairs (-1), or empty
   Array dropped;          // [1] int64: pairs capacity dropped, or empty
   std::vector<int64_t> send_rows, recv_rows;  // per peer, from the header exchange
+  // In, set before plan_send: static mode's fixed slots per destination (0: packed by count).
+  int64_t stride = 0;
 };
 
 // Expert capacity on the sending rank: each expert keeps at most `capacity` of its pairs, the
@@ -68,6 +70,16 @@ struct ExpandArgs {
   // then it placed nothing); the engine keeps it for the next dispatch's header.
   int64_t* status = nullptr;
   int64_t bad_status = 1;
+  // Static mode (no host read; bodies/plan.h ExpandPlanArgs): fixed source strides and expert
+  // segments, the received headers checked on the device, a problem kept in *sticky (then
+  // status is unused and expert_offsets may be null).
+  int64_t source_stride = 0;
+  int64_t segment_rows = 0;
+  const int64_t* headers = nullptr;
+  HeaderLayout header_layout;
+  CallFacts call;
+  int64_t world = 0;
+  int64_t* sticky = nullptr;
   int64_t* row_map = nullptr;      // [num_rows, topk] out
   float* slot_weights = nullptr;   // [num_rows, topk] out
   float* recv_weights = nullptr;   // [R] out

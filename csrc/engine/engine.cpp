@@ -23,12 +23,6 @@ std::vector<int64_t> header_rows(const std::vector<int64_t>& header, int64_t siz
 
 }  // namespace
 
-struct Engine::Headers {
-  std::vector<HeaderLayout> layouts;
-  std::vector<Array> sent_on_device, received_on_device;
-  std::vector<std::vector<int64_t>> sent, received;  // host copies, after the one wait
-};
-
 Engine::Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, int64_t num_experts,
                std::shared_ptr<Device> device, std::shared_ptr<Allocator> allocator)
     : stages_(std::move(stages)), rank_(rank), world_size_(world_size), num_experts_(num_experts),
@@ -39,6 +33,19 @@ Engine::Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, 
     MOE_HOST_ASSERT(int64_t(s.global_ranks.size()) == s.size && int64_t(s.remote.size()) == s.size,
                     "stage " << s.name << ": ranks and remote flags must list every destination");
   }
+  // Words that live as long as the engine, made here so that no call allocates or uploads them
+  // (a call may be under CUDA graph capture).
+  int64_t largest = 1;
+  for (const StageSpec& s : stages_) largest = std::max(largest, s.size);
+  const std::vector<int64_t> zeros(largest, 0);
+  zero_status_ = device_->upload(zeros.data(), largest * int64_t(sizeof(int64_t)), *allocator_);
+  sticky_ = device_->upload(zeros.data(), int64_t(sizeof(int64_t)), *allocator_);
+  pending_ = allocate(pending_capacity() * int64_t(sizeof(int64_t)));
+}
+
+int64_t Engine::pending_capacity() const {
+  // Room for the statuses of several combines between two dispatches (micro-batches).
+  return 16 * (stages_[0].size + (stages_.size() > 1 ? stages_[1].size : 0));
 }
 
 void Engine::begin(const std::string& kind) {
@@ -65,10 +72,7 @@ uint8_t* Engine::workspace(const std::string& name, int64_t bytes) {
 }
 
 int64_t* Engine::reserve_pending(int64_t count) {
-  // Room for the statuses of several combines between two dispatches (micro-batches).
-  const int64_t capacity = 16 * (stages_[0].size + (stages_.size() > 1 ? stages_[1].size : 0));
-  if (!pending_.data) pending_ = allocate(capacity * int64_t(sizeof(int64_t)));
-  if (pending_used_ + count > capacity) {  // full: read them back now (a host wait, rare)
+  if (pending_used_ + count > pending_capacity()) {  // full: read them back now (a host wait, rare)
     std::vector<int64_t> seen(pending_used_);
     ++current_->host_waits;
     device_->download({{pending_.data, seen.data(), pending_used_ * int64_t(sizeof(int64_t))}}, "combine/status");
@@ -92,7 +96,7 @@ void Engine::exchange(const StageSpec& stage, const uint8_t* send, const std::ve
   int64_t* landed = nullptr;
   if (status) {
     const std::vector<int64_t> mine(stage.size, *status);
-    status_out = device_->upload(mine.data(), status_bytes, *allocator_);
+    status_out = *status == 0 ? zero_status_ : device_->upload(mine.data(), status_bytes, *allocator_);
     if (defer_status_) {
       landed = reserve_pending(stage.size);
     } else {
@@ -159,7 +163,7 @@ void Engine::reduce_rows(const RowsIn& src, const int64_t* map, const float* wei
 // ---- dispatch -------------------------------------------------------------------------------
 
 Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
-                                 const int64_t* forward, Headers& h, LinkStats& stats) {
+                                 const int64_t* forward, Headers& h, LinkStats& stats, bool reads) {
   const StageSpec& first = stages_[0];
   if (stages_.size() == 1) {
     h.layouts = {HeaderLayout{1, 0, experts_per_rank_}};
@@ -176,6 +180,8 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
   fixed.pending = pending_.as<int64_t>();
   fixed.pending_count = pending_used_;
   fixed.pending_folded = pending_folded_;
+  fixed.sticky = reads ? sticky_.as<int64_t>() : nullptr;
+  fixed.reads = reads;
   for (size_t j = 0; j < n; ++j) {
     const StageSpec& stage = stages_[j];
     const int64_t bytes = stage.size * h.layouts[j].width() * int64_t(sizeof(int64_t));
@@ -205,6 +211,10 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
     exchange(stage, h.sent_on_device[j].data, one, h.received_on_device[j].data, one,
              h.layouts[j].width() * int64_t(sizeof(int64_t)), nullptr, "dispatch/" + stage.name + "/header");
   }
+  if (!reads) {  // the static mode: the fill folded the pending statuses on the device
+    pending_used_ = pending_folded_ = 0;
+    return Problem{};
+  }
   // The dispatch's one host wait: every header at once; they size everything that follows.
   std::vector<Device::Transfer> copies;
   h.sent.resize(n);
@@ -219,9 +229,15 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
   if (!local.any() && plan0->dropped.data) {  // capacity's count rides in the same wait
     copies.push_back({plan0->dropped.data, &stats.pairs_dropped, int64_t(sizeof(int64_t))});
   }
+  int64_t sticky = 0;  // reported by this header (unless this rank's input was rejected)
+  copies.push_back({sticky_.data, &sticky, int64_t(sizeof(int64_t))});
   ++current_->host_waits;
   device_->download(copies, "dispatch/header");
   pending_used_ = pending_folded_ = 0;  // reported by this header, on every rank
+  if (sticky != 0 && !local.any()) {  // an error path: the launch is not in the budgets
+    launch();
+    device_->fill_zero(sticky_.data, int64_t(sizeof(int64_t)));
+  }
   Problem problem = local;
   if (!problem.any() && h.sent[0][kStatus] != 0) {  // own routing, or a deferred combine status
     problem = Problem{h.sent[0][kStatus], h.sent[0][kBadRank], h.sent[0][kSeenBy]};
@@ -285,8 +301,11 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
 
 DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
                                 int64_t rejected, const Capacity& capacity, int64_t alignment,
-                                bool pad_to_capacity) {
+                                bool pad_to_capacity, int64_t static_tokens) {
   begin("dispatch");
+  if (static_tokens > 0 && pad_to_capacity && !rejected) {
+    return dispatch_static(x, topk_idx, topk, weights, capacity, alignment, static_tokens);
+  }
   DispatchResult out;
   CallFacts call;
   call.num_experts = num_experts_;
@@ -318,6 +337,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   Headers h;
   out.problem = exchange_headers(call, local, &layout->plans[0], forward.as<int64_t>(), h, layout->stats);
   if (out.problem.any()) {
+    settle_with_static_peers(h, false);
     if (!local.any() && out.problem.rank == rank_ && out.problem.code == kRoutingCode) {
       // This rank's own routing: find the slot to name (the error path may wait on the device).
       std::vector<int64_t> idx(x.rows * topk);

@@ -51,16 +51,19 @@ struct DispatchLayout {
   int64_t num_last = 0;       // rows that arrived at the final stage (N)
   int64_t num_recv_rows = 0;  // expert-major rows (R), padding included
   bool padded = false;        // some of them are padding (zero rows no slot maps to)
+  bool fixed = false;         // the static mode: tokens_per_expert and pairs_dropped stay where they are
   Array row_map;              // [N, K] int64: expert-major row of (arrived row, k), -1 masked
   Array slot_weights;         // [N, K] float32: dispatch router weights at the receiver
   std::vector<int64_t> tokens_per_expert;
   LinkStats stats;
+  Array dropped;              // [1] int64 where it was counted: the static mode's pairs_dropped
   Counters counters;          // of the dispatch call
 };
 
 struct DispatchResult {
   Problem problem;                  // agreed over the header exchange; nothing moved when set
   RoutingProblem routing;           // this rank's own routing problem, when it had one
+  int64_t static_status = 0;        // the static mode's agreed problem (immediate status only)
   Array recv_x, recv_weights;
   std::shared_ptr<DispatchLayout> layout;
 };
@@ -88,8 +91,16 @@ class Engine {
   // alignment: each local expert's rows end with zero rows up to a multiple of it.
   // pad_to_capacity: each expert's segment is one block of capacity.capacity rows per source
   // rank (kept rows, then zero rows); every rank must use the same capacity.
+  // static_tokens > 0 (a flat engine, pad_to_capacity, the Buffer's max_tokens_per_rank): the
+  // static mode (engine/static_dispatch.cpp): fixed-size exchanges, no host wait.
   DispatchResult dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                          int64_t rejected, const Capacity& capacity, int64_t alignment, bool pad_to_capacity);
+                          int64_t rejected, const Capacity& capacity, int64_t alignment, bool pad_to_capacity,
+                          int64_t static_tokens = 0);
+
+  // The problems the static mode (and deferred combine statuses) kept on the device, agreed
+  // over every stage: one host wait and one exchange of status words per stage, collective.
+  // Cleared on return. 0: none; else (world - bad rank) << 8 | kStaticFlag | status code.
+  int64_t agree_status();
 
   // expert_y [R, H] (ignored when this rank rejected its input, status_code > 0: zeros are sent);
   // weights [T, K] or null; reuse: they are dispatch's weights, already at the receivers.
@@ -117,9 +128,22 @@ class Engine {
   int64_t rank() const { return rank_; }
 
  private:
-  struct Headers;
+  struct Headers {
+    std::vector<HeaderLayout> layouts;
+    std::vector<Array> sent_on_device, received_on_device;
+    std::vector<std::vector<int64_t>> sent, received;  // host copies, after the one wait (if read)
+  };
+  // reads: the one host wait that reads the headers back (false: the static mode's repeated
+  // calls; the headers stay on the device and no problem is returned).
   Problem exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
-                           const int64_t* forward, Headers& h, LinkStats& stats);
+                           const int64_t* forward, Headers& h, LinkStats& stats, bool reads = true);
+  DispatchResult dispatch_static(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
+                                 const Capacity& capacity, int64_t alignment, int64_t static_tokens);
+  // A rank that read a problem: the row exchanges of its static peers that did not read it,
+  // with zeros, and the immediate status agreement they end with.
+  void settle_with_static_peers(const Headers& h, bool static_here);
+  bool agrees_at_once(const Headers& h, bool static_here) const;
+  int64_t agree();  // agree_status inside the current call
   std::vector<uint8_t*> run_stages(const RowsIn& x, const int64_t* idx, int64_t topk, const float* weights,
                                    Headers& h, DispatchLayout& layout);
   // The reverse path: partials summed at every hop. -> y [T, H] in rows' dtype; scalars [T, K].
@@ -140,6 +164,7 @@ class Engine {
   uint8_t* workspace(const std::string& name, int64_t bytes);
   // Room for `count` deferred statuses to land in (pending_, read by the next header).
   int64_t* reserve_pending(int64_t count);
+  int64_t pending_capacity() const;
   Array allocate(int64_t bytes) { return allocator_->allocate(bytes); }
   void launch() { ++current_->launches; }
   void begin(const std::string& kind);
@@ -156,6 +181,9 @@ class Engine {
   Array pending_;              // deferred combine statuses since the last dispatch header
   int64_t pending_used_ = 0;
   int64_t pending_folded_ = 0;  // MAX of those read back early (pending_ was full)
+  Array sticky_;               // [1] int64: the static mode's first problem, until reported
+  Array zero_status_;          // [largest stage] int64 zeros: a good rank's status words
+  std::vector<int64_t> agreed_signature_;  // the static call all ranks last read and agreed on
 };
 
 }  // namespace engine

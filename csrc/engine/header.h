@@ -21,8 +21,14 @@
 namespace moe_comm {
 namespace engine {
 
-enum Field : int64_t { kStatus = 0, kBadRank, kSeenBy, kHidden, kDtype, kTopk, kNumExperts, kBlockRows, kNumFields };
-constexpr int64_t kFirstAgreed = kHidden;  // hidden, dtype, topk, num_experts, block rows must agree
+// kReads: this rank reads its headers on the host (always but in the static mode's repeated
+// calls). kStaticRows: the static mode's rows per peer of each row exchange (0: not static).
+// A rank that reads a problem joins the row exchanges of its peers that do not read
+// (engine/static_dispatch.cpp), so that nobody waits for rows that never come.
+enum Field : int64_t {
+  kStatus = 0, kBadRank, kSeenBy, kReads, kHidden, kDtype, kTopk, kNumExperts, kBlockRows, kStaticRows, kNumFields
+};
+constexpr int64_t kFirstAgreed = kHidden;  // hidden ... static rows must agree
 constexpr int64_t kDisagreement = 4;       // status code beside the argument codes (1 x, 2 topk_idx, 3 weights)
 constexpr int64_t kRoutingCode = 2;        // topk_idx: a value out of range or repeated in a row
 // A deferred combine status reported by the next dispatch: kEarlierCombine + the argument code
@@ -35,10 +41,12 @@ constexpr int64_t kArrivalMismatch = 0x10;
 // The call as this rank sees it (zeros but num_experts when its input was rejected).
 struct CallFacts {
   int64_t hidden = 0, dtype = 0, topk = 0, num_experts = 0;
-  int64_t block_rows = 0;  // pad_to_capacity's C + 1 (0: no blocks)
+  int64_t block_rows = 0;   // pad_to_capacity's C + 1 (0: no blocks)
+  int64_t static_rows = 0;  // the static mode's rows per peer (0: not static)
   MOE_HD int64_t get(int64_t field) const {
     return field == kHidden ? hidden : field == kDtype ? dtype : field == kTopk ? topk
-           : field == kNumExperts ? num_experts : field == kBlockRows ? block_rows : 0;
+           : field == kNumExperts ? num_experts : field == kBlockRows ? block_rows
+           : field == kStaticRows ? static_rows : 0;
   }
 };
 
@@ -77,6 +85,10 @@ struct HeaderFixed {
   const int64_t* pending = nullptr;
   int64_t pending_count = 0;
   int64_t pending_folded = 0;
+  // The static mode's sticky problem (bodies/plan.h ExpandPlanArgs), where it lives, reported
+  // by a header that is read (null: none); and whether this rank reads its headers.
+  const int64_t* sticky = nullptr;
+  bool reads = true;
 };
 
 // The first stage's header: counts from the send plan (null when `local` is set).
@@ -111,6 +123,12 @@ MOE_HD void fill_fixed_row(int64_t* row, const HeaderLayout& layout, const Heade
   row[kStatus] = own;
   row[kBadRank] = f.local.any() ? f.local.rank : f.rank;
   row[kSeenBy] = f.local.any() ? f.local.seen_by : f.rank;
+  row[kReads] = f.reads ? 1 : 0;
+  if (!f.local.any() && f.sticky && *f.sticky != 0) {  // an earlier static call's problem first
+    row[kStatus] = *f.sticky & 0xFF;
+    row[kBadRank] = f.world - (*f.sticky >> 8);
+    return;
+  }
   if (own != 0) return;
   int64_t combine = f.pending_folded;
   for (int64_t i = 0; i < f.pending_count; ++i) combine = f.pending[i] > combine ? f.pending[i] : combine;
@@ -164,6 +182,28 @@ MOE_HD void relay_header_row(const HeaderRelay& h, int64_t l) {
       }
     }
   }
+}
+
+// A problem a static call found, reported later: kStaticFlag | the header status code.
+constexpr int64_t kStaticFlag = 0x80;
+
+// The static mode's check of the headers a flat stage received, where they landed (no host
+// read): the first sender with a status, else the first whose call differs from this rank's,
+// as a sticky word ((world - bad rank) << 8 | kStaticFlag | status code; 0: none). Sender s is
+// rank s.
+MOE_HD int64_t received_status(const int64_t* received, int64_t senders, const HeaderLayout& layout,
+                               const CallFacts& call, int64_t world) {
+  const int64_t width = layout.width();
+  for (int64_t s = 0; s < senders; ++s) {
+    const int64_t* row = received + s * width;
+    if (row[kStatus] != 0) return (world - row[kBadRank]) << 8 | kStaticFlag | (row[kStatus] & 0x7F);
+  }
+  for (int64_t s = 0; s < senders; ++s) {
+    for (int64_t field = kFirstAgreed; field < kNumFields; ++field) {
+      if (received[s * width + field] != call.get(field)) return (world - s) << 8 | kStaticFlag | kDisagreement;
+    }
+  }
+  return 0;
 }
 
 // The first problem a received header (on the host) reveals: a sender's status, or a sender

@@ -49,6 +49,7 @@ inline SendPlanWork prepare_send_plan(const Routing& r, int64_t workers, Allocat
   a.pairs_per_expert = plan.pairs_per_expert.as<int64_t>();
   a.pair_slot = plan.pair_slot.as<int64_t>();
   a.first_slot = plan.first_slot.as<int64_t>();
+  a.stride = plan.stride;
   return w;
 }
 
@@ -99,8 +100,10 @@ struct ExpandPlanWork {
 // source_starts where the backend reads them (on the device for CUDA).
 inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const int64_t* announced,
                                      const int64_t* padded, const int64_t* source_starts, Allocator& alloc) {
-  MOE_HOST_ASSERT(e.status, "the expand needs a status word");
-  MOE_HOST_ASSERT(e.block_rows == 0 || (padded && source_starts), "blocks need padded offsets and source starts");
+  const bool fixed = e.source_stride > 0;  // static mode
+  MOE_HOST_ASSERT(fixed ? e.sticky != nullptr : e.status != nullptr, "the expand needs a status word");
+  MOE_HOST_ASSERT(e.block_rows == 0 || fixed || (padded && source_starts),
+                  "blocks need padded offsets and source starts");
   ExpandPlanWork w;
   bodies::ExpandPlanArgs& a = w.args;
   a.experts = e.experts_per_rank;
@@ -108,7 +111,7 @@ inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const
   a.sources = e.block_rows ? e.sources : 1;
   a.source_starts = source_starts;
   w.table = alloc.allocate(workers * a.columns() * int64_t(sizeof(int64_t)));
-  w.starts = alloc.allocate(a.columns() * int64_t(sizeof(int64_t)));
+  w.starts = alloc.allocate((a.columns() + 1) * int64_t(sizeof(int64_t)));  // + the verdict
   a.rows = e.rows;
   a.num_rows = e.num_rows;
   a.row_bytes = e.fmt.row_bytes;
@@ -127,6 +130,13 @@ inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const
   a.padded = padded;
   a.recv_x = e.recv_x;
   a.out_row_bytes = e.hidden * dtype_size(e.dtype);
+  a.source_stride = e.source_stride;
+  a.segment_rows = e.segment_rows;
+  a.headers = e.headers;
+  a.header_layout = e.header_layout;
+  a.call = e.call;
+  a.world = e.world;
+  a.sticky = e.sticky;
   return w;
 }
 

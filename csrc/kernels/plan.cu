@@ -43,6 +43,7 @@ __global__ void send_plan_kernel(bodies::SendPlanArgs a, bodies::CapacityArgs c,
     grid.sync();
   }
   for (int64_t w = thread_rank(); w < a.split.workers; w += thread_count()) bodies::send_plan_count(a, w);
+  for (int64_t j = thread_rank(); j < bodies::send_plan_slots(a); j += thread_count()) bodies::send_plan_clear(a, j);
   grid.sync();
   const int64_t columns = bodies::send_plan_column_count(a);
   for (int64_t c = thread_rank(); c < columns; c += thread_count()) bodies::send_plan_column(a, c);
@@ -65,7 +66,7 @@ __global__ void expand_kernel(bodies::ExpandPlanArgs a, ScatterParams s) {
   for (int64_t w = thread_rank(); w < a.split.workers; w += thread_count()) bodies::expand_plan_fill(a, w);
   grid.sync();
   const bodies::Lanes lanes{int64_t(threadIdx.x), int64_t(blockDim.x)};
-  const int64_t padded_rows = a.padded ? a.output_rows() : 0;
+  const int64_t padded_rows = a.padding() ? a.output_rows() : 0;
   for (int64_t r = blockIdx.x; r < padded_rows; r += gridDim.x) bodies::zero_if_padding(a, r, lanes);
   for (int64_t i = blockIdx.x; i < s.num_src; i += gridDim.x) bodies::scatter_row<E>(s, i, lanes);
 }
@@ -124,7 +125,7 @@ cudaError_t launch_send_plan(const bodies::SendPlanArgs& a, const bodies::Capaci
   bodies::CapacityArgs dropping = capacity ? *capacity : bodies::CapacityArgs{};
   bool with_capacity = capacity != nullptr;
   void* params[] = {&args, &dropping, &with_capacity};
-  int64_t work = std::max(a.split.workers, bodies::send_plan_column_count(a));
+  int64_t work = std::max({a.split.workers, bodies::send_plan_column_count(a), bodies::send_plan_slots(a)});
   if (capacity) work = std::max({work, capacity->split.workers, capacity->num_experts});
   return launch_cooperative(reinterpret_cast<const void*>(send_plan_kernel), work, params, stream);
 }

@@ -18,6 +18,7 @@
 
 #include "../../core/hd.h"
 #include "../../core/row_format.h"
+#include "../../engine/header.h"
 #include "layout.h"
 #include "token_rows.h"
 
@@ -208,6 +209,9 @@ struct SendPlanArgs {
   int64_t* send_token = nullptr;      // [send slots]: the token of each slot
   int64_t* pair_slot = nullptr;       // [num_tokens, topk]: slot of (t, k), -1 masked
   int64_t* first_slot = nullptr;      // the same on each destination's first slot only
+  // Static mode: destination d's slots are [d * stride, (d + 1) * stride), whatever the counts
+  // (capacity bounds them), and unused slots hold token -1; 0: packed by the counts.
+  int64_t stride = 0;
 
   MOE_HD int64_t columns() const { return num_dests + 1; }
   MOE_HD int64_t experts_per_dest() const { return num_experts / num_dests; }
@@ -248,7 +252,17 @@ MOE_HD int64_t send_plan_column_count(const SendPlanArgs& a) {
   return a.num_dests + 1 > a.num_experts ? a.num_dests + 1 : a.num_experts;
 }
 
-MOE_HD void send_plan_starts(const SendPlanArgs& a) { scan_starts(a.rows_per_dest, a.num_dests, a.send_offsets); }
+MOE_HD void send_plan_starts(const SendPlanArgs& a) {
+  if (a.stride == 0) {
+    scan_starts(a.rows_per_dest, a.num_dests, a.send_offsets);
+    return;
+  }
+  for (int64_t d = 0; d <= a.num_dests; ++d) a.send_offsets[d] = d * a.stride;
+}
+
+// Static mode, before the fill: slot j holds no token until the fill hands it out.
+MOE_HD void send_plan_clear(const SendPlanArgs& a, int64_t j) { a.send_token[j] = -1; }
+MOE_HD int64_t send_plan_slots(const SendPlanArgs& a) { return a.stride * a.num_dests; }
 
 MOE_HD void send_plan_fill(const SendPlanArgs& a, int64_t w) {
   int64_t* cursor = a.table + w * a.columns();  // this worker's next slot per destination
@@ -311,16 +325,31 @@ struct ExpandPlanArgs {
   const int64_t* padded = nullptr;     // [experts + 1]
   uint8_t* recv_x = nullptr;           // [output rows, out_row_bytes]: padding rows zeroed
   int64_t out_row_bytes = 0;
+  // Static mode (no host read): source s's rows are arrival rows [s * source_stride,
+  // (s + 1) * source_stride) (unused ones name no expert), expert e's segment starts at
+  // e * segment_rows, and the received headers are checked here: a problem places nothing,
+  // zeroes the outputs and is kept in *sticky (the first one, for Buffer.check()).
+  int64_t source_stride = 0;          // 0: not static
+  int64_t segment_rows = 0;
+  const int64_t* headers = nullptr;   // [sources, header_layout.width()]
+  engine::HeaderLayout header_layout;
+  engine::CallFacts call;
+  int64_t world = 0;
+  int64_t* sticky = nullptr;          // replaces status in static mode
 
   MOE_HD bool blocks() const { return block_rows > 0; }
   MOE_HD int64_t buckets() const { return blocks() ? sources * experts : experts; }
   MOE_HD int64_t columns() const { return buckets() + 1; }
+  // starts[] holds the bucket totals, then this call's verdict (0: place the rows).
+  MOE_HD int64_t verdict() const { return starts[columns()]; }
+  MOE_HD bool padding() const { return padded != nullptr || segment_rows > 0; }
+  MOE_HD int64_t segment_start(int64_t e) const { return segment_rows ? e * segment_rows : padded[e]; }
   MOE_HD int64_t bucket(int64_t source, int64_t e) const { return blocks() ? source * experts + e : e; }
   MOE_HD int64_t row(int64_t n) const { return row_order ? row_order[n] : n; }
   MOE_HD SlotMeta meta(int64_t row, int64_t k) const {
     return reinterpret_cast<const SlotMeta*>(rows + row * row_bytes + meta_offset)[k];
   }
-  MOE_HD int64_t output_rows() const { return padded ? padded[experts] : announced[experts]; }
+  MOE_HD int64_t output_rows() const { return padding() ? segment_start(experts) : announced[experts]; }
 };
 
 // The last i in [0, n) with sorted[i] <= value (sorted ascending, sorted[0] <= value).
@@ -334,6 +363,7 @@ MOE_HD int64_t last_at_or_below(const int64_t* sorted, int64_t n, int64_t value)
 }
 
 MOE_HD int64_t source_of(const ExpandPlanArgs& a, int64_t n) {
+  if (a.source_stride) return n / a.source_stride;
   return a.blocks() ? last_at_or_below(a.source_starts, a.sources, n) : 0;
 }
 
@@ -372,18 +402,28 @@ MOE_HD void expand_plan_starts(const ExpandPlanArgs& a) {
     scan_starts(a.starts, a.experts, a.starts);  // in place
     for (int64_t e = 0; e <= a.experts && agrees && a.announced; ++e) agrees = a.starts[e] == a.announced[e];
   }
-  *a.status = agrees ? 0 : a.bad_status;
+  int64_t status = agrees ? 0 : a.bad_status;
+  if (a.headers) {  // a sender's problem comes first: it explains what arrived
+    const int64_t seen = engine::received_status(a.headers, a.sources, a.header_layout, a.call, a.world);
+    if (seen != 0) status = seen;
+  }
+  a.starts[a.columns()] = status;
+  if (!a.sticky) {
+    *a.status = status;
+  } else if (status != 0 && *a.sticky == 0) {
+    *a.sticky = status;
+  }
 }
 
 // The first output row of bucket (source, e).
 MOE_HD int64_t bucket_base(const ExpandPlanArgs& a, int64_t source, int64_t e) {
-  if (a.blocks()) return a.padded[e] + source * a.block_rows;
-  return a.padded ? a.padded[e] : a.starts[e];
+  if (a.blocks()) return a.segment_start(e) + source * a.block_rows;
+  return a.padding() ? a.segment_start(e) : a.starts[e];
 }
 
 MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
   int64_t* cursor = a.table + w * a.columns();  // this worker's next index in each bucket
-  const bool place = *a.status == 0;
+  const bool place = a.verdict() == 0;
   for (int64_t n = a.split.begin(w); n < a.split.end(w); ++n) {
     const int64_t row = a.row(n), source = source_of(a, n);
     for (int64_t k = 0; k < a.topk; ++k) {
@@ -405,17 +445,17 @@ MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
 
 // Output row r is padding: past its expert's rows, or past its block's.
 MOE_HD bool is_padding(const ExpandPlanArgs& a, int64_t r) {
-  const int64_t e = last_at_or_below(a.padded, a.experts, r);
-  const int64_t within = r - a.padded[e];
+  const int64_t e = a.segment_rows ? r / a.segment_rows : last_at_or_below(a.padded, a.experts, r);
+  const int64_t within = r - a.segment_start(e);
   if (!a.blocks()) return within >= a.starts[e + 1] - a.starts[e];
   const int64_t source = within / a.block_rows;
   return source >= a.sources || within % a.block_rows >= a.starts[a.bucket(source, e)];
 }
 
-// Zeroes output row r of recv_x and its weight if it is padding, the lanes sharing the row.
-// Nothing when the arrivals disagree with the headers the padding was sized from.
+// Zeroes output row r of recv_x and its weight if it is padding, the lanes sharing the row;
+// every row when nothing was placed (the outputs are defined: zeros).
 MOE_HD void zero_if_padding(const ExpandPlanArgs& a, int64_t r, Lanes lanes) {
-  if (!a.padded || *a.status != 0 || !is_padding(a, r)) return;
+  if (!a.padding() || (a.verdict() == 0 && !is_padding(a, r))) return;
   uint8_t* out = a.recv_x + r * a.out_row_bytes;
   for (int64_t b = lanes.id; b < a.out_row_bytes; b += lanes.count) out[b] = 0;
   if (lanes.id == 0) a.recv_weights[r] = 0.0f;

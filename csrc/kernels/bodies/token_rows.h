@@ -154,10 +154,20 @@ MOE_HD int64_t rank_of_slot(const int64_t* send_offsets, int64_t num_ranks, int6
 }
 
 // Send slot j (bound for rank `dest`): payload, zeroed padding, and the SlotMeta block.
+// A static mode's unused slot (token -1) goes as zeros naming no expert.
 MOE_HD void pack_row(const PackParams& p, int64_t j, int64_t dest, Lanes l) {
   const RowFormat& f = p.fmt;
   const int64_t t = p.send_token[j];
   uint8_t* out = p.dst + j * f.row_bytes;
+  if (t < 0) {
+    const int64_t meta_end = f.meta_offset + (p.topk_idx ? f.meta_bytes : 0);  // lanes write it below
+    for (int64_t b = l.id; b < f.row_bytes; b += l.count) {
+      if (b < f.meta_offset || b >= meta_end) out[b] = 0;
+    }
+    SlotMeta* meta = reinterpret_cast<SlotMeta*>(out + f.meta_offset);
+    for (int64_t k = l.id; p.topk_idx && k < p.topk; k += l.count) meta[k] = SlotMeta{-1, 0.0f};
+    return;
+  }
   copy_bytes(out, p.src + t * p.src_stride, f.payload_bytes, l);
   // Zero the padding (and the metadata block when there is none): no uninitialised bytes on
   // the wire.
