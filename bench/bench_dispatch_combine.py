@@ -106,6 +106,9 @@ def parse_args(argv=None):
                    help="pad each local expert's rows with zero rows to a multiple of this")
     p.add_argument("--pad-to-capacity", action="store_true",
                    help="every (expert, source rank) block padded to the capacity (needs --capacity-factor)")
+    p.add_argument("--static", action="store_true",
+                   help="Buffer(max_tokens_per_rank=the largest --tokens): with --pad-to-capacity on a flat Buffer, "
+                        "the static mode (fixed-size exchanges, no host wait; README: Static mode)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per op")
     p.add_argument("--iters", type=int, default=30, help="timed calls per op")
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -315,7 +318,8 @@ def kept_routing(args, idx, weights):
     choosing what to drop; moe_comm's does). -> kept idx, pairs dropped on this rank."""
     if args.capacity_factor is None:
         return idx, 0
-    capacity = expert_capacity(args.capacity_factor, idx.shape[0], idx.shape[1], args.experts)
+    tokens = max(token_counts(args)) if args.static else idx.shape[0]  # the Buffer's budget, as C uses it
+    capacity = expert_capacity(args.capacity_factor, tokens, idx.shape[1], args.experts)
     stream = torch.cuda.current_stream().cuda_stream if idx.is_cuda else 0
     kept, dropped = C.drop_by_capacity(idx, weights, args.experts, capacity, args.drop_policy == "probs", stream)
     return kept, int(dropped)
@@ -381,7 +385,7 @@ def make_record(args, buf, world, impl, op, s, wire, logical):
         world_size=world, preset=args.preset, tokens=args.tokens, hidden=args.hidden,
         experts=args.experts, topk=args.topk, dtype=args.dtype, backend=buf.backend, device=buf.device.type,
         nodes=topo.num_nodes, ranks_per_node=topo.ranks_per_node, hierarchical=buf.hierarchical,
-        max_nodes=args.max_nodes, skew=args.skew)
+        max_nodes=args.max_nodes, skew=args.skew, static=bool(buf.static_tokens(args.pad_to_capacity)))
 
 
 def peak_memory(buf):
@@ -402,10 +406,15 @@ def measure(args, buf, world):
     progress(buf.rank, f"[bench] tokens {args.tokens}: checking moe_comm against the baseline ...")
     kept, dropped = kept_routing(args, idx, weights)
     ours, theirs = check_against_baseline(x, idx, kept, weights, buf, args.experts, args)
-    assert ours[3].stats["pairs_dropped"] == dropped
+    assert int(ours[3].stats["pairs_dropped"]) == dropped
     dropped, routed = _sum_over_ranks([dropped, int((idx >= 0).sum())], buf)
     row_bytes = args.hidden * x.element_size()
-    wire = {"moe_comm": moe_comm_wire_bytes(kept, buf, row_bytes),
+    ours_wire = moe_comm_wire_bytes(kept, buf, row_bytes)
+    if buf.static_tokens(args.pad_to_capacity):  # fixed blocks: the wire carries B rows per peer
+        stats = ours[3].stats
+        ours_wire = tuple(n * row_bytes for n in _sum_over_ranks(
+            [stats["rows_sent_intra_node"], stats["rows_sent_inter_node"]], buf))
+    wire = {"moe_comm": ours_wire,
             "torch_baseline": baseline_wire_bytes(theirs[3], buf, row_bytes)}
     logical = logical_bytes(kept, buf, row_bytes)
     records = []
@@ -526,8 +535,11 @@ def main(argv=None):
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
     hierarchical = {"auto": "auto", "on": True, "off": False}[args.hierarchical]
+    if args.static and not (args.pad_to_capacity and args.capacity_factor):
+        raise SystemExit("--static needs --pad-to-capacity and --capacity-factor")
     buf = moe_comm.Buffer(num_experts=args.experts, ranks_per_node=args.ranks_per_node, hierarchical=hierarchical,
-                          combine_status=not args.no_combine_status, cpu_transport=args.cpu_transport)
+                          combine_status=not args.no_combine_status, cpu_transport=args.cpu_transport,
+                          max_tokens_per_rank=max(token_counts(args)) if args.static else None)
     records = []
     for tokens in token_counts(args):
         args.tokens = tokens

@@ -184,7 +184,11 @@ void EpCommunicator::all_to_all(const uint8_t* send, const std::vector<int64_t>&
   }
   if (first != ncclSuccess) fail(stage, std::string(what) + ": " + ncclGetErrorString(first) + ": " + last_error);
   wait_ready(stage);
-  watch_stream(*watchdog_, stream, stage);
+  // Under CUDA graph capture nothing runs now (the exchange runs at each replay): there is no
+  // event to watch, and querying one recorded in a capture would fail.
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  MOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing == cudaStreamCaptureStatusNone) watch_stream(*watchdog_, stream, stage);
 }
 
 void EpCommunicator::wait(cudaStream_t stream, const std::string& stage) {
