@@ -28,7 +28,7 @@ def _worker(fn, rank: int, world_size: int, init_file: str, results, args, kwarg
                                 world_size=world_size, timeout=datetime.timedelta(seconds=120))
         try:
             value = fn(rank, world_size, *args, **kwargs)
-            results.put((rank, "ok", value))
+            results.put((rank, "ok", _packed(value)))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
@@ -39,6 +39,26 @@ def _worker(fn, rank: int, world_size: int, init_file: str, results, args, kwarg
         # Skips interpreter teardown, which takes torch seconds per process (test time, not
         # correctness: tests/test_exit.py runs real scripts to their normal exit).
         os._exit(0)
+
+
+def _packed(value) -> bytes:
+    """The result as bytes: a tensor put on a queue as it is travels as a file descriptor that
+    this process serves until it exits, and it exits (os._exit) right after putting it."""
+    import io
+
+    import torch
+
+    out = io.BytesIO()
+    torch.save(value, out)
+    return out.getvalue()
+
+
+def _unpacked(data: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 class DistributedFailure(AssertionError):
@@ -83,7 +103,7 @@ def run_distributed(world_size: int, fn: Callable[..., R], *args: Any, timeout: 
         errors.append(f"ranks {missing} returned nothing within {timeout}s (hung or died)")
     if errors:
         raise DistributedFailure(f"{fn.__name__} on {world_size} ranks failed:\n" + "\n".join(errors))
-    return [outcome[r][1] for r in range(world_size)]
+    return [_unpacked(outcome[r][1]) for r in range(world_size)]
 
 
 def _shared_memory_works() -> bool:

@@ -45,7 +45,11 @@ def _static_worker(rank, world_size, topk, hidden, dtype, pattern, policy, align
         xs, idxs, ws = all_inputs(case)
         kept = [reference.drop_by_capacity(i, w, E, factor, policy, tokens=MAX_TOKENS) for i, w in zip(idxs, ws)]
         got = _step(static, xs[rank], idxs[rank], ws[rank], factor, policy, alignment)
-        waits.append(static.counters["dispatch"]["host_waits"])
+        counted = static.counters["dispatch"]
+        waits.append(counted["host_waits"])
+        if call > 0:  # plan, header, pack, expand; the header and the rows (+ the status agreement)
+            assert counted["launches"] == 4, counted
+            assert counted["exchanges"] == (0 if world_size == 1 else 2 if deferred else 3), counted
         recv_x, recv_w, counts, handle = got[:4]
         expected = reference.dispatch_all_blocks(xs, kept, ws, E, C_rows, alignment)[rank]
         assert counts.device == recv_x.device  # the static mode's counts stay where the tokens are
