@@ -11,10 +11,11 @@ from .buffer import Buffer
 from .build import build_info
 from .handle import DispatchHandle
 from .ops import combine, dispatch
+from .overlap import Pending
 from .routing import node_limited_topk
 from .transport import CommError
 
-__all__ = ["Buffer", "CommError", "DispatchHandle", "build_info", "combine", "dispatch", "launch", "nn",
+__all__ = ["Buffer", "CommError", "DispatchHandle", "Pending", "build_info", "combine", "dispatch", "launch", "nn",
            "node_limited_topk", "plan", "reference"]
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ._native import C
 from .errors import call_engine, static_problem_error
 from .nccl_comm import create_nccl_communicator
+from .overlap import InOrder
 from .groups import buffer_key, connect_gloo_group, default_store
 from .shared_memory import shared_memory_token
 from .stages import Stage, flat_stages, hierarchical_stages
@@ -177,6 +178,7 @@ class Buffer:
         self._collectives = collections.Counter()
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
         self.combines_pending, self.combines_reported = collections.deque(maxlen=16), []
+        self.worker: Optional[InOrder] = None  # made by the first async call (overlap.py)
         _OPEN_BUFFERS.add(self)
 
     def _choose_cpu_transport(self, wanted: str) -> Optional[str]:
@@ -227,6 +229,9 @@ class Buffer:
             return
         self._closed = True
         _OPEN_BUFFERS.discard(self)
+        if self.worker is not None:  # the calls in flight end first (or time out)
+            self.worker.close()
+            self.worker = None
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # in-flight exchanges drain first
         for stage in self.stages:
@@ -262,6 +267,14 @@ class Buffer:
             self.combines_reported, self.combines_pending = list(self.combines_pending), collections.deque(maxlen=16)
         else:
             self.combines_pending.append(self.call)
+
+    def in_order(self) -> InOrder:
+        """The worker thread async calls run on (made on first use); every later call of this
+        Buffer queues there too, in order."""
+        self.check_open()
+        if self.worker is None:
+            self.worker = InOrder(f"moe_comm-{self.uid}")
+        return self.worker
 
     def next_collective(self, name: str) -> int:
         """Numbers this rank's collectives of one stage name, in call order."""

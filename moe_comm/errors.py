@@ -12,15 +12,29 @@ DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
 STATIC_FLAG = 0x80  # header.h kStaticFlag: a problem a static-mode call kept on the device
 EARLIER_COMBINE = 32  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
 ARRIVAL_MISMATCH = 0x10  # header.h kArrivalMismatch: a rank's rows disagreed with its headers
-FIELD_LABELS = {4: "x: hidden size", 5: "x: dtype code", 6: "topk_idx: k", 7: "num_experts",
-                8: "pad_to_capacity", 9: "the static mode's rows per peer (Buffer max_tokens_per_rank)"}  # header.h Field
+FIELD_LABELS = {4: "x: hidden size", 5: "x: dtype code", 6: "topk_idx: k", 7: "num_experts",  # header.h Field
+                8: "pad_to_capacity", 9: "the static mode's rows per peer (Buffer max_tokens_per_rank)"}
 PAD_FIELD = 8  # its value: C + 1, or 0 without pad_to_capacity
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
 
 def call_engine(buffer, method: str, *args):
     """buffer.engine.<method>(*args), its failed exchange turned into a CommError naming rank,
-    stage and missing ranks. (A plain call: this is on every dispatch's and combine's path.)"""
+    stage and missing ranks. Once the Buffer has had an async call, on its worker thread behind
+    the calls already queued (overlap.py), so that every rank makes them in the same order.
+    (A plain call otherwise: this is on every dispatch's and combine's path.)"""
+    worker = buffer.worker
+    if worker is not None:
+        import torch
+
+        stream = torch.cuda.current_stream(buffer.device) if buffer.device.type == "cuda" else None
+        result, _ = worker.submit(lambda: call_engine_here(buffer, method, *args), stream).result()
+        return result
+    return call_engine_here(buffer, method, *args)
+
+
+def call_engine_here(buffer, method: str, *args):
+    """call_engine on the calling thread (the worker's own calls)."""
     engine = buffer.engine
     if engine is None:
         buffer.check_open()

@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .errors import DISAGREEMENT, agreed_combine_error, call_engine, dispatch_problem_error, static_problem_error
+from .errors import (DISAGREEMENT, agreed_combine_error, call_engine, call_engine_here, dispatch_problem_error,
+                     static_problem_error)
 from .handle import DispatchHandle, version_of
+from .overlap import Pending, call_stream
 from .roll_call import post_reason
 from .streams import stream_of
 from .validation import (CODE_OF, check_capacity_arguments, check_combine_inputs, check_dispatch_inputs,
@@ -29,8 +31,10 @@ from .validation import (CODE_OF, check_capacity_arguments, check_combine_inputs
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
 
 
-def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
-                      pad_to_capacity):
+def _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
+                   pad_to_capacity):
+    """The checks that need no device work, made at once on the calling thread. -> (what this
+    rank rejected or None, run(here): the engine call; here: on the Buffer's worker already)."""
     buffer.begin_call("dispatch")
     rejected = (check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
                 or check_token_budget(x, buffer.max_tokens_per_rank))
@@ -43,10 +47,17 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
     capacity = -1
     if capacity_factor is not None and not code:
         capacity = expert_capacity(capacity_factor, tokens, topk_idx.shape[1], buffer.num_experts)
-    problem, routing, recv_x, recv_weights, counts, layout, static_status = call_engine(
-        buffer, "dispatch", None if code else x.detach(), None if code else topk_idx, weights, code,
-        stream_of(buffer.device), capacity, drop_policy == "probs", expert_alignment if not code else 1,
-        bool(pad_to_capacity) and not code, buffer.static_tokens(pad_to_capacity))
+    head = (None if code else x.detach(), None if code else topk_idx, weights, code)
+    tail = (capacity, drop_policy == "probs", expert_alignment if not code else 1, bool(pad_to_capacity) and not code,
+            buffer.static_tokens(pad_to_capacity))
+
+    def run(here: bool):
+        return (call_engine_here if here else call_engine)(buffer, "dispatch", *head, stream_of(buffer.device), *tail)
+    return rejected, run
+
+
+def _dispatch_outputs(result, x, topk_idx, topk_weights, buffer, rejected):
+    problem, routing, recv_x, recv_weights, counts, layout, static_status = result
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     if static_status:  # the static mode with immediate statuses: agreed at the end of the call
@@ -59,12 +70,13 @@ def _dispatch_forward(x, topk_idx, topk_weights, buffer, capacity_factor, drop_p
 
 
 class _Dispatch(torch.autograd.Function):
+    """Its forward turns the engine's result (of a call made before apply: at once, or on the
+    Buffer's worker for async_op) into the outputs; its backward is the engine's."""
+
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment,
-                pad_to_capacity):
-        recv_x, recv_weights, tokens_per_expert, handle = _dispatch_forward(x, topk_idx, topk_weights, buffer,
-                                                                            capacity_factor, drop_policy,
-                                                                            expert_alignment, pad_to_capacity)
+    def forward(ctx, x, topk_weights, topk_idx, buffer, result, rejected):
+        recv_x, recv_weights, tokens_per_expert, handle = _dispatch_outputs(result, x, topk_idx, topk_weights, buffer,
+                                                                            rejected)
         ctx.handle = handle
         ctx.mark_non_differentiable(tokens_per_expert)
         return recv_x, recv_weights, tokens_per_expert, handle
@@ -78,18 +90,14 @@ class _Dispatch(torch.autograd.Function):
         want_w = ctx.needs_input_grad[1]
         grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
                                      grad_recv_weights.contiguous() if want_w else None, stream_of(h.buffer.device))
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, expert_y, topk_weights, handle, reuse_dispatch_weights):
+    def forward(ctx, expert_y, topk_weights, handle, result):
         h = handle
-        in_band = h.buffer.combine_status is not None
-        weights = topk_weights.detach() if topk_weights is not None else None
-        status, y, slot_weights = call_engine(h.buffer, "combine", h.layout, expert_y.detach(), weights,
-                                              reuse_dispatch_weights, 0 if in_band else -1,
-                                              stream_of(h.buffer.device))
+        status, y, slot_weights = result
         if status:
             raise agreed_combine_error(h.buffer, status)
         ctx.handle = h
@@ -143,7 +151,7 @@ def _views_dispatch_weights(topk_weights, handle: DispatchHandle) -> bool:
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer,
              capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1,
-             pad_to_capacity: bool = False):
+             pad_to_capacity: bool = False, async_op: bool = False, previous_event=None):
     """Sends each token once to every rank owning one of its experts (hierarchical: once to
     each destination node, then inside it); expands it there to one row per local expert.
 
@@ -158,25 +166,61 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     expert_y rows get a zero gradient.
     pad_to_capacity: every (local expert, source rank) block holds exactly C rows (kept rows, then
     zero rows): static shapes, R = E_local * W * C (then aligned). Every rank must get the same C:
-    give the Buffer a max_tokens_per_rank (C then uses it for T), or the same T everywhere.
+    give the Buffer a max_tokens_per_rank (C then uses it for T), or the same T everywhere. With
+    max_tokens_per_rank on a flat Buffer this is the static mode (README): no host wait.
+    async_op: return at once a moe_comm.Pending whose .wait() gives the outputs (README: Overlap).
+    previous_event: a torch.cuda.Event the call's stream waits for before it starts (CUDA).
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
-       recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU), handle.
+       recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU; static mode: on the
+       Buffer's device), handle.
     """
-    return _Dispatch.apply(x, topk_weights, topk_idx, buffer, capacity_factor, drop_policy, expert_alignment,
-                           pad_to_capacity)
+    stream = call_stream(buffer.device, previous_event)
+    rejected, run = _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
+                                   pad_to_capacity)
+
+    def finish(result):
+        return _Dispatch.apply(x, topk_weights, topk_idx, buffer, result, rejected)
+    if async_op:
+        return _submit(buffer, run, finish, stream, previous_event)
+    if previous_event is not None:
+        stream.wait_event(previous_event)
+    return finish(run(False))
 
 
-def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None):
+def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
+            async_op: bool = False, previous_event=None):
     """y[t] = sum over valid k of w[t, k] * expert_y[row(t, k)] (float32 accumulation; w = 1
-    when topk_weights is None). expert_y [R, H] in recv_x's row order and dtype -> y [T, H]."""
+    when topk_weights is None). expert_y [R, H] in recv_x's row order and dtype -> y [T, H].
+    async_op, previous_event: as dispatch's."""
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: must be the handle returned by moe_comm.dispatch, got {type(handle).__name__}")
-    handle.buffer.begin_call("combine")
+    buffer = handle.buffer
+    stream = call_stream(buffer.device, previous_event)
+    buffer.begin_call("combine")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
     if problem is not None:
         _reject_combine(handle, topk_weights, problem)
     reuse = handle.same_weights_as_dispatch(topk_weights)
-    return _Combine.apply(expert_y, topk_weights, handle, reuse)
+    weights = topk_weights.detach() if topk_weights is not None else None
+    status_code = 0 if buffer.combine_status is not None else -1
+    head = (handle.layout, expert_y.detach(), weights, reuse, status_code)
+
+    def run(here: bool):
+        return (call_engine_here if here else call_engine)(buffer, "combine", *head, stream_of(buffer.device))
+
+    def finish(result):
+        return _Combine.apply(expert_y, topk_weights, handle, result)
+    if async_op:
+        return _submit(buffer, run, finish, stream, previous_event)
+    if previous_event is not None:
+        stream.wait_event(previous_event)
+    return finish(run(False))
+
+
+def _submit(buffer, run, finish, stream, previous_event) -> Pending:
+    """The engine call on the Buffer's worker, in order; finish(result) on .wait()."""
+    future = buffer.in_order().submit(lambda: run(True), stream, previous_event, record_done=stream is not None)
+    return Pending(future, finish, buffer.device)
 
 
 __all__ = ["combine", "dispatch", "DISAGREEMENT"]
