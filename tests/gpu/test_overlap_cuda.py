@@ -51,6 +51,7 @@ def _overlap_worker(rank, world_size):
         recv_x, recv_w, _, handle = pending.wait()  # the default stream now follows comm
         expert_y = recv_x * 2  # the experts, on the default stream
         comm.wait_stream(torch.cuda.current_stream())
+        expert_y.record_stream(comm)  # made on the default stream, read on comm (torch's rule)
         with torch.cuda.stream(comm):
             y = moe_comm.combine(expert_y, handle, w, async_op=True)
         outs.append((recv_x, recv_w, y.wait()))
