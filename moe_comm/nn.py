@@ -74,7 +74,12 @@ class MoELayer(nn.Module):
         """SwiGLU per local expert over the expert-major rows (a loop: CPU torch has no grouped
         matmul)."""
         outs = []
-        for e, rows in enumerate(recv_x.split(tokens_per_expert.tolist())):
+        local = self.buffer.experts_per_rank
+        if tokens_per_expert.device.type != "cpu":  # the static mode: equal segments, known without a read
+            sizes = [recv_x.shape[0] // local] * local
+        else:
+            sizes = tokens_per_expert.tolist()
+        for e, rows in enumerate(recv_x.split(sizes)):
             gate = torch.nn.functional.silu(rows @ self.w_gate[e])
             outs.append((gate * (rows @ self.w_up[e])) @ self.w_down[e])
         return torch.cat(outs) if outs else recv_x.new_zeros((0, recv_x.shape[1]))
