@@ -220,7 +220,7 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
 def _submit(buffer, run, finish, stream, previous_event) -> Pending:
     """The engine call on the Buffer's worker, in order; finish(result) on .wait()."""
     future = buffer.in_order().submit(lambda: run(True), stream, previous_event, record_done=stream is not None)
-    return Pending(future, finish, buffer.device)
+    return Pending(future, finish, buffer.device, stream)
 
 
 __all__ = ["combine", "dispatch", "DISAGREEMENT"]

@@ -67,27 +67,41 @@ class Pending:
     (wait() then does not block). Later calls on the Buffer need not wait for it: they queue
     behind it, in order."""
 
-    def __init__(self, future: Future, finish: Callable, device: torch.device):
+    def __init__(self, future: Future, finish: Callable, device: torch.device, stream=None):
         self._future = future
         self._finish = finish
         self._device = device
+        self._stream = stream  # the call's (CUDA)
         self._value = None
+        self._error = None
         self._waited = False
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self):
-        if self._waited:
-            return self._value
-        result, done_event = self._future.result()
-        self._waited = True
-        if done_event is not None:  # the caller's stream waits for the call's work, not the host
-            torch.cuda.current_stream(self._device).wait_event(done_event)
-        self._value = self._finish(result)
-        if done_event is not None:
-            _record_on_current(self._value, self._device)
+        if not self._waited:
+            self._waited = True
+            try:
+                self._value = self._join()
+            except BaseException as error:  # every wait() raises it
+                self._error = error
+        if self._error is not None:
+            raise self._error
         return self._value
+
+    def _join(self):
+        result, done_event = self._future.result()
+        if done_event is None:
+            return self._finish(result)
+        # The caller's stream waits for the call's work (no host wait). The autograd node is
+        # made on the call's stream, so that the backward runs there too, with the handle's
+        # arrays, which live on it.
+        torch.cuda.current_stream(self._device).wait_event(done_event)
+        with torch.cuda.stream(self._stream):
+            value = self._finish(result)
+        _record_on_current(value, self._device)
+        return value
 
 
 def _record_on_current(value, device) -> None:

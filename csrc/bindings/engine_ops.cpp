@@ -102,6 +102,7 @@ class PyEngine {
       }
       specs.push_back(std::move(spec));
     }
+    CallScope scope(*this, 0);  // its words are made on the Buffer's device
     engine_ = std::make_unique<Engine>(std::move(specs), rank, world_size, num_experts, work,
                                        std::make_shared<TorchAllocator>(device_));
   }

@@ -27,7 +27,13 @@ class EventWork : public WatchedWork {
 
 std::unique_ptr<DeadlineWatch> make_watchdog(int device, double timeout_s, ncclComm_t comm, std::string who) {
   WatchHooks hooks;
-  hooks.on_thread_start = [device] { cudaSetDevice(device); };  // the static runtime's device is per thread
+  hooks.on_thread_start = [device] {
+    cudaSetDevice(device);  // the static runtime's device is per thread
+    // Its event queries must not count as unsafe calls while another thread captures a CUDA
+    // graph (global capture mode would refuse them and invalidate the capture).
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+  };
   hooks.health = [comm]() -> std::string {
     ncclResult_t state = ncclSuccess;
     ncclCommGetAsyncError(comm, &state);

@@ -64,6 +64,12 @@ engine::Array CudaDevice::upload(const void* host, int64_t bytes, engine::Alloca
   return a;
 }
 
+bool CudaDevice::capturing() const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  MOE_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 void CudaDevice::fill_header(const engine::HeaderFill& h) { MOE_CUDA_CHECK(launch_fill_header(h, stream_)); }
 void CudaDevice::relay_header(const engine::HeaderRelay& h) { MOE_CUDA_CHECK(launch_relay_header(h, stream_)); }
 

@@ -28,6 +28,7 @@ class CudaDevice final : public engine::Device {
   void set_wait(BoundedWait wait) { wait_ = std::move(wait); }
 
   bool host_readable() const override { return false; }
+  bool capturing() const override;
   void plan_send(const Routing& r, const engine::Capacity& capacity, engine::Allocator& alloc,
                  engine::StagePlan& plan) override;
   void count_tokens(const Routing& r, engine::Allocator& alloc, int64_t* tokens_per_rank) override;

@@ -105,6 +105,8 @@ class Device {
  public:
   virtual ~Device() = default;
   virtual bool host_readable() const = 0;
+  // Whether the work is being captured into a CUDA graph right now (never on the CPU).
+  virtual bool capturing() const { return false; }
 
   // The send plan of one stage; allocates its arrays, and checks the routing into
   // plan.status on the way (an index out of range counts as masked; nothing is sent then).

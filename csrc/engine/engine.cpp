@@ -41,6 +41,8 @@ Engine::Engine(std::vector<StageSpec> stages, int64_t rank, int64_t world_size, 
   zero_status_ = device_->upload(zeros.data(), largest * int64_t(sizeof(int64_t)), *allocator_);
   sticky_ = device_->upload(zeros.data(), int64_t(sizeof(int64_t)), *allocator_);
   pending_ = allocate(pending_capacity() * int64_t(sizeof(int64_t)));
+  int64_t copied = 0;  // the copies are done before any stream of a call reads the words
+  device_->download({{sticky_.data, &copied, int64_t(sizeof(int64_t))}}, "setup");
 }
 
 int64_t Engine::pending_capacity() const {
@@ -51,6 +53,7 @@ int64_t Engine::pending_capacity() const {
 void Engine::begin(const std::string& kind) {
   current_ = &counters_[kind];
   *current_ = Counters{};
+  if (!captured_ && device_->capturing()) captured_ = true;
 }
 
 const Counters& Engine::counters(const std::string& kind) const {
@@ -67,7 +70,11 @@ int64_t Engine::workspace_bytes() const {
 
 uint8_t* Engine::workspace(const std::string& name, int64_t bytes) {
   Array& w = workspaces_[name];
-  if (w.bytes < bytes || !w.data) w = allocate(bytes + bytes / 4);  // grow-only: fresh pages fault on every call
+  if (w.bytes < bytes || !w.data) {
+    // A CUDA graph captured earlier keeps writing the old block at each replay: keep it.
+    if (captured_ && w.data) retired_.push_back(w);
+    w = allocate(bytes + bytes / 4);  // grow-only: fresh pages fault on every call
+  }
   return w.data;
 }
 
@@ -233,6 +240,12 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
   copies.push_back({sticky_.data, &sticky, int64_t(sizeof(int64_t))});
   ++current_->host_waits;
   device_->download(copies, "dispatch/header");
+  const int64_t reported = h.sent[0][kStatus];
+  if (!local.any() && reported >= kEarlierCombine && reported < kStaticFlag) {
+    // A captured header reads these words again at each replay: clear what was reported.
+    launch();
+    device_->fill_zero(pending_.data, pending_.bytes);
+  }
   pending_used_ = pending_folded_ = 0;  // reported by this header, on every rank
   if (sticky != 0 && !local.any()) {  // an error path: the launch is not in the budgets
     launch();
@@ -404,19 +417,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
       for (int64_t r = 0; r < count; ++r) row_order.push_back(starts[block] + r);
     }
   }
-  const int64_t elem = dtype_size(x.dtype);
-  out.recv_x = allocate(R * x.cols * elem);
-  out.recv_weights = allocate(R * int64_t(sizeof(float)));
-  layout->row_map = allocate(N * topk * int64_t(sizeof(int64_t)));
-  layout->slot_weights = allocate(N * topk * int64_t(sizeof(float)));
-  ExpandArgs a;
-  a.rows = arrived[last];
-  a.num_rows = N;
-  a.fmt = make_row_format(x.cols, elem, topk, sizeof(SlotMeta));
-  a.topk = topk;
-  a.experts_per_rank = experts_per_rank_;
-  a.dtype = x.dtype;
-  a.hidden = x.cols;
+  ExpandArgs a = prepare_outputs(x, topk, arrived[last], N, R, *layout, out);
   Array order_on_device;
   if (!row_order.empty()) {
     order_on_device = device_->upload(row_order.data(), int64_t(row_order.size() * sizeof(int64_t)), *allocator_);
@@ -440,31 +441,52 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   // reports it on every rank, as a deferred combine status.
   a.status = reserve_pending(1);
   a.bad_status = (world_size_ - rank_) << 8 | kArrivalMismatch;
-  a.row_map = layout->row_map.as<int64_t>();
-  a.slot_weights = layout->slot_weights.as<float>();
-  a.recv_weights = out.recv_weights.as<float>();
-  a.recv_x = out.recv_x.data;
   launch();
   device_->expand(a, *allocator_);
+  finish_layout(x, topk, N, R, *layout);
+  out.layout = layout;
+  return out;
+}
 
-  layout->num_tokens = x.rows;
-  layout->hidden = x.cols;
-  layout->topk = topk;
-  layout->dtype = x.dtype;
-  layout->num_last = N;
-  layout->num_recv_rows = R;
+ExpandArgs Engine::prepare_outputs(const RowsIn& x, int64_t topk, const uint8_t* arrived, int64_t N, int64_t R,
+                                   DispatchLayout& layout, DispatchResult& out) {
+  const int64_t elem = dtype_size(x.dtype);
+  out.recv_x = allocate(R * x.cols * elem);
+  out.recv_weights = allocate(R * int64_t(sizeof(float)));
+  layout.row_map = allocate(N * topk * int64_t(sizeof(int64_t)));
+  layout.slot_weights = allocate(N * topk * int64_t(sizeof(float)));
+  ExpandArgs a;
+  a.rows = arrived;
+  a.num_rows = N;
+  a.fmt = make_row_format(x.cols, elem, topk, sizeof(SlotMeta));
+  a.topk = topk;
+  a.experts_per_rank = experts_per_rank_;
+  a.dtype = x.dtype;
+  a.hidden = x.cols;
+  a.row_map = layout.row_map.as<int64_t>();
+  a.slot_weights = layout.slot_weights.as<float>();
+  a.recv_weights = out.recv_weights.as<float>();
+  a.recv_x = out.recv_x.data;
+  return a;
+}
+
+void Engine::finish_layout(const RowsIn& x, int64_t topk, int64_t N, int64_t R, DispatchLayout& layout) {
+  layout.num_tokens = x.rows;
+  layout.hidden = x.cols;
+  layout.topk = topk;
+  layout.dtype = x.dtype;
+  layout.num_last = N;
+  layout.num_recv_rows = R;
   for (size_t j = 0; j < stages_.size(); ++j) {
     const StageSpec& stage = stages_[j];
     for (int64_t d = 0; d < stage.size; ++d) {
       if (d == stage.index) continue;  // rows a rank sends itself cross no link
-      (stage.remote[d] ? layout->stats.rows_inter : layout->stats.rows_intra) += layout->plans[j].send_rows[d];
+      (stage.remote[d] ? layout.stats.rows_inter : layout.stats.rows_intra) += layout.plans[j].send_rows[d];
     }
   }
-  layout->stats.bytes_intra = layout->stats.rows_intra * x.cols * elem;
-  layout->stats.bytes_inter = layout->stats.rows_inter * x.cols * elem;
-  layout->counters = *current_;
-  out.layout = layout;
-  return out;
+  layout.stats.bytes_intra = layout.stats.rows_intra * x.cols * dtype_size(x.dtype);
+  layout.stats.bytes_inter = layout.stats.rows_inter * x.cols * dtype_size(x.dtype);
+  layout.counters = *current_;
 }
 
 // ---- the reverse path and the forward path reused -------------------------------------------

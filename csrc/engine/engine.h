@@ -143,6 +143,11 @@ class Engine {
   // with zeros, and the immediate status agreement they end with.
   void settle_with_static_peers(const Headers& h, bool static_here);
   bool agrees_at_once(const Headers& h, bool static_here) const;
+  // The outputs of a dispatch (R expert rows, N arrived rows) and the expand's arguments.
+  ExpandArgs prepare_outputs(const RowsIn& x, int64_t topk, const uint8_t* arrived, int64_t N, int64_t R,
+                             DispatchLayout& layout, DispatchResult& out);
+  // Shapes, link stats (from the plans' send rows) and counters of a finished dispatch.
+  void finish_layout(const RowsIn& x, int64_t topk, int64_t N, int64_t R, DispatchLayout& layout);
   int64_t agree();  // agree_status inside the current call
   std::vector<uint8_t*> run_stages(const RowsIn& x, const int64_t* idx, int64_t topk, const float* weights,
                                    Headers& h, DispatchLayout& layout);
@@ -184,6 +189,8 @@ class Engine {
   Array sticky_;               // [1] int64: the static mode's first problem, until reported
   Array zero_status_;          // [largest stage] int64 zeros: a good rank's status words
   std::vector<int64_t> agreed_signature_;  // the static call all ranks last read and agreed on
+  bool captured_ = false;      // a call ran under CUDA graph capture: workspaces are never freed
+  std::vector<Array> retired_;  // workspaces outgrown since (a graph may still write them)
 };
 
 }  // namespace engine

@@ -57,8 +57,7 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   plan.send_rows.assign(W, B);
   plan.recv_rows.assign(W, B);
   plan.num_send = plan.num_recv = W * B;
-  const int64_t elem = dtype_size(x.dtype);
-  const RowFormat fmt = make_row_format(x.cols, elem, topk, sizeof(SlotMeta));
+  const RowFormat fmt = make_row_format(x.cols, dtype_size(x.dtype), topk, sizeof(SlotMeta));
   uint8_t* arrived = pack_and_send(stage, plan, x, fmt, routed, weights, topk, nullptr, "dispatch/" + stage.name);
 
   // Every expert's segment: W blocks of C rows, then zero rows up to the alignment.
@@ -66,18 +65,7 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   const int64_t R = experts_per_rank_ * segment, N = W * B;
   layout->tokens_per_expert.assign(experts_per_rank_, segment);
   layout->padded = R > 0;
-  out.recv_x = allocate(R * x.cols * elem);
-  out.recv_weights = allocate(R * int64_t(sizeof(float)));
-  layout->row_map = allocate(N * topk * int64_t(sizeof(int64_t)));
-  layout->slot_weights = allocate(N * topk * int64_t(sizeof(float)));
-  ExpandArgs a;
-  a.rows = arrived;
-  a.num_rows = N;
-  a.fmt = fmt;
-  a.topk = topk;
-  a.experts_per_rank = experts_per_rank_;
-  a.dtype = x.dtype;
-  a.hidden = x.cols;
+  ExpandArgs a = prepare_outputs(x, topk, arrived, N, R, *layout, out);
   a.block_rows = C;
   a.sources = W;
   a.source_stride = std::max<int64_t>(B, 1);
@@ -88,27 +76,11 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   a.world = world_size_;
   a.sticky = sticky_.as<int64_t>();
   a.bad_status = (world_size_ - rank_) << 8 | kStaticFlag | (kEarlierCombine + kArrivalMismatch);
-  a.row_map = layout->row_map.as<int64_t>();
-  a.slot_weights = layout->slot_weights.as<float>();
-  a.recv_weights = out.recv_weights.as<float>();
-  a.recv_x = out.recv_x.data;
   launch();
   device_->expand(a, *allocator_);
-
-  layout->num_tokens = x.rows;
-  layout->hidden = x.cols;
-  layout->topk = topk;
-  layout->dtype = x.dtype;
-  layout->num_last = N;
-  layout->num_recv_rows = R;
-  for (int64_t d = 0; d < W; ++d) {  // what the wire carries: B rows to every peer
-    if (d != stage.index) (stage.remote[d] ? layout->stats.rows_inter : layout->stats.rows_intra) += B;
-  }
-  layout->stats.bytes_intra = layout->stats.rows_intra * x.cols * elem;
-  layout->stats.bytes_inter = layout->stats.rows_inter * x.cols * elem;
-  if (agrees_at_once(h, true)) out.static_status = agree();
   layout->fixed = true;
-  layout->counters = *current_;
+  if (agrees_at_once(h, true)) out.static_status = agree();
+  finish_layout(x, topk, N, R, *layout);  // the wire's stats: B rows to every peer
   out.layout = layout;
   return out;
 }
@@ -166,7 +138,11 @@ int64_t Engine::agree() {
   // have reported them.
   int64_t combine = pending_folded_;
   for (size_t i = 1; i < mine.size(); ++i) combine = std::max(combine, mine[i]);
-  if (combine != 0) status = std::max(status, (combine >> 8) << 8 | kStaticFlag | (kEarlierCombine + (combine & 0xFF)));
+  if (combine != 0) {
+    status = std::max(status, (combine >> 8) << 8 | kStaticFlag | (kEarlierCombine + (combine & 0xFF)));
+    launch();  // a captured header reads these words again at each replay: clear what is reported
+    device_->fill_zero(pending_.data, pending_.bytes);
+  }
   pending_used_ = pending_folded_ = 0;
   if (mine[0] != 0) {
     launch();
