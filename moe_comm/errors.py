@@ -3,6 +3,8 @@ headers agreed on (including a deferred combine status), a combine status agreed
 a failed exchange (CommError, naming
 this rank, the stage and, from the roll call, the ranks that never arrived)."""
 
+import torch
+
 from ._native import C
 from .roll_call import posted_reason
 from .transport import comm_error
@@ -25,8 +27,6 @@ def call_engine(buffer, method: str, *args):
     (A plain call otherwise: this is on every dispatch's and combine's path.)"""
     worker = buffer.worker
     if worker is not None:
-        import torch
-
         stream = torch.cuda.current_stream(buffer.device) if buffer.device.type == "cuda" else None
         result, _ = worker.submit(lambda: call_engine_here(buffer, method, *args), stream).result()
         return result

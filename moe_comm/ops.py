@@ -180,11 +180,7 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
 
     def finish(result):
         return _Dispatch.apply(x, topk_weights, topk_idx, buffer, result, rejected)
-    if async_op:
-        return _submit(buffer, run, finish, stream, previous_event)
-    if previous_event is not None:
-        stream.wait_event(previous_event)
-    return finish(run(False))
+    return _call(buffer, run, finish, async_op, stream, previous_event)
 
 
 def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
@@ -210,17 +206,18 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
 
     def finish(result):
         return _Combine.apply(expert_y, topk_weights, handle, result)
+    return _call(buffer, run, finish, async_op, stream, previous_event)
+
+
+def _call(buffer, run, finish, async_op, stream, previous_event):
+    """finish(the engine call's result) now; or, async, a Pending: the call on the Buffer's
+    worker, in order, and finish on .wait()."""
     if async_op:
-        return _submit(buffer, run, finish, stream, previous_event)
+        future = buffer.in_order().submit(lambda: run(True), stream, previous_event, record_done=stream is not None)
+        return Pending(future, finish, buffer.device, stream)
     if previous_event is not None:
         stream.wait_event(previous_event)
     return finish(run(False))
-
-
-def _submit(buffer, run, finish, stream, previous_event) -> Pending:
-    """The engine call on the Buffer's worker, in order; finish(result) on .wait()."""
-    future = buffer.in_order().submit(lambda: run(True), stream, previous_event, record_done=stream is not None)
-    return Pending(future, finish, buffer.device, stream)
 
 
 __all__ = ["combine", "dispatch", "DISAGREEMENT"]

@@ -11,11 +11,17 @@ from tests.distributed import run_distributed
 T, H, K, E = 256, 512, 6, 8
 
 
-def _allocated_bytes(fn):
-    """-> (fn's result, bytes allocated inside fn: an upper bound of its peak extra memory)."""
+def _profiled(fn):
+    """-> (fn's result, the profiler's events of fn: every CPU tensor allocation and free)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
-    return out, sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    return out, prof.events()
+
+
+def _allocated_bytes(fn):
+    """-> (fn's result, bytes allocated inside fn: an upper bound of its peak extra memory)."""
+    out, events = _profiled(fn)
+    return out, sum(e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage > 0)
 
 
 def _memory_worker(rank, world_size, ranks_per_node):
@@ -62,10 +68,9 @@ def test_calls_allocate_only_their_outputs_and_reuse_wire_buffers():
 
 def _peak_bytes(fn):
     """-> (fn's result, the peak of the bytes fn holds allocated, frees counted in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+    out, events = _profiled(fn)
     changes = []
-    for e in prof.events():
+    for e in events:
         if e.name == "[memory]":  # a free (or an allocation) outside any op
             changes.append((e.time_range.start, e.cpu_memory_usage))
         elif e.self_cpu_memory_usage:

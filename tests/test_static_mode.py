@@ -105,6 +105,24 @@ def _good_call(buf, rank):
     return recv_x, moe_comm.combine(recv_x, handle, w)
 
 
+def _one_rank_raises(buf, rank, bad_rank, deferred, call, own, peers):
+    """call() raises `own` (type, pattern) on bad_rank at once. The others raise `peers` in the
+    same call (immediate statuses), or get zeros from it and raise `peers` from Buffer.check()
+    (deferred), on every rank."""
+    if rank == bad_rank:
+        with pytest.raises(own[0], match=own[1]):
+            call()
+    elif not deferred:
+        with pytest.raises(peers[0], match=peers[1]):
+            call()
+    else:
+        recv_x, recv_w, _, _ = call()
+        assert not recv_x.any() and not recv_w.any()  # nothing placed: zeros, not stale rows
+    if deferred:
+        with pytest.raises(peers[0], match=peers[1]):
+            buf.check()
+
+
 def _errors_worker(rank, world_size, deferred):
     """A bad input on one rank after the shapes were agreed: that rank raises at once. With
     immediate statuses every other rank raises in the same call; deferred, they get zeros and
@@ -117,18 +135,10 @@ def _errors_worker(rank, world_size, deferred):
 
     # 1. Rank 1 passes a bad dtype (rejected in Python, before anything moves).
     bad_x = x.double() if rank == 1 else x
-    if rank == 1:
-        with pytest.raises(TypeError, match=r"^x: dtype must be"):
-            moe_comm.dispatch(bad_x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
-    elif not deferred:
-        with pytest.raises(RuntimeError, match=static_error + r"dispatch: rank 1 rejected its argument 'x'"):
-            moe_comm.dispatch(bad_x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
-    else:
-        recv_x, recv_w, _, _ = moe_comm.dispatch(bad_x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
-        assert not recv_x.any() and not recv_w.any()  # nothing placed: zeros, not stale rows
-    if deferred:
-        with pytest.raises(RuntimeError, match=static_error + r"dispatch: rank 1 rejected its argument 'x'"):
-            buf.check()
+    _one_rank_raises(buf, rank, 1, deferred,
+                     lambda: moe_comm.dispatch(bad_x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True),
+                     (TypeError, r"^x: dtype must be"),
+                     (RuntimeError, static_error + r"dispatch: rank 1 rejected its argument 'x'"))
     buf.check()  # reported once: nothing left
 
     # 2. A routing value out of range on rank 0, found only on the device.
@@ -150,18 +160,10 @@ def _errors_worker(rank, world_size, deferred):
     # 3. Rank 0 changes its hidden size alone: it reads its headers (its call changed), finds
     # the disagreement and joins rank 1's fixed exchange, so nobody waits for rows.
     wide = torch.randn(8, 6) if rank == 0 else x
-    if rank == 0:
-        with pytest.raises(ValueError, match=r"hidden size is 6 on rank 0 but 4 on rank 1"):
-            moe_comm.dispatch(wide, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
-    elif not deferred:
-        with pytest.raises(ValueError, match=static_error + r"rank 0 disagreed with another rank"):
-            moe_comm.dispatch(wide, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
-    else:
-        recv_x, _, _, _ = moe_comm.dispatch(wide, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
-        assert not recv_x.any()
-    if deferred:
-        with pytest.raises(ValueError, match=static_error + r"rank 0 disagreed with another rank"):
-            buf.check()
+    _one_rank_raises(buf, rank, 0, deferred,
+                     lambda: moe_comm.dispatch(wide, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True),
+                     (ValueError, r"hidden size is 6 on rank 0 but 4 on rank 1"),
+                     (ValueError, static_error + r"rank 0 disagreed with another rank"))
 
     # 4. Still usable, and what a synced dispatch reports of an earlier static problem.
     recv_x, y = _good_call(buf, rank)

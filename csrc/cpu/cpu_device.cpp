@@ -113,14 +113,13 @@ void CpuDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
   std::vector<int64_t> arrived(a.experts, 0);  // per local expert, before the starts pass
   for (int64_t b = 0; b < a.buckets(); ++b) arrived[b % a.experts] += a.starts[b];
   bodies::expand_plan_starts(a);
-  if (a.source_stride == 0) check_arrivals(e, a, bad_slots, arrived);
+  if (!a.fixed.on()) check_arrivals(e, a, bad_slots, arrived);
   for (int64_t w = 0; w < a.split.workers; ++w) bodies::expand_plan_fill(a, w);
   for (int64_t r = 0; a.padding() && r < a.output_rows(); ++r) {
     each_lane([&](bodies::Lanes l) { bodies::zero_if_padding(a, r, l); });
   }
   cpu::scatter_rows(engine::expand_scatter(e));
 }
-
 
 void CpuDevice::scatter_rows(const ScatterParams& p) { cpu::scatter_rows(p); }
 void CpuDevice::reduce_rows(const ReduceParams& p) { cpu::reduce_rows(p); }

@@ -110,7 +110,7 @@ void CudaDevice::read_slot_meta(const uint8_t* rows, int64_t num_rows, const Row
 }
 
 void CudaDevice::expand(const engine::ExpandArgs& e, engine::Allocator& alloc) {
-  if (e.source_stride > 0) {  // static mode: every table is arithmetic, nothing goes up
+  if (e.fixed.on()) {  // static mode: every table is arithmetic, nothing goes up
     engine::ExpandPlanWork work = engine::prepare_expand(e, plan_workers(e.num_rows), nullptr, nullptr, nullptr, alloc);
     MOE_CUDA_CHECK(launch_expand(work.args, engine::expand_scatter(e), stream_));
     return;

@@ -70,16 +70,8 @@ struct ExpandArgs {
   // then it placed nothing); the engine keeps it for the next dispatch's header.
   int64_t* status = nullptr;
   int64_t bad_status = 1;
-  // Static mode (no host read; bodies/plan.h ExpandPlanArgs): fixed source strides and expert
-  // segments, the received headers checked on the device, a problem kept in *sticky (then
-  // status is unused and expert_offsets may be null).
-  int64_t source_stride = 0;
-  int64_t segment_rows = 0;
-  const int64_t* headers = nullptr;
-  HeaderLayout header_layout;
-  CallFacts call;
-  int64_t world = 0;
-  int64_t* sticky = nullptr;
+  // The static mode (header.h): then status is unused and expert_offsets may be null.
+  StaticExpand fixed;
   int64_t* row_map = nullptr;      // [num_rows, topk] out
   float* slot_weights = nullptr;   // [num_rows, topk] out
   float* recv_weights = nullptr;   // [R] out

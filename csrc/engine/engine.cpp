@@ -78,6 +78,20 @@ uint8_t* Engine::workspace(const std::string& name, int64_t bytes) {
   return w.data;
 }
 
+void Engine::clear_reported(bool combines, bool sticky) {
+  pending_used_ = pending_folded_ = 0;
+  // Error paths only (their launches are not in the budgets). A captured header reads these
+  // words again at each replay: what was reported must not be reported again.
+  if (combines) {
+    launch();
+    device_->fill_zero(pending_.data, pending_.bytes);
+  }
+  if (sticky) {
+    launch();
+    device_->fill_zero(sticky_.data, int64_t(sizeof(int64_t)));
+  }
+}
+
 int64_t* Engine::reserve_pending(int64_t count) {
   if (pending_used_ + count > pending_capacity()) {  // full: read them back now (a host wait, rare)
     std::vector<int64_t> seen(pending_used_);
@@ -219,7 +233,7 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
              h.layouts[j].width() * int64_t(sizeof(int64_t)), nullptr, "dispatch/" + stage.name + "/header");
   }
   if (!reads) {  // the static mode: the fill folded the pending statuses on the device
-    pending_used_ = pending_folded_ = 0;
+    clear_reported(false, false);
     return Problem{};
   }
   // The dispatch's one host wait: every header at once; they size everything that follows.
@@ -241,16 +255,7 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
   ++current_->host_waits;
   device_->download(copies, "dispatch/header");
   const int64_t reported = h.sent[0][kStatus];
-  if (!local.any() && reported >= kEarlierCombine && reported < kStaticFlag) {
-    // A captured header reads these words again at each replay: clear what was reported.
-    launch();
-    device_->fill_zero(pending_.data, pending_.bytes);
-  }
-  pending_used_ = pending_folded_ = 0;  // reported by this header, on every rank
-  if (sticky != 0 && !local.any()) {  // an error path: the launch is not in the budgets
-    launch();
-    device_->fill_zero(sticky_.data, int64_t(sizeof(int64_t)));
-  }
+  clear_reported(!local.any() && reported >= kEarlierCombine && reported < kStaticFlag, !local.any() && sticky != 0);
   Problem problem = local;
   if (!problem.any() && h.sent[0][kStatus] != 0) {  // own routing, or a deferred combine status
     problem = Problem{h.sent[0][kStatus], h.sent[0][kBadRank], h.sent[0][kSeenBy]};

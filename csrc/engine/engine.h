@@ -170,6 +170,9 @@ class Engine {
   // Room for `count` deferred statuses to land in (pending_, read by the next header).
   int64_t* reserve_pending(int64_t count);
   int64_t pending_capacity() const;
+  // After a read that reported them: no pending statuses; zero the words the report came from
+  // (the deferred combine statuses, the static mode's sticky word).
+  void clear_reported(bool combines, bool sticky);
   Array allocate(int64_t bytes) { return allocator_->allocate(bytes); }
   void launch() { ++current_->launches; }
   void begin(const std::string& kind);

@@ -206,6 +206,22 @@ MOE_HD int64_t received_status(const int64_t* received, int64_t senders, const H
   return 0;
 }
 
+// The static mode's expand (bodies/plan.h), which reads no header on the host: source s's rows
+// are arrival rows [s * source_stride, (s + 1) * source_stride) (unused ones name no expert),
+// expert e's segment starts at e * segment_rows, and the received headers are checked where
+// they landed (received_status): a problem places nothing, zeroes the outputs and is kept in
+// *sticky (the first one, for Buffer.check()).
+struct StaticExpand {
+  int64_t source_stride = 0;  // 0: not static
+  int64_t segment_rows = 0;
+  const int64_t* headers = nullptr;  // [senders, header_layout.width()]
+  HeaderLayout header_layout;
+  CallFacts call;
+  int64_t world = 0;
+  int64_t* sticky = nullptr;
+  MOE_HD bool on() const { return source_stride > 0; }
+};
+
 // The first problem a received header (on the host) reveals: a sender's status, or a sender
 // that disagrees with this rank on the call (senders[s] is the Buffer rank of row s).
 Problem find_problem(const int64_t* received, int64_t size, const HeaderLayout& layout, const CallFacts& call,

@@ -100,9 +100,8 @@ struct ExpandPlanWork {
 // source_starts where the backend reads them (on the device for CUDA).
 inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const int64_t* announced,
                                      const int64_t* padded, const int64_t* source_starts, Allocator& alloc) {
-  const bool fixed = e.source_stride > 0;  // static mode
-  MOE_HOST_ASSERT(fixed ? e.sticky != nullptr : e.status != nullptr, "the expand needs a status word");
-  MOE_HOST_ASSERT(e.block_rows == 0 || fixed || (padded && source_starts),
+  MOE_HOST_ASSERT(e.fixed.on() ? e.fixed.sticky != nullptr : e.status != nullptr, "the expand needs a status word");
+  MOE_HOST_ASSERT(e.block_rows == 0 || e.fixed.on() || (padded && source_starts),
                   "blocks need padded offsets and source starts");
   ExpandPlanWork w;
   bodies::ExpandPlanArgs& a = w.args;
@@ -130,13 +129,7 @@ inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const
   a.padded = padded;
   a.recv_x = e.recv_x;
   a.out_row_bytes = e.hidden * dtype_size(e.dtype);
-  a.source_stride = e.source_stride;
-  a.segment_rows = e.segment_rows;
-  a.headers = e.headers;
-  a.header_layout = e.header_layout;
-  a.call = e.call;
-  a.world = e.world;
-  a.sticky = e.sticky;
+  a.fixed = e.fixed;
   return w;
 }
 

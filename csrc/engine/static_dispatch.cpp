@@ -68,13 +68,8 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   ExpandArgs a = prepare_outputs(x, topk, arrived, N, R, *layout, out);
   a.block_rows = C;
   a.sources = W;
-  a.source_stride = std::max<int64_t>(B, 1);
-  a.segment_rows = segment;
-  a.headers = h.received_on_device[0].as<int64_t>();
-  a.header_layout = h.layouts[0];
-  a.call = call;
-  a.world = world_size_;
-  a.sticky = sticky_.as<int64_t>();
+  a.fixed = StaticExpand{std::max<int64_t>(B, 1), segment, h.received_on_device[0].as<int64_t>(), h.layouts[0], call,
+                         world_size_, sticky_.as<int64_t>()};
   a.bad_status = (world_size_ - rank_) << 8 | kStaticFlag | (kEarlierCombine + kArrivalMismatch);
   launch();
   device_->expand(a, *allocator_);
@@ -140,14 +135,8 @@ int64_t Engine::agree() {
   for (size_t i = 1; i < mine.size(); ++i) combine = std::max(combine, mine[i]);
   if (combine != 0) {
     status = std::max(status, (combine >> 8) << 8 | kStaticFlag | (kEarlierCombine + (combine & 0xFF)));
-    launch();  // a captured header reads these words again at each replay: clear what is reported
-    device_->fill_zero(pending_.data, pending_.bytes);
   }
-  pending_used_ = pending_folded_ = 0;
-  if (mine[0] != 0) {
-    launch();
-    device_->fill_zero(sticky_.data, int64_t(sizeof(int64_t)));
-  }
+  clear_reported(combine != 0, mine[0] != 0);
   // Agreed over every stage: MAX, so the lowest bad rank wins (rail, then node: every rank).
   const bool deferred = defer_status_;
   defer_status_ = false;  // this exchange reads its statuses at once

@@ -325,25 +325,15 @@ struct ExpandPlanArgs {
   const int64_t* padded = nullptr;     // [experts + 1]
   uint8_t* recv_x = nullptr;           // [output rows, out_row_bytes]: padding rows zeroed
   int64_t out_row_bytes = 0;
-  // Static mode (no host read): source s's rows are arrival rows [s * source_stride,
-  // (s + 1) * source_stride) (unused ones name no expert), expert e's segment starts at
-  // e * segment_rows, and the received headers are checked here: a problem places nothing,
-  // zeroes the outputs and is kept in *sticky (the first one, for Buffer.check()).
-  int64_t source_stride = 0;          // 0: not static
-  int64_t segment_rows = 0;
-  const int64_t* headers = nullptr;   // [sources, header_layout.width()]
-  engine::HeaderLayout header_layout;
-  engine::CallFacts call;
-  int64_t world = 0;
-  int64_t* sticky = nullptr;          // replaces status in static mode
+  engine::StaticExpand fixed;         // the static mode (then sticky replaces status)
 
   MOE_HD bool blocks() const { return block_rows > 0; }
   MOE_HD int64_t buckets() const { return blocks() ? sources * experts : experts; }
   MOE_HD int64_t columns() const { return buckets() + 1; }
   // starts[] holds the bucket totals, then this call's verdict (0: place the rows).
   MOE_HD int64_t verdict() const { return starts[columns()]; }
-  MOE_HD bool padding() const { return padded != nullptr || segment_rows > 0; }
-  MOE_HD int64_t segment_start(int64_t e) const { return segment_rows ? e * segment_rows : padded[e]; }
+  MOE_HD bool padding() const { return padded != nullptr || fixed.segment_rows > 0; }
+  MOE_HD int64_t segment_start(int64_t e) const { return fixed.segment_rows ? e * fixed.segment_rows : padded[e]; }
   MOE_HD int64_t bucket(int64_t source, int64_t e) const { return blocks() ? source * experts + e : e; }
   MOE_HD int64_t row(int64_t n) const { return row_order ? row_order[n] : n; }
   MOE_HD SlotMeta meta(int64_t row, int64_t k) const {
@@ -363,7 +353,7 @@ MOE_HD int64_t last_at_or_below(const int64_t* sorted, int64_t n, int64_t value)
 }
 
 MOE_HD int64_t source_of(const ExpandPlanArgs& a, int64_t n) {
-  if (a.source_stride) return n / a.source_stride;
+  if (a.fixed.on()) return n / a.fixed.source_stride;
   return a.blocks() ? last_at_or_below(a.source_starts, a.sources, n) : 0;
 }
 
@@ -403,15 +393,17 @@ MOE_HD void expand_plan_starts(const ExpandPlanArgs& a) {
     for (int64_t e = 0; e <= a.experts && agrees && a.announced; ++e) agrees = a.starts[e] == a.announced[e];
   }
   int64_t status = agrees ? 0 : a.bad_status;
-  if (a.headers) {  // a sender's problem comes first: it explains what arrived
-    const int64_t seen = engine::received_status(a.headers, a.sources, a.header_layout, a.call, a.world);
+  const engine::StaticExpand& fixed = a.fixed;
+  if (fixed.headers) {  // a sender's problem comes first: it explains what arrived
+    const int64_t seen =
+        engine::received_status(fixed.headers, a.sources, fixed.header_layout, fixed.call, fixed.world);
     if (seen != 0) status = seen;
   }
   a.starts[a.columns()] = status;
-  if (!a.sticky) {
+  if (!fixed.sticky) {
     *a.status = status;
-  } else if (status != 0 && *a.sticky == 0) {
-    *a.sticky = status;
+  } else if (status != 0 && *fixed.sticky == 0) {
+    *fixed.sticky = status;
   }
 }
 
@@ -445,7 +437,7 @@ MOE_HD void expand_plan_fill(const ExpandPlanArgs& a, int64_t w) {
 
 // Output row r is padding: past its expert's rows, or past its block's.
 MOE_HD bool is_padding(const ExpandPlanArgs& a, int64_t r) {
-  const int64_t e = a.segment_rows ? r / a.segment_rows : last_at_or_below(a.padded, a.experts, r);
+  const int64_t e = a.fixed.segment_rows ? r / a.fixed.segment_rows : last_at_or_below(a.padded, a.experts, r);
   const int64_t within = r - a.segment_start(e);
   if (!a.blocks()) return within >= a.starts[e + 1] - a.starts[e];
   const int64_t source = within / a.block_rows;

@@ -159,30 +159,23 @@ MOE_HD void pack_row(const PackParams& p, int64_t j, int64_t dest, Lanes l) {
   const RowFormat& f = p.fmt;
   const int64_t t = p.send_token[j];
   uint8_t* out = p.dst + j * f.row_bytes;
-  if (t < 0) {
-    const int64_t meta_end = f.meta_offset + (p.topk_idx ? f.meta_bytes : 0);  // lanes write it below
-    for (int64_t b = l.id; b < f.row_bytes; b += l.count) {
-      if (b < f.meta_offset || b >= meta_end) out[b] = 0;
-    }
-    SlotMeta* meta = reinterpret_cast<SlotMeta*>(out + f.meta_offset);
-    for (int64_t k = l.id; p.topk_idx && k < p.topk; k += l.count) meta[k] = SlotMeta{-1, 0.0f};
-    return;
-  }
-  copy_bytes(out, p.src + t * p.src_stride, f.payload_bytes, l);
-  // Zero the padding (and the metadata block when there is none): no uninitialised bytes on
-  // the wire.
+  if (t >= 0) copy_bytes(out, p.src + t * p.src_stride, f.payload_bytes, l);
+  // Zero the rest (the payload too for an unused slot) but the metadata block the lanes write
+  // below: no uninitialised bytes on the wire.
   const int64_t meta_end = f.meta_offset + (p.topk_idx ? f.meta_bytes : 0);
-  for (int64_t b = f.payload_bytes + l.id; b < f.row_bytes; b += l.count) {
+  for (int64_t b = (t >= 0 ? f.payload_bytes : 0) + l.id; b < f.row_bytes; b += l.count) {
     if (b < f.meta_offset || b >= meta_end) out[b] = 0;
   }
   if (!p.topk_idx) return;
   const int64_t first = dest * p.experts_per_rank;
   SlotMeta* meta = reinterpret_cast<SlotMeta*>(out + f.meta_offset);
   for (int64_t k = l.id; k < p.topk; k += l.count) {
-    const int64_t e = p.topk_idx[t * p.topk + k];
-    SlotMeta m;
-    m.local_expert = (e >= first && e < first + p.experts_per_rank) ? int32_t(e - first) : -1;
-    m.weight = p.topk_weights ? p.topk_weights[t * p.topk + k] : 1.0f;
+    SlotMeta m{-1, 0.0f};
+    if (t >= 0) {
+      const int64_t e = p.topk_idx[t * p.topk + k];
+      m.local_expert = (e >= first && e < first + p.experts_per_rank) ? int32_t(e - first) : -1;
+      m.weight = p.topk_weights ? p.topk_weights[t * p.topk + k] : 1.0f;
+    }
     meta[k] = m;
   }
 }
