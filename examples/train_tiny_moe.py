@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--ranks-per-node", type=int)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
     return p.parse_args(argv)
 
 
@@ -87,11 +88,12 @@ def main(argv=None):
         print(f"training: {world} ranks ({buf.topology.num_nodes}x{buf.topology.ranks_per_node}"
               f"{', hierarchical' if buf.hierarchical else ''}), {args.experts} experts "
               f"({buf.experts_per_rank} per rank), top-{args.topk}, {args.tokens} tokens/rank/step")
+    forward = torch.compile(model, fullgraph=True) if args.compile else model
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, target = (t.to(device) for t in task.batch(args.tokens, gen))
         opt.zero_grad()
-        mse = ((model(x) - target) ** 2).mean()
+        mse = ((forward(x) - target) ** 2).mean()
         (mse + model.moe.aux_loss).backward()
         allreduce_replicated_grads(model, average=True)  # router and head: data parallel
         opt.step()

@@ -9,14 +9,15 @@ from . import reference
 from ._native import C  # noqa: F401  (loads the extension first)
 from .buffer import Buffer
 from .build import build_info
+from .checkpointing import checkpoint_contexts, save_exchanges
 from .handle import DispatchHandle
 from .ops import combine, dispatch
 from .overlap import Pending
 from .routing import node_limited_topk
 from .transport import CommError
 
-__all__ = ["Buffer", "CommError", "DispatchHandle", "Pending", "build_info", "combine", "dispatch", "launch", "nn",
-           "node_limited_topk", "plan", "reference"]
+__all__ = ["Buffer", "CommError", "DispatchHandle", "Pending", "build_info", "checkpoint_contexts", "combine",
+           "dispatch", "launch", "nn", "node_limited_topk", "plan", "reference", "save_exchanges"]
 __version__ = "0.1.0"
 
 # Submodules imported on first use (moe_comm.nn.MoELayer works after `import moe_comm`), not at

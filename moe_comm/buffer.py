@@ -12,6 +12,7 @@ from ._native import C
 from .errors import call_engine, static_problem_error
 from .nccl_comm import create_nccl_communicator
 from .overlap import InOrder
+from .library import register_buffer
 from .groups import buffer_key, connect_gloo_group, default_store
 from .shared_memory import shared_memory_token
 from .stages import Stage, flat_stages, hierarchical_stages
@@ -179,6 +180,7 @@ class Buffer:
         self.call = "none"  # the dispatch or combine under way, numbered per kind (roll_call.py)
         self.combines_pending, self.combines_reported = collections.deque(maxlen=16), []
         self.worker: Optional[InOrder] = None  # made by the first async call (overlap.py)
+        self.op_key = register_buffer(self)  # how the torch ops name it (library.py)
         _OPEN_BUFFERS.add(self)
 
     def _choose_cpu_transport(self, wanted: str) -> Optional[str]:

@@ -29,6 +29,11 @@ class DispatchHandle:
         return self.layout.num_recv_rows  # known natively: no tensor op per combine
 
     @property
+    def pairs_dropped(self):
+        """stats["pairs_dropped"]: an int, or a 0-d device tensor in the static mode."""
+        return self.stats["pairs_dropped"]
+
+    @property
     def device(self) -> torch.device:
         return self.buffer.device
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .experts import grouped_mm
+from .group_sum import sum_over_group
 from .ops import combine, dispatch
 from .routing import node_limited_topk
 
@@ -47,7 +49,7 @@ class MoELayer(nn.Module):
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.expert_alignment, self.pad_to_capacity = expert_alignment, pad_to_capacity
-        self.drop_rate = 0.0
+        self._drop_counts = (0, 0)  # (pairs dropped, pairs routed) in the last forward
         local = buffer.experts_per_rank
         self.first_expert = buffer.rank * local
         self.router = nn.Linear(hidden, num_experts, bias=False)
@@ -71,18 +73,14 @@ class MoELayer(nn.Module):
         return idx, weights, probs
 
     def run_experts(self, recv_x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """SwiGLU per local expert over the expert-major rows (a loop: CPU torch has no grouped
-        matmul)."""
-        outs = []
-        local = self.buffer.experts_per_rank
-        if tokens_per_expert.device.type != "cpu":  # the static mode: equal segments, known without a read
-            sizes = [recv_x.shape[0] // local] * local
-        else:
-            sizes = tokens_per_expert.tolist()
-        for e, rows in enumerate(recv_x.split(sizes)):
-            gate = torch.nn.functional.silu(rows @ self.w_gate[e])
-            outs.append((gate * (rows @ self.w_up[e])) @ self.w_down[e])
-        return torch.cat(outs) if outs else recv_x.new_zeros((0, recv_x.shape[1]))
+        """SwiGLU per local expert over the expert-major rows (grouped_mm: a torch op, so that
+        the layer compiles; CPU torch has no grouped matmul of its own)."""
+        counts = tokens_per_expert
+        if counts.device.type != "cpu":  # the static mode: equal segments, known without a read
+            local = self.buffer.experts_per_rank
+            counts = torch.full((local,), recv_x.shape[0] // local, dtype=torch.int64)
+        gate = torch.nn.functional.silu(grouped_mm(recv_x, self.w_gate, counts))
+        return grouped_mm(gate * grouped_mm(recv_x, self.w_up, counts), self.w_down, counts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -94,17 +92,24 @@ class MoELayer(nn.Module):
                                                         expert_alignment=self.expert_alignment,
                                                         pad_to_capacity=self.pad_to_capacity)
         y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
-        routed = int((idx >= 0).sum())
-        self.drop_rate = handle.stats["pairs_dropped"] / routed if routed else 0.0
-        load = torch.bincount(idx[idx >= 0], minlength=self.num_experts)
+        routed = idx >= 0
+        self._drop_counts = (handle.pairs_dropped, routed.sum())  # read by drop_rate, not here
+        # Loads by scatter, not by a boolean index: fixed shapes, no host wait (torch.compile).
+        load = torch.zeros(self.num_experts, dtype=torch.int64, device=idx.device)
+        load.scatter_add_(0, idx.clamp(min=0).flatten(), routed.flatten().long())
         self.aux_loss = self._aux_loss(load, probs) if self.aux_loss_coef else probs.new_zeros(())
-        if self.buffer.world_size > 1:
-            dist.all_reduce(load, group=self.buffer.group)
+        load = sum_over_group(load, y, self.buffer.op_key)  # after combine on every rank (group_sum.py)
         self.last_load = load
-        if self.training and self.bias_update_rate:
+        if self.training and self.bias_update_rate and not _recomputing():
             with torch.no_grad():
                 self.expert_bias += self.bias_update_rate * torch.sign(load.float().mean() - load.float())
         return y.reshape(shape)
+
+    @property
+    def drop_rate(self) -> float:
+        """The fraction of this rank's routed pairs dropped in the last forward (read on use)."""
+        dropped, routed = (int(n) for n in self._drop_counts)
+        return dropped / routed if routed else 0.0
 
     def _aux_loss(self, load: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         tokens = probs.shape[0]
@@ -112,6 +117,13 @@ class MoELayer(nn.Module):
             return probs.sum() * 0.0
         fraction = load.float() / (tokens * self.topk)
         return self.aux_loss_coef * self.num_experts * (fraction * probs.mean(0)).sum()
+
+
+def _recomputing() -> bool:
+    """Whether this forward is an activation checkpoint's recomputation (eager: it runs inside
+    backward); its state updates were made by the first forward. (Compiled, torch skips them:
+    README: torch.compile.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def allreduce_replicated_grads(module: nn.Module, group=None, average: bool = False,

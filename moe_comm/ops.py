@@ -21,11 +21,12 @@ from torch.autograd.function import once_differentiable
 
 from .errors import (DISAGREEMENT, agreed_combine_error, call_engine, call_engine_here, dispatch_problem_error,
                      static_problem_error)
+from . import library
 from .handle import DispatchHandle, version_of
 from .overlap import Pending, call_stream
 from .roll_call import post_reason
 from .streams import stream_of
-from .validation import (CODE_OF, check_capacity_arguments, check_combine_inputs, check_dispatch_inputs,
+from .validation import (CODE_OF, InputError, check_capacity_arguments, check_combine_inputs, check_dispatch_inputs,
                          check_token_budget, expert_capacity)
 
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
@@ -118,19 +119,22 @@ class _Combine(torch.autograd.Function):
         return grad_expert_y, grad_w, None, None
 
 
-def _reject_combine(handle: DispatchHandle, topk_weights, problem):
+def _reject_combine(handle: DispatchHandle, topk_weights, problem, reuse=None):
     """This rank's combine input is bad: it raises its own error, after joining the exchange
-    with zeros (and the error code in-band) so that its peers raise too instead of waiting."""
+    with zeros (and the error code in-band) so that its peers raise too instead of waiting.
+    reuse: the path the peers take (whether they reuse dispatch's weights), None: inferred."""
     buffer = handle.buffer
     post_reason(buffer, f"combine rejected its argument '{problem.argument}': {problem.error}")
     if buffer.combine_status is None or buffer.world_size == 1:
         raise problem.error
-    weights, reuse = None, False
-    if topk_weights is not None:
+    weights = None
+    if topk_weights is None:
+        reuse = False
+    else:
         # Take the path the peers take: they reuse dispatch's weights when given that tensor.
-        if problem.argument == "topk_weights":
+        if reuse is None and problem.argument == "topk_weights":
             reuse = _views_dispatch_weights(topk_weights, handle)
-        else:
+        elif reuse is None:
             reuse = handle.same_weights_as_dispatch(topk_weights)
         weights = torch.zeros((handle.num_tokens, handle.topk), dtype=torch.float32, device=buffer.device)
     try:
@@ -174,6 +178,10 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU; static mode: on the
        Buffer's device), handle.
     """
+    if traced():  # torch.compile, or a torch dispatch mode: the call as a torch op (library.py)
+        _check_eager_only(async_op, previous_event)
+        return library.dispatch(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
+                                pad_to_capacity)
     stream = call_stream(buffer.device, previous_event)
     rejected, run = _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
                                    pad_to_capacity)
@@ -188,25 +196,75 @@ def combine(expert_y: torch.Tensor, handle: DispatchHandle, topk_weights: Option
     """y[t] = sum over valid k of w[t, k] * expert_y[row(t, k)] (float32 accumulation; w = 1
     when topk_weights is None). expert_y [R, H] in recv_x's row order and dtype -> y [T, H].
     async_op, previous_event: as dispatch's."""
+    if isinstance(handle, library.OpHandle):
+        _check_eager_only(async_op, previous_event)
+        return library.combine(expert_y, handle, topk_weights)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: must be the handle returned by moe_comm.dispatch, got {type(handle).__name__}")
+    if torch.compiler.is_compiling():  # an eager dispatch's handle: combined outside the graph
+        return _combine_outside_graph(expert_y, handle, topk_weights, async_op, previous_event)
+    stream = call_stream(handle.buffer.device, previous_event)
+    run = _combine_call(expert_y, handle, topk_weights)
+
+    def finish(result):
+        return _Combine.apply(expert_y, topk_weights, handle, result)
+    return _call(handle.buffer, run, finish, async_op, stream, previous_event)
+
+
+@torch.compiler.disable
+def _combine_outside_graph(expert_y, handle, topk_weights, async_op, previous_event):
+    return combine(expert_y, handle, topk_weights, async_op, previous_event)
+
+
+def _combine_call(expert_y, handle: DispatchHandle, topk_weights, reuse=None):
+    """The checks of a combine, made at once (a bad input raises, on every rank). reuse: whether
+    topk_weights are dispatch's (None: found here), or an InputError saying they changed since.
+    -> run(here): the engine call."""
     buffer = handle.buffer
-    stream = call_stream(buffer.device, previous_event)
     buffer.begin_call("combine")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
+    if problem is None and isinstance(reuse, InputError):
+        problem, reuse = reuse, True  # on the path the peers take: they reuse dispatch's weights
     if problem is not None:
-        _reject_combine(handle, topk_weights, problem)
-    reuse = handle.same_weights_as_dispatch(topk_weights)
+        _reject_combine(handle, topk_weights, problem, reuse)
+    if reuse is None:
+        reuse = handle.same_weights_as_dispatch(topk_weights)
     weights = topk_weights.detach() if topk_weights is not None else None
     status_code = 0 if buffer.combine_status is not None else -1
     head = (handle.layout, expert_y.detach(), weights, reuse, status_code)
 
     def run(here: bool):
         return (call_engine_here if here else call_engine)(buffer, "combine", *head, stream_of(buffer.device))
+    return run
 
-    def finish(result):
-        return _Combine.apply(expert_y, topk_weights, handle, result)
-    return _call(buffer, run, finish, async_op, stream, previous_event)
+
+def dispatch_now(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment, pad_to_capacity):
+    """dispatch without autograd (the op's body, library.py): -> recv_x, recv_weights,
+    tokens_per_expert, DispatchHandle; raises as dispatch does."""
+    rejected, run = _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
+                                   pad_to_capacity)
+    return _dispatch_outputs(run(False), x, topk_idx, topk_weights, buffer, rejected)
+
+
+def combine_now(expert_y, handle: DispatchHandle, topk_weights, reuse):
+    """combine without autograd (the op's body): -> y, the weights the rows were reduced with
+    (None unweighted); raises as combine does."""
+    status, y, slot_weights = _combine_call(expert_y, handle, topk_weights, reuse)(False)
+    if status:
+        raise agreed_combine_error(handle.buffer, status)
+    return y, slot_weights
+
+
+def traced() -> bool:
+    """Whether a call now must be a torch op: under torch.compile, or with a torch dispatch mode
+    on (selective checkpointing's, FakeTensorMode, a FLOP counter)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _check_eager_only(async_op, previous_event) -> None:
+    if async_op or previous_event is not None:
+        raise ValueError("async_op, previous_event: for eager calls only; under torch.compile or a torch dispatch "
+                         "mode the call is a torch op (the compiler orders it)")
 
 
 def _call(buffer, run, finish, async_op, stream, previous_event):

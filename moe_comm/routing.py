@@ -45,11 +45,25 @@ def check_routing_args(scores, k, num_nodes, max_nodes, score_func, bias, node_s
         node_score_topk = max(1, min(per_node, k // max_nodes))
     if not 1 <= node_score_topk <= per_node:
         raise ValueError(f"node_score_topk: must be in [1, {per_node}], got {node_score_topk}")
+    return node_score_topk
+
+
+@torch.library.custom_op("moe_comm::node_limited_select", mutates_args=())
+def node_limited_select(select: torch.Tensor, scores: torch.Tensor, bias: Optional[torch.Tensor], k: int,
+                        num_nodes: int, max_nodes: int, node_score_topk: int) -> torch.Tensor:
+    """The routing kernel as a torch op (torch.compile sees it): select [T, E] float32 selection
+    scores -> topk_idx [T, k] int64. scores and bias are only checked (here, where their values
+    are read anyway: no host wait of its own under torch.compile)."""
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         raise ValueError("scores: contains NaN or infinity")
     if bias is not None and bias.numel() and not bool(torch.isfinite(bias).all()):
         raise ValueError("bias: contains NaN or infinity")
-    return node_score_topk
+    return C.node_limited_select(select, k, num_nodes, max_nodes, node_score_topk, stream_of(select.device))
+
+
+@node_limited_select.register_fake
+def _node_limited_select_fake(select, scores, bias, k, num_nodes, max_nodes, node_score_topk):
+    return select.new_empty((select.shape[0], k), dtype=torch.int64)
 
 
 def node_limited_topk(scores: torch.Tensor, k: int, num_nodes: int, max_nodes: int, *,
@@ -70,8 +84,8 @@ def node_limited_topk(scores: torch.Tensor, k: int, num_nodes: int, max_nodes: i
     node_score_topk = check_routing_args(scores, k, num_nodes, max_nodes, score_func, bias, node_score_topk)
     probs = _activate(scores, score_func)
     select = probs.detach() + bias.detach().float() if bias is not None else probs.detach()
-    topk_idx = C.node_limited_select(select.float().contiguous(), k, num_nodes, max_nodes, node_score_topk,
-                                     stream_of(select.device))
+    topk_idx = node_limited_select(select.float().contiguous(), scores.detach(),
+                                   bias.detach() if bias is not None else None, k, num_nodes, max_nodes, node_score_topk)
     weights = probs.gather(1, topk_idx)
     if normalize:
         weights = weights / (weights.sum(dim=1, keepdim=True) + 1e-20)
