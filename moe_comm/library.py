@@ -192,10 +192,12 @@ def _combine_fake(expert_y, token, topk_weights, num_tokens, reuse_weights):
 
 def _checked_reuse(handle: DispatchHandle, topk_weights, reuse: bool):
     """reuse, or the InputError of dispatch's tensor modified in place since. (A tensor with
-    other memory is a copy, the compiler's or opcheck's: it is taken to hold the same values.
-    Under torch.compile an in-place change between dispatch and combine is not seen: README.)"""
+    other memory is a copy, the compiler's or opcheck's: it is taken to hold the same values; an
+    inference tensor has no version to compare. Under torch.compile an in-place change between
+    dispatch and combine is not seen: README.)"""
     mine = handle.dispatch_weights
     if (reuse and topk_weights is not None and mine is not None and topk_weights.numel()
+            and handle.dispatch_weights_version >= 0 and not topk_weights.is_inference()
             and topk_weights.data_ptr() == mine.data_ptr() and topk_weights._version != handle.dispatch_weights_version):
         return InputError("topk_weights", ValueError(
             "topk_weights: combine was given dispatch's topk_weights, but the tensor was modified in place since "

@@ -50,6 +50,7 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.expert_alignment, self.pad_to_capacity = expert_alignment, pad_to_capacity
         self._drop_counts = (0, 0)  # (pairs dropped, pairs routed) in the last forward
+        self._routing_bias = None  # the expert bias the last forward routed with
         local = buffer.experts_per_rank
         self.first_expert = buffer.rank * local
         self.router = nn.Linear(hidden, num_experts, bias=False)
@@ -65,7 +66,12 @@ class MoELayer(nn.Module):
         """x [T, H] -> topk_idx [T, k], topk_weights [T, k] float32, probabilities [T, E]."""
         logits = self.router(x).float()
         nodes = self.buffer.topology.num_nodes if self.max_nodes else 1
-        bias = self.expert_bias if self.bias_update_rate else None
+        bias = None
+        if self.bias_update_rate:
+            # A checkpoint's recomputation routes as the first forward did, before its update.
+            if not _recomputing() or self._routing_bias is None:
+                self._routing_bias = self.expert_bias.detach().clone()
+            bias = self._routing_bias
         idx, weights = node_limited_topk(logits, self.topk, nodes, min(self.max_nodes or 1, nodes),
                                          score_func=self.score_func, bias=bias, normalize=self.normalize,
                                          scaling_factor=self.scaling_factor)

@@ -223,8 +223,8 @@ def _combine_call(expert_y, handle: DispatchHandle, topk_weights, reuse=None):
     buffer = handle.buffer
     buffer.begin_call("combine")
     problem = check_combine_inputs(expert_y, topk_weights, handle)
-    if problem is None and isinstance(reuse, InputError):
-        problem, reuse = reuse, True  # on the path the peers take: they reuse dispatch's weights
+    if isinstance(reuse, InputError):  # the peers reuse dispatch's weights: this rank takes that path too
+        problem, reuse = problem or reuse, True
     if problem is not None:
         _reject_combine(handle, topk_weights, problem, reuse)
     if reuse is None:
