@@ -10,6 +10,7 @@ from ._native import C  # noqa: F401  (loads the extension first)
 from .buffer import Buffer
 from .build import build_info
 from .checkpointing import checkpoint_contexts, save_exchanges
+from .fp8 import dequantize_fp8, quantize_fp8
 from .handle import DispatchHandle
 from .ops import combine, dispatch
 from .overlap import Pending
@@ -17,7 +18,8 @@ from .routing import node_limited_topk
 from .transport import CommError
 
 __all__ = ["Buffer", "CommError", "DispatchHandle", "Pending", "build_info", "checkpoint_contexts", "combine",
-           "dispatch", "launch", "nn", "node_limited_topk", "plan", "reference", "save_exchanges"]
+           "dequantize_fp8", "dispatch", "launch", "nn", "node_limited_topk", "plan", "quantize_fp8", "reference",
+           "save_exchanges"]
 __version__ = "0.1.0"
 
 # Submodules imported on first use (moe_comm.nn.MoELayer works after `import moe_comm`), not at
