@@ -5,6 +5,8 @@ Row accounting is the one handle.stats reports (tested against real runs): flat 
 token once per destination rank; hierarchical mode once per destination node over the network
 (to the same local index), then the forwarder sends it once to every other rank of its node
 that needs it. A rank's rows to itself cross no link. Combine moves the same rows back.
+Row bytes are the payload: H x element size; with --wire-dtype fp8 a dispatch row is
+H + 4 ceil(H / 128) bytes (API.md: FP8 on the wire) and combine keeps the activations' dtype.
 
 Busiest GPU: every GPU routes its tokens independently from the same distribution, so each
 GPU's rows per link are expected values computed from the probability that a token sends a
@@ -27,6 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .fp8 import scale_columns
 from .routing import node_limited_topk
 
 PRESETS = {  # tokens per rank, hidden, experts, top-k, bytes per element, max nodes per token
@@ -169,25 +172,44 @@ def busiest_gpu_bytes(rows: Dict[str, torch.Tensor], link: str, row_bytes: int) 
 
 
 def predict(cluster: Cluster, rows: Dict[str, torch.Tensor], row_bytes: int, hierarchical: bool,
-            scenario: str) -> Prediction:
+            scenario: str, combine_row_bytes: Optional[int] = None) -> Prediction:
+    """row_bytes: a dispatch row's; combine_row_bytes: a combine row's (default the same; FP8
+    dispatch rows are smaller, combine's stay in the activations' dtype)."""
     nic = busiest_gpu_bytes(rows, "inter", row_bytes)
     nvl = busiest_gpu_bytes(rows, "intra", row_bytes)
+    scale = (combine_row_bytes if combine_row_bytes is not None else row_bytes) / row_bytes if row_bytes else 1.0
+    return Prediction(scenario, cluster.gpus, cluster.nodes, nic, nvl, _stage_time(cluster, nic, nvl, hierarchical),
+                      _stage_time(cluster, nic * scale, nvl * scale, hierarchical))
+
+
+def _stage_time(cluster: Cluster, nic: float, nvl: float, hierarchical: bool) -> float:
     nic_us = (cluster.nic_latency_us if cluster.nodes > 1 else 0.0) + nic / (cluster.nic_gbytes_per_s * 1e3)
     nvl_us = ((cluster.nvlink_latency_us if cluster.gpus_per_node > 1 else 0.0)
               + nvl / (cluster.nvlink_gbytes_per_s * 1e3))
-    t = nic_us + nvl_us if hierarchical else max(nic_us, nvl_us)
-    return Prediction(scenario, cluster.gpus, cluster.nodes, nic, nvl, t, t)
+    return nic_us + nvl_us if hierarchical else max(nic_us, nvl_us)
+
+
+def dispatch_row_bytes(hidden: int, elem_bytes: int, wire_dtype: str = "native") -> int:
+    """Payload bytes of one dispatch row: H x element size, or with wire_dtype "fp8" one byte
+    per element plus a float32 scale per 128 (API.md: FP8 on the wire)."""
+    if wire_dtype == "fp8":
+        return hidden + 4 * scale_columns(hidden)
+    if wire_dtype != "native":
+        raise ValueError(f"wire_dtype: must be 'native' or 'fp8', got {wire_dtype!r}")
+    return hidden * elem_bytes
 
 
 def plan(cluster: Cluster, tokens: int, hidden: int, experts: int, topk: int, elem_bytes: int,
          max_nodes: Optional[int], skew: float = 0.0, sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
-         topk_idx: Optional[torch.Tensor] = None) -> List[Prediction]:
+         topk_idx: Optional[torch.Tensor] = None, wire_dtype: str = "native") -> List[Prediction]:
     """Predictions for one cluster: flat, hierarchical, and (with max_nodes) hierarchical with
     node-limited routing. Every GPU routes `tokens` tokens like `sample_tokens` simulated
-    tokens (or like topk_idx [T, K], all of it); the busiest GPU's expected bytes per link."""
+    tokens (or like topk_idx [T, K], all of it); the busiest GPU's expected bytes per link.
+    wire_dtype: "native" (x's dtype, elem_bytes) or "fp8" dispatch rows."""
     if experts % cluster.gpus:
         raise ValueError(f"experts: {experts} do not split over {cluster.gpus} GPUs")
-    row_bytes = hidden * elem_bytes
+    row_bytes = dispatch_row_bytes(hidden, elem_bytes, wire_dtype)
+    combine_bytes = hidden * elem_bytes
     if topk_idx is not None:
         routings = [("", topk_idx, False)]
     else:
@@ -196,11 +218,12 @@ def plan(cluster: Cluster, tokens: int, hidden: int, experts: int, topk: int, el
             routings.append((f"+node-limited({max_nodes})",
                              synthetic_routing(cluster, sample_tokens, experts, topk, max_nodes, skew), skew == 0))
     _, idx, symmetric = routings[0]
-    out = [predict(cluster, expected_rows(cluster, idx, experts, tokens, False, symmetric), row_bytes, False, "flat")]
+    out = [predict(cluster, expected_rows(cluster, idx, experts, tokens, False, symmetric), row_bytes, False, "flat",
+                   combine_bytes)]
     if cluster.nodes > 1:
         for suffix, idx, symmetric in routings:
             rows = expected_rows(cluster, idx, experts, tokens, True, symmetric)
-            out.append(predict(cluster, rows, row_bytes, True, "hierarchical" + suffix))
+            out.append(predict(cluster, rows, row_bytes, True, "hierarchical" + suffix, combine_bytes))
     return out
 
 
@@ -249,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
         what = "tokens per GPU; " if name == "tokens" else ""
         p.add_argument(f"--{name}", type=int, help=f"{what}default: the preset's")
     p.add_argument("--skew", type=float, default=0.0, help="0 = uniform routing; larger = hotter low experts")
+    p.add_argument("--wire-dtype", choices=["native", "fp8"], default="native",
+                   help="dispatch rows in the preset's dtype, or as FP8 with a float32 scale per 128 elements "
+                        "(combine keeps the preset's dtype)")
     p.add_argument("--topk-idx", metavar="PATH", help="a saved topk_idx tensor [T, K] (torch.save), used as every "
                                                       "GPU's routing")
     p.add_argument("--sample-tokens", type=int, default=DEFAULT_SAMPLE_TOKENS,
@@ -276,7 +302,8 @@ def main(argv=None) -> int:
     saved = torch.load(args.topk_idx) if args.topk_idx else None
     records = []
     print(f"moe_comm plan | {args.preset}: {shape['tokens']} tokens/GPU, hidden {shape['hidden']}, "
-          f"{shape['experts']} experts, top-{shape['topk']}, {shape['elem_bytes']} B/element | "
+          f"{shape['experts']} experts, top-{shape['topk']}, {shape['elem_bytes']} B/element, dispatch rows "
+          f"{dispatch_row_bytes(shape['hidden'], shape['elem_bytes'], args.wire_dtype)} B ({args.wire_dtype}) | "
           f"NVLink {args.nvlink_gbytes_per_s:g} GB/s, NIC {args.nic_gbytes_per_s:g} GB/s per GPU and direction "
           f"(achieved, gigabytes/s)")
     print(f"{'GPUs':>5} {'nodes':>5}  {'scenario':<28} {'NIC MB/GPU':>11} {'NVLink MB/GPU':>14} "
@@ -290,7 +317,7 @@ def main(argv=None) -> int:
         cluster = Cluster(gpus // per_node, per_node, args.nvlink_gbytes_per_s, args.nic_gbytes_per_s,
                           args.nvlink_latency_us, args.nic_latency_us)
         for r in plan(cluster, shape["tokens"], shape["hidden"], shape["experts"], shape["topk"],
-                      shape["elem_bytes"], shape["max_nodes"], args.skew, args.sample_tokens, saved):
+                      shape["elem_bytes"], shape["max_nodes"], args.skew, args.sample_tokens, saved, args.wire_dtype):
             records.append(asdict(r))
             print(f"{r.gpus:>5} {r.nodes:>5}  {r.scenario:<28} {r.nic_bytes_per_gpu / 1e6:>11.1f} "
                   f"{r.nvlink_bytes_per_gpu / 1e6:>14.1f} {r.dispatch_us:>12.1f} {r.combine_us:>11.1f}")

@@ -114,3 +114,20 @@ def test_bandwidth_flags_say_gigabytes_and_the_old_spelling_warns(capsys):
     assert "--nic-gbps" not in help_text
     # Achieved all-to-all rates, below the 450 GB/s NVLink 4 and 50 GB/s (400 Gb/s) NIC line rates.
     assert plan.Cluster(1, 1).nvlink_gbytes_per_s < 450 and plan.Cluster(1, 1).nic_gbytes_per_s < 50
+
+
+def test_fp8_wire_shrinks_dispatch_rows_only():
+    # DeepSeek-V3's hidden size: 7168 + 4 * 56 bytes a row, against 14336 in bf16.
+    assert plan.dispatch_row_bytes(7168, 2, "fp8") == 7392 and plan.dispatch_row_bytes(7168, 2) == 14336
+    assert plan.dispatch_row_bytes(129, 4, "fp8") == 129 + 8
+    with pytest.raises(ValueError, match="wire_dtype"):
+        plan.dispatch_row_bytes(128, 2, "fp4")
+    cluster = plan.Cluster(nodes=2, gpus_per_node=4)
+    native = plan.plan(cluster, 512, 7168, 64, 8, 2, 2)
+    fp8 = plan.plan(cluster, 512, 7168, 64, 8, 2, 2, wire_dtype="fp8")
+    for a, b in zip(native, fp8):
+        assert b.nic_bytes_per_gpu == pytest.approx(a.nic_bytes_per_gpu * 7392 / 14336)
+        assert b.nvlink_bytes_per_gpu == pytest.approx(a.nvlink_bytes_per_gpu * 7392 / 14336)
+        assert b.dispatch_us < a.dispatch_us and b.combine_us == pytest.approx(a.combine_us)
+    assert plan.main(["--preset", "deepseek-v3", "--nodes", "2", "--gpus-per-node", "4", "--wire-dtype", "fp8",
+                      "--sample-tokens", "256"]) == 0
