@@ -23,9 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .errors import call_engine
 from .handle import DispatchHandle
-from .streams import stream_of
 from .validation import InputError, expert_capacity
 
 _BUFFERS = weakref.WeakValueDictionary()  # op key -> Buffer
@@ -151,11 +149,8 @@ def dispatch_backward_op(grad_recv_x: Tensor, grad_recv_weights: Optional[Tensor
                          topk: int) -> Tuple[Tensor, Tensor]:
     """The transpose of dispatch (an unweighted combine). -> grad_x [T, H], grad_weights [T, K]
     (empty [0] when grad_recv_weights is None)."""
-    handle = handle_of(token)
-    buffer = handle.buffer
-    grad_x, grad_w = call_engine(buffer, "dispatch_backward", handle.layout, grad_recv_x.contiguous(),
-                                 grad_recv_weights.contiguous() if grad_recv_weights is not None else None,
-                                 stream_of(buffer.device))
+    from .ops import dispatch_backward_now
+    grad_x, grad_w = dispatch_backward_now(handle_of(token), grad_recv_x, grad_recv_weights)
     return grad_x, (grad_w if grad_w is not None else _nothing(grad_recv_x))
 
 
@@ -229,10 +224,8 @@ def combine_backward_op(grad_y: Tensor, token: Tensor, slot_weights: Optional[Te
                         num_recv_rows: int, topk: int) -> Tuple[Tensor, Tensor]:
     """The transpose of combine (a dispatch of grad_y along the layout). -> grad_expert_y [R, H],
     grad_weights [T, K] (empty [0] without expert_y)."""
-    handle = handle_of(token)
-    buffer = handle.buffer
-    grad_expert_y, grad_w = call_engine(buffer, "combine_backward", handle.layout, grad_y.contiguous(), slot_weights,
-                                        expert_y, stream_of(buffer.device))
+    from .ops import combine_backward_now
+    grad_expert_y, grad_w = combine_backward_now(handle_of(token), grad_y, slot_weights, expert_y)
     return grad_expert_y, (grad_w if grad_w is not None else _nothing(grad_y))
 
 

@@ -87,10 +87,8 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_recv_x, grad_recv_weights, _grad_counts, _grad_handle):
         # The transpose of dispatch is an unweighted combine; router-weight gradients ride
         # back in the same rows.
-        h = ctx.handle
         want_w = ctx.needs_input_grad[1]
-        grad_x, grad_w = call_engine(h.buffer, "dispatch_backward", h.layout, grad_recv_x.contiguous(),
-                                     grad_recv_weights.contiguous() if want_w else None, stream_of(h.buffer.device))
+        grad_x, grad_w = dispatch_backward_now(ctx.handle, grad_recv_x, grad_recv_weights if want_w else None)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
 
 
@@ -110,12 +108,10 @@ class _Combine(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         # The transpose of combine is a dispatch of grad_y along the cached layout.
-        h = ctx.handle
         (expert_y,) = ctx.saved_tensors
         want_w = ctx.needs_input_grad[1]
-        grad_expert_y, grad_w = call_engine(h.buffer, "combine_backward", h.layout, grad_y.contiguous(),
-                                            ctx.slot_weights, expert_y.detach() if want_w else None,
-                                            stream_of(h.buffer.device))
+        grad_expert_y, grad_w = combine_backward_now(ctx.handle, grad_y, ctx.slot_weights,
+                                                     expert_y if want_w else None)
         return grad_expert_y, grad_w, None, None
 
 
@@ -253,6 +249,23 @@ def combine_now(expert_y, handle: DispatchHandle, topk_weights, reuse):
     if status:
         raise agreed_combine_error(handle.buffer, status)
     return y, slot_weights
+
+
+def dispatch_backward_now(handle: DispatchHandle, grad_recv_x, grad_recv_weights):
+    """The transpose of dispatch (the eager backward's and the op's body): -> grad_x [T, H],
+    grad_weights [T, K] or None (without grad_recv_weights)."""
+    buffer = handle.buffer
+    return call_engine(buffer, "dispatch_backward", handle.layout, grad_recv_x.contiguous(),
+                       grad_recv_weights.contiguous() if grad_recv_weights is not None else None,
+                       stream_of(buffer.device))
+
+
+def combine_backward_now(handle: DispatchHandle, grad_y, slot_weights, expert_y):
+    """The transpose of combine (the eager backward's and the op's body): -> grad_expert_y
+    [R, H], grad_weights [T, K] or None (without expert_y)."""
+    buffer = handle.buffer
+    return call_engine(buffer, "combine_backward", handle.layout, grad_y.contiguous(), slot_weights,
+                       expert_y.detach() if expert_y is not None else None, stream_of(buffer.device))
 
 
 def traced() -> bool:

@@ -24,12 +24,17 @@ def _allocated_bytes(fn):
     return out, sum(e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage > 0)
 
 
-def _memory_worker(rank, world_size, ranks_per_node):
-    buf = moe_comm.Buffer(num_experts=E, ranks_per_node=ranks_per_node)
+def _inputs(rank):
+    """-> x [T, H], topk_idx [T, K] (distinct experts), topk_weights [T, K]: this rank's."""
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(T, H, generator=gen, requires_grad=True)
     idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K]
-    w = torch.rand(T, K, generator=gen, requires_grad=True)
+    return x, idx, torch.rand(T, K, generator=gen, requires_grad=True)
+
+
+def _memory_worker(rank, world_size, ranks_per_node):
+    buf = moe_comm.Buffer(num_experts=E, ranks_per_node=ranks_per_node)
+    x, idx, w = _inputs(rank)
 
     def step():
         recv_x, recv_w, counts, handle = moe_comm.dispatch(x, idx, w, buf)
@@ -90,10 +95,7 @@ def _static_memory_worker(rank, world_size):
     """The static mode's calls hold, at their peak, their outputs and at most 10% more (plans,
     maps): its fixed-size exchanges live in the Buffer's reused workspaces."""
     buf = moe_comm.Buffer(num_experts=E, max_tokens_per_rank=T)
-    gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(T, H, generator=gen, requires_grad=True)
-    idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K]
-    w = torch.rand(T, K, generator=gen, requires_grad=True)
+    x, idx, w = _inputs(rank)
 
     def dispatch():
         return moe_comm.dispatch(x, idx, w, buf, capacity_factor=1.0, pad_to_capacity=True)
