@@ -14,9 +14,18 @@ DISAGREEMENT = 4  # csrc/engine/header.h kDisagreement
 STATIC_FLAG = 0x80  # header.h kStaticFlag: a problem a static-mode call kept on the device
 EARLIER_COMBINE = 32  # csrc/engine/header.h kEarlierCombine (+ the combine argument code)
 ARRIVAL_MISMATCH = 0x10  # header.h kArrivalMismatch: a rank's rows disagreed with its headers
-FIELD_LABELS = {4: "x: hidden size", 5: "x: dtype code", 6: "topk_idx: k", 7: "num_experts",  # header.h Field
+FIELD_LABELS = {4: "x: hidden size", 5: "x: dtype and wire", 6: "topk_idx: k", 7: "num_experts",  # header.h Field
                 8: "pad_to_capacity", 9: "the static mode's rows per peer (Buffer max_tokens_per_rank)"}
 PAD_FIELD = 8  # its value: C + 1, or 0 without pad_to_capacity
+DTYPE_FIELD = 5  # its value: the dtype's code, + 16 on an FP8 wire, + 32 pre-quantized (core/row_format.h)
+DTYPE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
+
+
+def _dtype_fact(value: int) -> str:
+    if value & 32:
+        return "pre-quantized float8_e4m3fn"
+    name = DTYPE_NAMES.get(value & 15, f"code {value & 15}")
+    return f"{name} sent as float8_e4m3fn" if value & 16 else name
 COMBINE_ARGUMENTS = {1: "expert_y", 2: "topk_weights"}
 
 
@@ -57,6 +66,8 @@ def dispatch_problem_error(buffer, problem, routing, rejected) -> Exception:
         if field >= 0:  # seen directly in a header this rank received
             if field == PAD_FIELD:
                 mine, theirs = (f"C = {v - 1}" if v else "off" for v in (mine, theirs))
+            elif field == DTYPE_FIELD:
+                mine, theirs = (_dtype_fact(v) for v in (mine, theirs))
             return ValueError(f"{FIELD_LABELS[field]} is {mine} on rank {buffer.rank} but {theirs} on rank "
                               f"{bad_rank}: every rank of the group must agree")
         a, b = sorted((bad_rank, seen_by))

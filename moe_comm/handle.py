@@ -23,6 +23,7 @@ class DispatchHandle:
     dispatch_weights: Optional[torch.Tensor] = None  # the topk_weights given to dispatch
     dispatch_weights_version: int = -1
     stats: dict = field(default_factory=dict)
+    prequantized: bool = False      # x came as (x_fp8, x_scales): no gradient to x; combine in bfloat16
 
     @property
     def num_recv_rows(self) -> int:  # R

@@ -89,29 +89,34 @@ class OpHandle(NamedTuple):
 # -- the ops ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("moe_comm::dispatch", mutates_args=())
-def dispatch_op(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], buffer_key: str,
-                capacity_factor: Optional[float], drop_policy: str, expert_alignment: int,
-                pad_to_capacity: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> recv_x, recv_weights, tokens_per_expert, token, pairs_dropped (0-d int64)."""
+def dispatch_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tensor, topk_weights: Optional[Tensor],
+                buffer_key: str, capacity_factor: Optional[float], drop_policy: str, expert_alignment: int,
+                pad_to_capacity: bool, fp8_wire: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> recv_x, recv_scales (x_scales given: of recv_x's e4m3 rows; else empty [0]),
+    recv_weights, tokens_per_expert, token, pairs_dropped (0-d int64)."""
     from .ops import dispatch_now  # ops imports this module
     buffer = buffer_of(buffer_key)
-    recv_x, recv_weights, counts, handle = dispatch_now(x, topk_idx, topk_weights, buffer, capacity_factor,
-                                                        drop_policy, expert_alignment, pad_to_capacity)
+    recv_x, recv_scales, recv_weights, counts, handle = dispatch_now(
+        x if x_scales is None else (x, x_scales), topk_idx, topk_weights, buffer, capacity_factor, drop_policy,
+        expert_alignment, pad_to_capacity, torch.float8_e4m3fn if fp8_wire else None)
     dropped = handle.stats["pairs_dropped"]
     # The static mode's count is a word of the engine's: the graph gets a copy it may reuse.
     dropped = dropped.clone() if isinstance(dropped, Tensor) else torch.tensor(dropped, dtype=torch.int64)
-    return recv_x, recv_weights, counts, token_of(handle), dropped
+    recv_scales = recv_scales if recv_scales is not None else _nothing(recv_weights)
+    return recv_x, recv_scales, recv_weights, counts, token_of(handle), dropped
 
 
 @dispatch_op.register_fake
-def _dispatch_fake(x, topk_idx, topk_weights, buffer_key, capacity_factor, drop_policy, expert_alignment,
-                   pad_to_capacity):
+def _dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer_key, capacity_factor, drop_policy, expert_alignment,
+                   pad_to_capacity, fp8_wire):
     buffer = buffer_of(buffer_key)
     rows = fixed_recv_rows(buffer, topk_idx.shape[-1], capacity_factor, expert_alignment, pad_to_capacity)
     if rows is None:
         rows = torch.library.get_ctx().new_dynamic_size()
     counts_on = x.device if buffer.static_tokens(pad_to_capacity) else torch.device("cpu")
-    return (x.new_empty((rows, x.shape[-1])), x.new_empty((rows,), dtype=torch.float32),
+    recv_scales = (x_scales.new_empty((rows, x_scales.shape[-1])) if x_scales is not None
+                   else x.new_empty((0,), dtype=torch.float32))
+    return (x.new_empty((rows, x.shape[-1])), recv_scales, x.new_empty((rows,), dtype=torch.float32),
             torch.empty((buffer.experts_per_rank,), dtype=torch.int64, device=counts_on),
             torch.empty((1,), dtype=torch.int64), torch.empty((), dtype=torch.int64, device=counts_on))
 
@@ -128,17 +133,23 @@ def fixed_recv_rows(buffer, topk: int, capacity_factor, expert_alignment: int, p
 
 
 def _dispatch_setup(ctx, inputs, output):
-    x, topk_idx, topk_weights = inputs[:3]
-    ctx.save_for_backward(output[3])
+    x, x_scales, topk_idx = inputs[:3]
+    ctx.save_for_backward(output[4])
     ctx.num_tokens, ctx.topk = x.shape[0], topk_idx.shape[1]
+    ctx.prequantized = x_scales is not None
 
 
-def _dispatch_backward(ctx, grad_recv_x, grad_recv_weights, *_):
+def _dispatch_backward(ctx, grad_recv_x, _grad_scales, grad_recv_weights, *_):
     (token,) = ctx.saved_tensors
-    want_w = ctx.needs_input_grad[2]
+    want_w = ctx.needs_input_grad[3]
+    if ctx.prequantized:  # no gradient to x: only the weights' travels (dispatch_backward_now)
+        if not want_w:
+            return (None,) * 10
+        grad_recv_x = grad_recv_weights.new_empty((0, 0))
     grad_x, grad_w = dispatch_backward_op(grad_recv_x, grad_recv_weights if want_w else None, token, ctx.num_tokens,
                                           ctx.topk)
-    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_w if want_w else None), None, None, None, None, None
+    grad_x = None if ctx.prequantized or not ctx.needs_input_grad[0] else grad_x
+    return grad_x, None, None, (grad_w if want_w else None), None, None, None, None, None, None
 
 
 dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -243,12 +254,15 @@ def _nothing(like: Tensor) -> Tensor:
 
 # -- what dispatch() and combine() call on this path -------------------------------------------
 
-def dispatch(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment, pad_to_capacity):
-    recv_x, recv_weights, counts, token, dropped = dispatch_op(x, topk_idx, topk_weights, buffer.op_key,
-                                                               capacity_factor, drop_policy, expert_alignment,
-                                                               pad_to_capacity)
-    handle = OpHandle(token, x.shape[0], topk_idx.shape[1], buffer, topk_weights, dropped)
-    return recv_x, recv_weights, counts, handle
+def dispatch(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment, pad_to_capacity,
+             wire_dtype=None):
+    from .validation import fp8_parts
+    x_rows, x_scales = fp8_parts(x)
+    recv_x, recv_scales, recv_weights, counts, token, dropped = dispatch_op(
+        x_rows, x_scales, topk_idx, topk_weights, buffer.op_key, capacity_factor, drop_policy, expert_alignment,
+        pad_to_capacity, wire_dtype is not None or x_scales is not None)
+    handle = OpHandle(token, x_rows.shape[0], topk_idx.shape[1], buffer, topk_weights, dropped)
+    return (recv_x, recv_scales) if x_scales is not None else recv_x, recv_weights, counts, handle
 
 
 def combine(expert_y, handle: OpHandle, topk_weights):

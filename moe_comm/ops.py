@@ -27,18 +27,20 @@ from .overlap import Pending, call_stream
 from .roll_call import post_reason
 from .streams import stream_of
 from .validation import (CODE_OF, InputError, check_capacity_arguments, check_combine_inputs, check_dispatch_inputs,
-                         check_token_budget, expert_capacity)
+                         check_token_budget, expert_capacity, fp8_parts)
 
 COMBINE_ARGUMENT_CODES = {"expert_y": 1, "topk_weights": 2}
 
 
 def _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
-                   pad_to_capacity):
+                   pad_to_capacity, wire_dtype=None):
     """The checks that need no device work, made at once on the calling thread. -> (what this
-    rank rejected or None, run(here): the engine call; here: on the Buffer's worker already)."""
+    rank rejected or None, run(here): the engine call; here: on the Buffer's worker already).
+    x: a tensor, or the pair (x_fp8, x_scales) (pre-quantized FP8 rows)."""
     buffer.begin_call("dispatch")
-    rejected = (check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device)
-                or check_token_budget(x, buffer.max_tokens_per_rank))
+    rejected = check_dispatch_inputs(x, topk_idx, topk_weights, buffer.device, wire_dtype)
+    x, x_scales = fp8_parts(x)
+    rejected = rejected or check_token_budget(x, buffer.max_tokens_per_rank)
     if rejected is None:  # x and topk_idx are sound: their shapes size the capacity
         tokens = buffer.max_tokens_per_rank if buffer.max_tokens_per_rank is not None else x.shape[0]
         rejected = check_capacity_arguments(capacity_factor, drop_policy, topk_weights, expert_alignment,
@@ -49,8 +51,9 @@ def _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_poli
     if capacity_factor is not None and not code:
         capacity = expert_capacity(capacity_factor, tokens, topk_idx.shape[1], buffer.num_experts)
     head = (None if code else x.detach(), None if code else topk_idx, weights, code)
+    fp8 = not code and (x_scales is not None or wire_dtype is not None)
     tail = (capacity, drop_policy == "probs", expert_alignment if not code else 1, bool(pad_to_capacity) and not code,
-            buffer.static_tokens(pad_to_capacity))
+            buffer.static_tokens(pad_to_capacity), fp8, None if code or x_scales is None else x_scales.detach())
 
     def run(here: bool):
         return (call_engine_here if here else call_engine)(buffer, "dispatch", *head, stream_of(buffer.device), *tail)
@@ -58,16 +61,22 @@ def _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_poli
 
 
 def _dispatch_outputs(result, x, topk_idx, topk_weights, buffer, rejected):
+    """-> recv_x (pre-quantized input: recv_fp8), recv_scales or None, recv_weights,
+    tokens_per_expert, handle."""
     problem, routing, recv_x, recv_weights, counts, layout, static_status = result
     if problem[0]:
         raise dispatch_problem_error(buffer, problem, routing, rejected)  # no token has moved, on any rank
     if static_status:  # the static mode with immediate statuses: agreed at the end of the call
         raise static_problem_error(buffer, static_status)
+    recv_x, recv_scales = fp8_parts(recv_x)
+    x, x_scales = fp8_parts(x)
+    prequantized = x_scales is not None
     handle = DispatchHandle(
-        buffer=buffer, num_tokens=x.shape[0], hidden=x.shape[1], topk=topk_idx.shape[1], dtype=x.dtype,
-        layout=layout, row_map=layout.row_map, tokens_per_expert=counts, dispatch_weights=topk_weights,
-        dispatch_weights_version=version_of(topk_weights), stats=layout.stats)
-    return recv_x, recv_weights, counts, handle
+        buffer=buffer, num_tokens=x.shape[0], hidden=x.shape[1], topk=topk_idx.shape[1],
+        dtype=torch.bfloat16 if prequantized else x.dtype, layout=layout, row_map=layout.row_map,
+        tokens_per_expert=counts, dispatch_weights=topk_weights, dispatch_weights_version=version_of(topk_weights),
+        stats=layout.stats, prequantized=prequantized)
+    return recv_x, recv_scales, recv_weights, counts, handle
 
 
 class _Dispatch(torch.autograd.Function):
@@ -75,21 +84,24 @@ class _Dispatch(torch.autograd.Function):
     Buffer's worker for async_op) into the outputs; its backward is the engine's."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, topk_idx, buffer, result, rejected):
-        recv_x, recv_weights, tokens_per_expert, handle = _dispatch_outputs(result, x, topk_idx, topk_weights, buffer,
-                                                                            rejected)
+    def forward(ctx, x, x_scales, topk_weights, topk_idx, buffer, result, rejected):
+        x_in = x if x_scales is None else (x, x_scales)
+        recv_x, recv_scales, recv_weights, tokens_per_expert, handle = _dispatch_outputs(
+            result, x_in, topk_idx, topk_weights, buffer, rejected)
         ctx.handle = handle
         ctx.mark_non_differentiable(tokens_per_expert)
-        return recv_x, recv_weights, tokens_per_expert, handle
+        if recv_scales is not None:  # pre-quantized rows, moved bit for bit: no gradient to x
+            ctx.mark_non_differentiable(recv_x, recv_scales)
+        return recv_x, recv_scales, recv_weights, tokens_per_expert, handle
 
     @staticmethod
     @once_differentiable  # double backward raises instead of silently dropping terms (README)
-    def backward(ctx, grad_recv_x, grad_recv_weights, _grad_counts, _grad_handle):
+    def backward(ctx, grad_recv_x, _grad_scales, grad_recv_weights, _grad_counts, _grad_handle):
         # The transpose of dispatch is an unweighted combine; router-weight gradients ride
         # back in the same rows.
-        want_w = ctx.needs_input_grad[1]
+        want_w = ctx.needs_input_grad[2]
         grad_x, grad_w = dispatch_backward_now(ctx.handle, grad_recv_x, grad_recv_weights if want_w else None)
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), None, grad_w, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -151,7 +163,7 @@ def _views_dispatch_weights(topk_weights, handle: DispatchHandle) -> bool:
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], buffer,
              capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1,
-             pad_to_capacity: bool = False, async_op: bool = False, previous_event=None):
+             pad_to_capacity: bool = False, async_op: bool = False, previous_event=None, wire_dtype=None):
     """Sends each token once to every rank owning one of its experts (hierarchical: once to
     each destination node, then inside it); expands it there to one row per local expert.
 
@@ -170,6 +182,11 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     max_tokens_per_rank on a flat Buffer this is the static mode (README): no host wait.
     async_op: return at once a moe_comm.Pending whose .wait() gives the outputs (README: Overlap).
     previous_event: a torch.cuda.Event the call's stream waits for before it starts (CUDA).
+    wire_dtype: torch.float8_e4m3fn sends each row as e4m3 with a float32 scale per 128
+    elements (quantized in the pack, dequantized in the expand: recv_x in x's dtype, gradients
+    straight through); None sends x's dtype. x may instead be the pair (x_fp8, x_scales)
+    (moe_comm.quantize_fp8): its rows move bit for bit, recv_x is then the pair (recv_fp8 [R, H],
+    recv_scales [R, ceil(H / 128)]), no gradient flows to x, and combine takes bfloat16.
     -> recv_x [R, H] (expert-major; inside an expert by source rank, then source token),
        recv_weights [R] float32, tokens_per_expert [E_local] int64 (CPU; static mode: on the
        Buffer's device), handle.
@@ -177,13 +194,15 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[tor
     if traced():  # torch.compile, or a torch dispatch mode: the call as a torch op (library.py)
         _check_eager_only(async_op, previous_event)
         return library.dispatch(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
-                                pad_to_capacity)
+                                pad_to_capacity, wire_dtype)
     stream = call_stream(buffer.device, previous_event)
     rejected, run = _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
-                                   pad_to_capacity)
+                                   pad_to_capacity, wire_dtype)
+    x_rows, x_scales = fp8_parts(x)
 
     def finish(result):
-        return _Dispatch.apply(x, topk_weights, topk_idx, buffer, result, rejected)
+        recv_x, recv_scales, *rest = _Dispatch.apply(x_rows, x_scales, topk_weights, topk_idx, buffer, result, rejected)
+        return ((recv_x, recv_scales) if recv_scales is not None else recv_x, *rest)
     return _call(buffer, run, finish, async_op, stream, previous_event)
 
 
@@ -234,11 +253,12 @@ def _combine_call(expert_y, handle: DispatchHandle, topk_weights, reuse=None):
     return run
 
 
-def dispatch_now(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment, pad_to_capacity):
-    """dispatch without autograd (the op's body, library.py): -> recv_x, recv_weights,
-    tokens_per_expert, DispatchHandle; raises as dispatch does."""
+def dispatch_now(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment, pad_to_capacity,
+                 wire_dtype=None):
+    """dispatch without autograd (the op's body, library.py): -> recv_x, recv_scales or None,
+    recv_weights, tokens_per_expert, DispatchHandle; raises as dispatch does."""
     rejected, run = _dispatch_call(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, expert_alignment,
-                                   pad_to_capacity)
+                                   pad_to_capacity, wire_dtype)
     return _dispatch_outputs(run(False), x, topk_idx, topk_weights, buffer, rejected)
 
 
@@ -253,8 +273,11 @@ def combine_now(expert_y, handle: DispatchHandle, topk_weights, reuse):
 
 def dispatch_backward_now(handle: DispatchHandle, grad_recv_x, grad_recv_weights):
     """The transpose of dispatch (the eager backward's and the op's body): -> grad_x [T, H],
-    grad_weights [T, K] or None (without grad_recv_weights)."""
+    grad_weights [T, K] or None (without grad_recv_weights). After a pre-quantized dispatch only
+    the weights' gradient travels (rows of no columns) and grad_x is [T, 0]."""
     buffer = handle.buffer
+    if handle.prequantized:
+        grad_recv_x = torch.zeros((handle.num_recv_rows, 0), dtype=torch.float32, device=buffer.device)
     return call_engine(buffer, "dispatch_backward", handle.layout, grad_recv_x.contiguous(),
                        grad_recv_weights.contiguous() if grad_recv_weights is not None else None,
                        stream_of(buffer.device))

@@ -93,6 +93,14 @@ def dispatch_all(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
     return out
 
 
+def over_fp8_wire(xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Each rank's x as the receivers of an FP8 dispatch see it (API.md: FP8 on the wire): every
+    row quantized by the block rule and dequantized back to x's dtype. dispatch_all of these is
+    what dispatch(..., wire_dtype=torch.float8_e4m3fn) gives, exactly."""
+    from .fp8 import dequantize_fp8, quantize_fp8
+    return [dequantize_fp8(*quantize_fp8(x), dtype=x.dtype) for x in xs]
+
+
 def dispatch_all_blocks(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
                         topk_weights: Sequence[Optional[torch.Tensor]], num_experts: int, block_rows: int,
                         alignment: int = 1):

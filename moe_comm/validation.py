@@ -20,7 +20,9 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Header status codes of dispatch's arguments (4 is a disagreement: csrc/engine/header.h).
 ARGUMENT_CODES = {0: None, 1: "x", 2: "topk_idx", 3: "topk_weights", 5: "capacity_factor", 6: "drop_policy",
-                  7: "expert_alignment", 8: "pad_to_capacity"}
+                  7: "expert_alignment", 8: "pad_to_capacity", 9: "wire_dtype"}
+FP8 = torch.float8_e4m3fn
+FP8_BLOCK = 128  # elements per scale (fp8.py)
 DROP_POLICIES = ("probs", "position")
 CODE_OF = {name: code for code, name in ARGUMENT_CODES.items() if name}
 
@@ -58,11 +60,50 @@ def _check_weights(topk_weights, shape: tuple, device: torch.device, rule: str) 
     return _check_device("topk_weights", topk_weights, device)
 
 
-def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device) -> Optional[InputError]:
+def fp8_parts(x):
+    """dispatch's x -> (the token rows, their FP8 scales or None): a pair (x_fp8, x_scales) is
+    pre-quantized input (API.md: FP8 on the wire)."""
+    if isinstance(x, (tuple, list)) and len(x) == 2:
+        return x[0], x[1]
+    return x, None
+
+
+def check_wire(x, wire_dtype, device: torch.device) -> Optional[InputError]:
+    """dispatch's wire_dtype, and a pre-quantized x's two parts."""
+    rows, scales = fp8_parts(x)
+    if wire_dtype is not None and wire_dtype != FP8:
+        return _value_error("wire_dtype", f"must be None (rows in x's dtype) or torch.float8_e4m3fn, got {wire_dtype!r}")
+    if isinstance(x, (tuple, list)) and len(x) != 2:
+        return _type_error("x", f"a tuple x must be the pair (x_fp8, x_scales), got {len(x)} items")
+    if scales is None:
+        if isinstance(rows, torch.Tensor) and rows.dtype == FP8:
+            return _type_error("x", "a float8_e4m3fn x needs its scales: pass the pair (x_fp8, x_scales), e.g. "
+                                    "moe_comm.quantize_fp8(x), or x in its own dtype with wire_dtype=torch.float8_e4m3fn")
+        return None
+    if not isinstance(rows, torch.Tensor) or rows.dtype != FP8 or rows.dim() != 2:
+        got = f"{rows.dtype} of shape {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+        return _type_error("x", f"x_fp8 of the pair (x_fp8, x_scales) must be a 2-D float8_e4m3fn tensor [tokens, "
+                                f"hidden], got {got}")
+    problem = _check_device("x", rows, device)
+    if problem:
+        return problem
+    expected = (rows.shape[0], -(-rows.shape[1] // FP8_BLOCK))
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != expected:
+        got = f"{scales.dtype} of shape {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+        return _value_error("x", f"x_scales of the pair (x_fp8, x_scales) must be float32 [tokens, ceil(hidden / 128)] "
+                                 f"= {list(expected)}, got {got}")
+    return _check_device("x", scales, device)
+
+
+def check_dispatch_inputs(x, topk_idx, topk_weights, device: torch.device, wire_dtype=None) -> Optional[InputError]:
     """Types, shapes and devices (host facts). The index values: the engine's send plan."""
+    problem = check_wire(x, wire_dtype, device)
+    if problem:
+        return problem
+    x, scales = fp8_parts(x)
     if not isinstance(x, torch.Tensor):
         return _type_error("x", f"must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES and scales is None:
         return _type_error("x", f"dtype must be float32, bfloat16 or float16, got {x.dtype}")
     if x.dim() != 2:
         return _value_error("x", f"must be 2-D [tokens, hidden], got shape {tuple(x.shape)}")
@@ -151,7 +192,8 @@ def check_combine_inputs(expert_y, topk_weights, handle) -> Optional[InputError]
     if not isinstance(expert_y, torch.Tensor):
         return _type_error("expert_y", f"must be a torch.Tensor, got {type(expert_y).__name__}")
     if expert_y.dtype != handle.dtype:
-        return _type_error("expert_y", f"dtype must match the dispatched x ({handle.dtype}), "
+        made = " (the combine dtype of a pre-quantized FP8 dispatch)" if handle.prequantized else ""
+        return _type_error("expert_y", f"dtype must match the dispatched x ({handle.dtype}{made}), "
                                        f"got {expert_y.dtype}")
     expected = (handle.num_recv_rows, handle.hidden)
     if tuple(expert_y.shape) != expected:

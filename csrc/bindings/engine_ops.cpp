@@ -112,16 +112,37 @@ class PyEngine {
   // problem was agreed. capacity: -1 none, else pairs each expert keeps of this rank's
   // (by_weight: the largest). static_tokens > 0: the static mode (tokens_per_expert then on the
   // device; the static status is the agreed problem when statuses are immediate, else 0).
+  // fp8: rows cross as e4m3 with per-128 scales; x_scales given: x is float8_e4m3fn already
+  // (recv_x is then the pair (recv_fp8, recv_scales), and the combine's dtype bfloat16).
   py::tuple dispatch(const std::optional<Tensor>& x, const std::optional<Tensor>& topk_idx,
                      const std::optional<Tensor>& topk_weights, int64_t rejected, int64_t stream,
                      int64_t capacity, bool by_weight, int64_t alignment, bool pad_to_capacity,
-                     int64_t static_tokens) {
-    Tensor xk, idx, wk;
+                     int64_t static_tokens, bool fp8, const std::optional<Tensor>& x_scales) {
+    Tensor xk, idx, wk, sk;
     RowsIn rows;
     const float* w = nullptr;
     int64_t topk = 0;
+    engine::DispatchWire wire;
+    wire.fp8 = fp8 && !rejected;
     if (!rejected) {
-      rows = rows_of(*x, "x", xk);
+      if (x_scales) {
+        MOE_HOST_ASSERT(fp8, "x_scales come with FP8 rows");
+        // e4m3 bytes, one per element; the dtype the layout keeps is the combine's, bfloat16.
+        MOE_HOST_ASSERT(x->scalar_type() == torch::kFloat8_e4m3fn && x->dim() == 2,
+                        "pre-quantized x must be 2-D float8_e4m3fn, got " << x->scalar_type());
+        xk = x->contiguous();
+        rows = RowsIn{static_cast<const uint8_t*>(xk.data_ptr()), xk.size(1), xk.size(0), xk.size(1),
+                      DType::kBFloat16};
+        sk = x_scales->contiguous();
+        expect(sk, "x_scales", torch::kFloat32, 2, sk.device());
+        MOE_HOST_ASSERT(sk.size(0) == rows.rows && sk.size(1) == fp8_scale_count(rows.cols),
+                        "x_scales must be [T, ceil(H / 128)], got " << sk.sizes());
+        wire.prequantized = true;
+        wire.scales = static_cast<const uint8_t*>(sk.data_ptr());
+        wire.scales_stride = sk.size(1) * int64_t(sizeof(float));
+      } else {
+        rows = rows_of(*x, "x", xk);
+      }
       idx = topk_idx->to(torch::kInt64).contiguous();
       topk = idx.size(1);
       w = weights_of(topk_weights, wk);
@@ -136,7 +157,7 @@ class PyEngine {
       py::gil_scoped_release release;
       r = guarded(stream, [&] {
         return engine_->dispatch(rows, rejected ? nullptr : idx.data_ptr<int64_t>(), topk, w, rejected, cap,
-                                 alignment, pad_to_capacity && !rejected, static_tokens);
+                                 alignment, pad_to_capacity && !rejected, static_tokens, wire);
       });
     }
     const auto& p = r.problem;
@@ -145,7 +166,13 @@ class PyEngine {
                                        r.routing.value);
     if (p.any()) return py::make_tuple(problem, routing, py::none(), py::none(), py::none(), py::none(), 0);
     const DispatchLayout& l = *r.layout;
-    Tensor recv_x = as_tensor(r.recv_x, scalar_type(l.dtype), {l.num_recv_rows, l.hidden});
+    py::object recv_x;
+    if (wire.prequantized) {  // moved bit for bit: e4m3 rows and their scales
+      recv_x = py::make_tuple(as_tensor(r.recv_x, torch::kFloat8_e4m3fn, {l.num_recv_rows, l.hidden}),
+                              as_tensor(r.recv_scales, torch::kFloat32, {l.num_recv_rows, fp8_scale_count(l.hidden)}));
+    } else {
+      recv_x = py::cast(as_tensor(r.recv_x, scalar_type(l.dtype), {l.num_recv_rows, l.hidden}));
+    }
     Tensor recv_weights = as_tensor(r.recv_weights, torch::kFloat32, {l.num_recv_rows});
     Tensor counts;
     if (l.fixed) {  // every segment has the same length: a fill where the tokens are, no copy
@@ -190,7 +217,8 @@ class PyEngine {
       py::gil_scoped_release release;
       r = guarded(stream, [&] { return engine_->dispatch_backward(*layout, rows, gw); });
     }
-    return backward_tuple(r, scalar_type(rows.dtype), {layout->num_tokens, layout->hidden}, *layout);
+    // rows.cols: H, or 0 when only the weights' gradient travels (a pre-quantized dispatch).
+    return backward_tuple(r, scalar_type(rows.dtype), {layout->num_tokens, rows.cols}, *layout);
   }
 
   // -> (grad_expert_y [R, H], grad_weights [T, K] or None)

@@ -24,6 +24,13 @@ struct PackParams {
   const float* topk_weights = nullptr;    // [num_tokens, topk]; null: weight 1
   int64_t topk = 0;
   int64_t experts_per_rank = 1;
+  // FP8 rows (fmt.fp8()): src holds rows of `quantize_from` quantized here (quantize), or e4m3
+  // bytes whose float32 scales are rows of `scales` (scales_stride bytes apart), copied as they
+  // are (pre-quantized input, or rows a forwarder passes on).
+  bool quantize = false;
+  DType quantize_from = DType::kFloat32;
+  const uint8_t* scales = nullptr;
+  int64_t scales_stride = 0;
 };
 
 // dst[row_map[i, k]] = weight[i, k] * src[i] (a plain byte copy when weights is null).
@@ -38,6 +45,12 @@ struct ScatterParams {
   DType dtype = DType::kFloat32;  // of src and dst
   uint8_t* dst = nullptr;
   int64_t dst_stride = 0;
+  // FP8 source rows (fp8_scale_offset >= 0: hidden e4m3 bytes, their float32 scales at that
+  // byte offset of the row; no weights): dequantized into `dtype` rows, or with scales_dst set,
+  // the bytes and the scales copied as they are (dst then has hidden bytes per row).
+  int64_t fp8_scale_offset = -1;
+  uint8_t* scales_dst = nullptr;
+  int64_t scales_dst_stride = 0;
 };
 
 // dst[i] = sum over k with map[i, k] >= 0 of weight[i, k] * src[map[i, k]], in float32 (k in

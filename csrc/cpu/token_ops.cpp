@@ -30,11 +30,26 @@ int64_t emulated_lanes() { return g_lanes.load(std::memory_order_relaxed); }
 void pack_rows(const PackParams& p) {
   MOE_HOST_ASSERT(!p.topk_idx || p.fmt.meta_bytes == p.topk * int64_t(sizeof(SlotMeta)),
                   "metadata block of " << p.fmt.meta_bytes << " bytes for topk " << p.topk);
+  MOE_HOST_ASSERT(!p.quantize || p.fmt.fp8(), "a quantizing pack needs FP8 rows");
   for (int64_t rank = 0; rank < p.num_ranks; ++rank) {
     for (int64_t j = p.send_offsets[rank]; j < p.send_offsets[rank + 1]; ++j) {
       each_lane([&](bodies::Lanes l) { bodies::pack_row(p, j, rank, l); });
     }
   }
+  if (!p.quantize) return;
+  // The lane groups of the GPU's quantizing pack: each block's amax from the parts of its
+  // kFp8GroupLanes lanes, then each lane's elements.
+  with_dtype(p.quantize_from, [&](auto elem) {
+    using E = decltype(elem);
+    const int64_t blocks = fp8_scale_count(p.fmt.payload_bytes);
+    for (int64_t j = 0; j < p.num_rows; ++j) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        float amax = 0.0f;
+        for (int g = 0; g < bodies::kFp8GroupLanes; ++g) amax = nan_max(amax, bodies::fp8_amax_part<E>(p, j, b, g));
+        for (int g = 0; g < bodies::kFp8GroupLanes; ++g) bodies::fp8_store_part<E>(p, j, b, g, amax);
+      }
+    }
+  });
 }
 
 void scatter_rows(const ScatterParams& p) {

@@ -76,6 +76,12 @@ struct ExpandArgs {
   float* slot_weights = nullptr;   // [num_rows, topk] out
   float* recv_weights = nullptr;   // [R] out
   uint8_t* recv_x = nullptr;       // [R, hidden] out
+  // FP8 rows (fmt.fp8()) are dequantized into recv_x, or with recv_scales set (pre-quantized
+  // input) moved as they are: recv_x then [R, hidden] e4m3 bytes, recv_scales their scales.
+  uint8_t* recv_scales = nullptr;  // [R, ceil(hidden / 128)] float32 out, or null
+
+  int64_t out_row_bytes() const { return recv_scales ? hidden : hidden * dtype_size(dtype); }
+  int64_t scale_row_bytes() const { return recv_scales ? fmt.scale_bytes : 0; }
 };
 
 // The last step of every backend's expand: each arrived row into the expert rows it feeds.
@@ -89,7 +95,10 @@ inline ScatterParams expand_scatter(const ExpandArgs& a) {
   s.hidden = a.hidden;
   s.dtype = a.dtype;
   s.dst = a.recv_x;
-  s.dst_stride = a.hidden * dtype_size(a.dtype);
+  s.dst_stride = a.out_row_bytes();
+  s.fp8_scale_offset = a.fmt.fp8() ? a.fmt.scale_offset : -1;
+  s.scales_dst = a.recv_scales;
+  s.scales_dst_stride = a.scale_row_bytes();
   return s;
 }
 

@@ -138,7 +138,7 @@ void Engine::exchange(const StageSpec& stage, const uint8_t* send, const std::ve
 
 uint8_t* Engine::pack_and_send(const StageSpec& stage, const StagePlan& plan, const RowsIn& rows, const RowFormat& fmt,
                                const int64_t* idx, const float* weights, int64_t topk, int64_t* status,
-                               const std::string& name) {
+                               const std::string& name, const DispatchWire& fp8) {
   uint8_t* send = workspace(name + "/send", plan.num_send * fmt.row_bytes);
   PackParams p;
   p.src = rows.data;
@@ -153,6 +153,10 @@ uint8_t* Engine::pack_and_send(const StageSpec& stage, const StagePlan& plan, co
   p.topk_weights = weights;
   p.topk = topk;
   p.experts_per_rank = stage.experts_per_dest;
+  p.quantize = fmt.fp8() && !fp8.prequantized;
+  p.quantize_from = rows.dtype;
+  p.scales = fp8.scales;
+  p.scales_stride = fp8.scales_stride;
   launch();
   device_->pack_rows(p);
   if (stage.size == 1) return send;  // no wire: what this rank sends itself is what arrives
@@ -268,9 +272,10 @@ Problem Engine::exchange_headers(const CallFacts& call, const Problem& local, co
 }
 
 std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                                         Headers& h, DispatchLayout& layout) {
-  const RowFormat fmt = make_row_format(x.cols, dtype_size(x.dtype), topk, sizeof(SlotMeta));
+                                         const DispatchWire& wire, Headers& h, DispatchLayout& layout) {
+  const RowFormat fmt = dispatch_row_format(x.cols, layout.dtype_fact, topk, sizeof(SlotMeta));
   RowsIn rows = x;
+  DispatchWire source = wire;  // stage 0: x; later stages forward FP8 rows as they arrived
   const int64_t* idx = topk_idx;
   const float* w = weights;
   Array next_idx, next_weights;  // the next stage's routing, read from what arrived
@@ -302,9 +307,10 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
                                                                  << plan.send_rows[d] << " rows to destination " << d
                                                                  << " but its plan sends " << planned[d]);
     }
-    uint8_t* recv = pack_and_send(stage, plan, rows, fmt, idx, w, topk, nullptr, "dispatch/" + stage.name);
+    uint8_t* recv = pack_and_send(stage, plan, rows, fmt, idx, w, topk, nullptr, "dispatch/" + stage.name, source);
     arrived.push_back(recv);
     rows = RowsIn{recv, fmt.row_bytes, plan.num_recv, x.cols, x.dtype};
+    source = DispatchWire{wire.fp8, true, recv + fmt.scale_offset, fmt.row_bytes};
     if (j + 1 < stages_.size()) {
       next_idx = allocate(plan.num_recv * topk * int64_t(sizeof(int64_t)));
       next_weights = allocate(plan.num_recv * topk * int64_t(sizeof(float)));
@@ -319,10 +325,10 @@ std::vector<uint8_t*> Engine::run_stages(const RowsIn& x, const int64_t* topk_id
 
 DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
                                 int64_t rejected, const Capacity& capacity, int64_t alignment,
-                                bool pad_to_capacity, int64_t static_tokens) {
+                                bool pad_to_capacity, int64_t static_tokens, const DispatchWire& wire) {
   begin("dispatch");
   if (static_tokens > 0 && pad_to_capacity && !rejected) {
-    return dispatch_static(x, topk_idx, topk, weights, capacity, alignment, static_tokens);
+    return dispatch_static(x, topk_idx, topk, weights, capacity, alignment, static_tokens, wire);
   }
   DispatchResult out;
   CallFacts call;
@@ -335,8 +341,9 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
   const int64_t* routed = topk_idx;
   if (!local.any()) {
     call.hidden = x.cols;
-    call.dtype = static_cast<int64_t>(x.dtype);
+    call.dtype = dtype_fact(x.dtype, wire);
     call.topk = topk;
+    layout->dtype_fact = call.dtype;
     if (pad_to_capacity) {
       MOE_HOST_ASSERT(capacity.on(), "pad_to_capacity needs a capacity");
       call.block_rows = capacity.capacity + 1;  // agreed with C + 1: 0 is "not padding", even for C = 0
@@ -365,7 +372,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
     return out;  // no token has moved, on any rank
   }
 
-  std::vector<uint8_t*> arrived = run_stages(x, routed, topk, weights, h, *layout);
+  std::vector<uint8_t*> arrived = run_stages(x, routed, topk, weights, wire, h, *layout);
 
   // The last header announced every arrival: outputs are sized without waiting on the device.
   const size_t last = stages_.size() - 1;
@@ -422,7 +429,7 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
       for (int64_t r = 0; r < count; ++r) row_order.push_back(starts[block] + r);
     }
   }
-  ExpandArgs a = prepare_outputs(x, topk, arrived[last], N, R, *layout, out);
+  ExpandArgs a = prepare_outputs(x, topk, arrived[last], N, R, wire, *layout, out);
   Array order_on_device;
   if (!row_order.empty()) {
     order_on_device = device_->upload(row_order.data(), int64_t(row_order.size() * sizeof(int64_t)), *allocator_);
@@ -454,16 +461,18 @@ DispatchResult Engine::dispatch(const RowsIn& x, const int64_t* topk_idx, int64_
 }
 
 ExpandArgs Engine::prepare_outputs(const RowsIn& x, int64_t topk, const uint8_t* arrived, int64_t N, int64_t R,
-                                   DispatchLayout& layout, DispatchResult& out) {
-  const int64_t elem = dtype_size(x.dtype);
-  out.recv_x = allocate(R * x.cols * elem);
+                                   const DispatchWire& wire, DispatchLayout& layout, DispatchResult& out) {
+  const RowFormat fmt = dispatch_row_format(x.cols, layout.dtype_fact, topk, sizeof(SlotMeta));
+  // Pre-quantized rows stay e4m3 bytes, with their scales beside; others are in x's dtype.
+  out.recv_x = allocate(R * (wire.prequantized ? x.cols : x.cols * dtype_size(x.dtype)));
+  if (wire.prequantized) out.recv_scales = allocate(R * fmt.scale_bytes);
   out.recv_weights = allocate(R * int64_t(sizeof(float)));
   layout.row_map = allocate(N * topk * int64_t(sizeof(int64_t)));
   layout.slot_weights = allocate(N * topk * int64_t(sizeof(float)));
   ExpandArgs a;
   a.rows = arrived;
   a.num_rows = N;
-  a.fmt = make_row_format(x.cols, elem, topk, sizeof(SlotMeta));
+  a.fmt = fmt;
   a.topk = topk;
   a.experts_per_rank = experts_per_rank_;
   a.dtype = x.dtype;
@@ -472,6 +481,7 @@ ExpandArgs Engine::prepare_outputs(const RowsIn& x, int64_t topk, const uint8_t*
   a.slot_weights = layout.slot_weights.as<float>();
   a.recv_weights = out.recv_weights.as<float>();
   a.recv_x = out.recv_x.data;
+  a.recv_scales = out.recv_scales.data;
   return a;
 }
 
@@ -489,8 +499,10 @@ void Engine::finish_layout(const RowsIn& x, int64_t topk, int64_t N, int64_t R, 
       (stage.remote[d] ? layout.stats.rows_inter : layout.stats.rows_intra) += layout.plans[j].send_rows[d];
     }
   }
-  layout.stats.bytes_intra = layout.stats.rows_intra * x.cols * dtype_size(x.dtype);
-  layout.stats.bytes_inter = layout.stats.rows_inter * x.cols * dtype_size(x.dtype);
+  // Payload bytes (FP8: with the scales), as API.md counts them; no metadata.
+  const int64_t row_bytes = wire_format(layout).wire_payload_bytes();
+  layout.stats.bytes_intra = layout.stats.rows_intra * row_bytes;
+  layout.stats.bytes_inter = layout.stats.rows_inter * row_bytes;
   layout.counters = *current_;
 }
 

@@ -38,6 +38,21 @@ struct RowsIn {
   DType dtype = DType::kFloat32;
 };
 
+// How dispatch's token rows cross the wire (API.md "FP8 on the wire").
+struct DispatchWire {
+  bool fp8 = false;           // e4m3 with a float32 scale per 128 elements; else x's dtype
+  // x holds e4m3 bytes already (its RowsIn dtype is then the combine's), and `scales` their
+  // [T, ceil(H / 128)] float32 scales, rows scales_stride bytes apart; else fp8 quantizes x.
+  bool prequantized = false;
+  const uint8_t* scales = nullptr;
+  int64_t scales_stride = 0;
+};
+
+// The header's dtype fact of a dispatch (core/row_format.h): ranks must agree on it.
+inline int64_t dtype_fact(DType dtype, const DispatchWire& w) {
+  return static_cast<int64_t>(dtype) + (w.fp8 ? kFp8Wire : 0) + (w.prequantized ? kPrequantized : 0);
+}
+
 struct LinkStats {
   int64_t rows_intra = 0, rows_inter = 0, bytes_intra = 0, bytes_inter = 0;
   int64_t pairs_dropped = 0;  // this rank's (token, expert) pairs capacity dropped
@@ -46,7 +61,8 @@ struct LinkStats {
 // Everything combine and the backwards reuse: the handle's native part.
 struct DispatchLayout {
   int64_t num_tokens = 0, hidden = 0, topk = 0;
-  DType dtype = DType::kFloat32;
+  DType dtype = DType::kFloat32;  // x's (pre-quantized: the combine's)
+  int64_t dtype_fact = 0;         // the header's: dtype and wire (core/row_format.h)
   std::vector<StagePlan> plans;
   int64_t num_last = 0;       // rows that arrived at the final stage (N)
   int64_t num_recv_rows = 0;  // expert-major rows (R), padding included
@@ -65,6 +81,7 @@ struct DispatchResult {
   RoutingProblem routing;           // this rank's own routing problem, when it had one
   int64_t static_status = 0;        // the static mode's agreed problem (immediate status only)
   Array recv_x, recv_weights;
+  Array recv_scales;  // pre-quantized FP8 input: the scales of recv_x's e4m3 rows
   std::shared_ptr<DispatchLayout> layout;
 };
 
@@ -93,9 +110,10 @@ class Engine {
   // rank (kept rows, then zero rows); every rank must use the same capacity.
   // static_tokens > 0 (a flat engine, pad_to_capacity, the Buffer's max_tokens_per_rank): the
   // static mode (engine/static_dispatch.cpp): fixed-size exchanges, no host wait.
+  // wire: FP8 rows (quantized here, or given quantized).
   DispatchResult dispatch(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
                           int64_t rejected, const Capacity& capacity, int64_t alignment, bool pad_to_capacity,
-                          int64_t static_tokens = 0);
+                          int64_t static_tokens = 0, const DispatchWire& wire = DispatchWire{});
 
   // The problems the static mode (and deferred combine statuses) kept on the device, agreed
   // over every stage: one host wait and one exchange of status words per stage, collective.
@@ -138,19 +156,24 @@ class Engine {
   Problem exchange_headers(const CallFacts& call, const Problem& local, const StagePlan* plan0,
                            const int64_t* forward, Headers& h, LinkStats& stats, bool reads = true);
   DispatchResult dispatch_static(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                                 const Capacity& capacity, int64_t alignment, int64_t static_tokens);
+                                 const Capacity& capacity, int64_t alignment, int64_t static_tokens,
+                                 const DispatchWire& wire);
   // A rank that read a problem: the row exchanges of its static peers that did not read it,
   // with zeros, and the immediate status agreement they end with.
   void settle_with_static_peers(const Headers& h, bool static_here);
   bool agrees_at_once(const Headers& h, bool static_here) const;
   // The outputs of a dispatch (R expert rows, N arrived rows) and the expand's arguments.
   ExpandArgs prepare_outputs(const RowsIn& x, int64_t topk, const uint8_t* arrived, int64_t N, int64_t R,
-                             DispatchLayout& layout, DispatchResult& out);
+                             const DispatchWire& wire, DispatchLayout& layout, DispatchResult& out);
   // Shapes, link stats (from the plans' send rows) and counters of a finished dispatch.
   void finish_layout(const RowsIn& x, int64_t topk, int64_t N, int64_t R, DispatchLayout& layout);
+  // The dispatch's rows on the wire (layout.dtype_fact set).
+  RowFormat wire_format(const DispatchLayout& layout) const {
+    return dispatch_row_format(layout.hidden, layout.dtype_fact, layout.topk, sizeof(SlotMeta));
+  }
   int64_t agree();  // agree_status inside the current call
   std::vector<uint8_t*> run_stages(const RowsIn& x, const int64_t* idx, int64_t topk, const float* weights,
-                                   Headers& h, DispatchLayout& layout);
+                                   const DispatchWire& wire, Headers& h, DispatchLayout& layout);
   // The reverse path: partials summed at every hop. -> y [T, H] in rows' dtype; scalars [T, K].
   void reduce_back(const DispatchLayout& layout, const RowsIn& rows, const int64_t* row_map, const float* weights,
                    const float* slot_scalars, const std::string& name, int64_t* status, Array& y,
@@ -158,9 +181,11 @@ class Engine {
   // Sends each token row [T, H'] along the dispatch's path. -> [N, H'] rows (stride: row_bytes).
   RowsIn send_along(const DispatchLayout& layout, const RowsIn& rows, const std::string& name, int64_t* status);
   // Packs `rows` into the stage's send rows and exchanges them. -> the rows that arrived.
+  // FP8 rows: quantized from `rows` (fp8 set, not prequantized), else copied with the scales
+  // fp8 names.
   uint8_t* pack_and_send(const StageSpec& stage, const StagePlan& plan, const RowsIn& rows, const RowFormat& fmt,
                          const int64_t* idx, const float* weights, int64_t topk, int64_t* status,
-                         const std::string& name);
+                         const std::string& name, const DispatchWire& fp8 = DispatchWire{});
   // dst[i] = sum_k weights[i, k] * src[map[i, k]] (+ per-slot scalars riding in the row).
   void reduce_rows(const RowsIn& src, const int64_t* map, const float* weights, int64_t topk, int64_t num_out,
                    uint8_t* dst, int64_t dst_stride, const float* scalars, int64_t scalars_offset);

@@ -128,7 +128,9 @@ inline ExpandPlanWork prepare_expand(const ExpandArgs& e, int64_t workers, const
   a.recv_weights = e.recv_weights;
   a.padded = padded;
   a.recv_x = e.recv_x;
-  a.out_row_bytes = e.hidden * dtype_size(e.dtype);
+  a.out_row_bytes = e.out_row_bytes();
+  a.recv_scales = e.recv_scales;
+  a.scale_row_bytes = e.scale_row_bytes();
   a.fixed = e.fixed;
   return w;
 }

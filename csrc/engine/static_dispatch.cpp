@@ -20,7 +20,8 @@ namespace moe_comm {
 namespace engine {
 
 DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx, int64_t topk, const float* weights,
-                                       const Capacity& capacity, int64_t alignment, int64_t static_tokens) {
+                                       const Capacity& capacity, int64_t alignment, int64_t static_tokens,
+                                       const DispatchWire& wire) {
   MOE_HOST_ASSERT(stages_.size() == 1, "the static mode needs a flat Buffer");
   MOE_HOST_ASSERT(capacity.on(), "the static mode needs a capacity");
   const StageSpec& stage = stages_[0];
@@ -30,7 +31,7 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   CallFacts call;
   call.num_experts = num_experts_;
   call.hidden = x.cols;
-  call.dtype = static_cast<int64_t>(x.dtype);
+  call.dtype = dtype_fact(x.dtype, wire);
   call.topk = topk;
   call.block_rows = C + 1;
   call.static_rows = B;
@@ -38,6 +39,7 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   const bool reads = signature != agreed_signature_;
 
   auto layout = std::make_shared<DispatchLayout>();
+  layout->dtype_fact = call.dtype;
   layout->plans.resize(1);
   StagePlan& plan = layout->plans[0];
   plan.stride = B;
@@ -57,15 +59,16 @@ DispatchResult Engine::dispatch_static(const RowsIn& x, const int64_t* topk_idx,
   plan.send_rows.assign(W, B);
   plan.recv_rows.assign(W, B);
   plan.num_send = plan.num_recv = W * B;
-  const RowFormat fmt = make_row_format(x.cols, dtype_size(x.dtype), topk, sizeof(SlotMeta));
-  uint8_t* arrived = pack_and_send(stage, plan, x, fmt, routed, weights, topk, nullptr, "dispatch/" + stage.name);
+  const RowFormat fmt = dispatch_row_format(x.cols, call.dtype, topk, sizeof(SlotMeta));
+  uint8_t* arrived =
+      pack_and_send(stage, plan, x, fmt, routed, weights, topk, nullptr, "dispatch/" + stage.name, wire);
 
   // Every expert's segment: W blocks of C rows, then zero rows up to the alignment.
   const int64_t segment = (W * C + alignment - 1) / alignment * alignment;
   const int64_t R = experts_per_rank_ * segment, N = W * B;
   layout->tokens_per_expert.assign(experts_per_rank_, segment);
   layout->padded = R > 0;
-  ExpandArgs a = prepare_outputs(x, topk, arrived, N, R, *layout, out);
+  ExpandArgs a = prepare_outputs(x, topk, arrived, N, R, wire, *layout, out);
   a.block_rows = C;
   a.sources = W;
   a.fixed = StaticExpand{std::max<int64_t>(B, 1), segment, h.received_on_device[0].as<int64_t>(), h.layouts[0], call,
@@ -101,8 +104,7 @@ void Engine::settle_with_static_peers(const Headers& h, bool static_here) {
   for (int64_t p = 0; p < stage.size; ++p) {
     const int64_t* row = h.received[0].data() + p * l.width();
     if (p == stage.index || row[kReads] != 0 || row[kStaticRows] <= 0) continue;
-    const RowFormat fmt =
-        make_row_format(row[kHidden], dtype_size(static_cast<DType>(row[kDtype])), row[kTopk], sizeof(SlotMeta));
+    const RowFormat fmt = dispatch_row_format(row[kHidden], row[kDtype], row[kTopk], sizeof(SlotMeta));
     bytes[p] = row[kStaticRows] * fmt.row_bytes;
     total += bytes[p];
   }

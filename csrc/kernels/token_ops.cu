@@ -28,6 +28,25 @@ __global__ void pack_rows_kernel(PackParams p) {
   }
 }
 
+// A quantizing pack: the block's threads write what pack_row writes; its warps quantize the
+// 128-element blocks of the row, a warp per block, the amax shared by a butterfly of shuffles.
+template <typename E>
+__global__ void pack_fp8_rows_kernel(PackParams p) {
+  const int64_t warps = blockDim.x / kWarp, warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t blocks = fp8_scale_count(p.fmt.payload_bytes);
+  for (int64_t j = blockIdx.x; j < p.num_rows; j += gridDim.x) {
+    bodies::pack_row(p, j, bodies::rank_of_slot(p.send_offsets, p.num_ranks, j), block_lanes());
+    for (int64_t b = warp; b < blocks; b += warps) {
+      float amax = bodies::fp8_amax_part<E>(p, j, b, lane);
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      }
+      bodies::fp8_store_part<E>(p, j, b, lane, amax);
+    }
+  }
+}
+
 template <typename E>
 __global__ void scatter_rows_kernel(ScatterParams p) {
   for (int64_t i = blockIdx.x; i < p.num_src; i += gridDim.x) bodies::scatter_row<E>(p, i, block_lanes());
@@ -58,9 +77,17 @@ __global__ void row_dots_kernel(DotParams p) {
 }  // namespace
 
 cudaError_t launch_pack_rows(const PackParams& p, cudaStream_t stream) {
+  static_assert(bodies::kFp8GroupLanes == kWarp, "a warp quantizes one FP8 block");
   if (p.num_rows == 0) return cudaSuccess;
-  pack_rows_kernel<<<grid_for(p.num_rows), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (!p.quantize) {
+    pack_rows_kernel<<<grid_for(p.num_rows), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  if (!p.fmt.fp8()) return cudaErrorInvalidValue;
+  const cudaError_t err = with_type(p.quantize_from, [&](auto elem) {
+    pack_fp8_rows_kernel<decltype(elem)><<<grid_for(p.num_rows), kThreads, 0, stream>>>(p);
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 cudaError_t launch_scatter_rows(const ScatterParams& p, cudaStream_t stream) {
@@ -114,6 +141,7 @@ cudaError_t preload_token_kernels() {
     with_type(a, [&](auto ea) {
       using A = decltype(ea);
       keep(cudaFuncGetAttributes(&attributes, scatter_rows_kernel<A>));
+      keep(cudaFuncGetAttributes(&attributes, pack_fp8_rows_kernel<A>));
       for (DType b : types) {
         with_type(b, [&](auto eb) {
           using B = decltype(eb);

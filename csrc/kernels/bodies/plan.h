@@ -325,6 +325,8 @@ struct ExpandPlanArgs {
   const int64_t* padded = nullptr;     // [experts + 1]
   uint8_t* recv_x = nullptr;           // [output rows, out_row_bytes]: padding rows zeroed
   int64_t out_row_bytes = 0;
+  uint8_t* recv_scales = nullptr;      // pre-quantized FP8 rows: [output rows, scale_row_bytes], or null
+  int64_t scale_row_bytes = 0;
   engine::StaticExpand fixed;         // the static mode (then sticky replaces status)
 
   MOE_HD bool blocks() const { return block_rows > 0; }
@@ -450,6 +452,8 @@ MOE_HD void zero_if_padding(const ExpandPlanArgs& a, int64_t r, Lanes lanes) {
   if (!a.padding() || (a.verdict() == 0 && !is_padding(a, r))) return;
   uint8_t* out = a.recv_x + r * a.out_row_bytes;
   for (int64_t b = lanes.id; b < a.out_row_bytes; b += lanes.count) out[b] = 0;
+  uint8_t* scales = a.recv_scales ? a.recv_scales + r * a.scale_row_bytes : nullptr;
+  for (int64_t b = lanes.id; scales && b < a.scale_row_bytes; b += lanes.count) scales[b] = 0;
   if (lanes.id == 0) a.recv_weights[r] = 0.0f;
 }
 

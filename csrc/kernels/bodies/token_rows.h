@@ -6,10 +6,12 @@
 // shuffle that sums row_dots' partials) stay GPU-only.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "../../core/dtype.h"
+#include "../../core/fp8.h"
 #include "../../core/hd.h"
 #include "../../core/row_format.h"
 #include "../../core/token_params.h"
@@ -153,18 +155,25 @@ MOE_HD int64_t rank_of_slot(const int64_t* send_offsets, int64_t num_ranks, int6
   return lo;
 }
 
-// Send slot j (bound for rank `dest`): payload, zeroed padding, and the SlotMeta block.
-// A static mode's unused slot (token -1) goes as zeros naming no expert.
+// Send slot j (bound for rank `dest`): payload (FP8 rows: and scales), zeroed padding, and the
+// SlotMeta block. A static mode's unused slot (token -1) goes as zeros naming no expert. A
+// quantizing pack leaves a used slot's payload and scales to the lane groups of fp8_amax_part /
+// fp8_store_part.
 MOE_HD void pack_row(const PackParams& p, int64_t j, int64_t dest, Lanes l) {
   const RowFormat& f = p.fmt;
   const int64_t t = p.send_token[j];
   uint8_t* out = p.dst + j * f.row_bytes;
-  if (t >= 0) copy_bytes(out, p.src + t * p.src_stride, f.payload_bytes, l);
-  // Zero the rest (the payload too for an unused slot) but the metadata block the lanes write
-  // below: no uninitialised bytes on the wire.
+  if (t >= 0 && !p.quantize) {
+    copy_bytes(out, p.src + t * p.src_stride, f.payload_bytes, l);
+    if (f.fp8()) copy_bytes(out + f.scale_offset, p.scales + t * p.scales_stride, f.scale_bytes, l);
+  }
+  // Zero the rest (the payload too for an unused slot) but what the lanes write: no
+  // uninitialised bytes on the wire, and no two lanes writing one byte.
   const int64_t meta_end = f.meta_offset + (p.topk_idx ? f.meta_bytes : 0);
+  const int64_t scale_end = t >= 0 ? f.scale_offset + f.scale_bytes : 0;
   for (int64_t b = (t >= 0 ? f.payload_bytes : 0) + l.id; b < f.row_bytes; b += l.count) {
-    if (b < f.meta_offset || b >= meta_end) out[b] = 0;
+    const bool written = (b >= f.meta_offset && b < meta_end) || (b >= f.scale_offset && b < scale_end);
+    if (!written) out[b] = 0;
   }
   if (!p.topk_idx) return;
   const int64_t first = dest * p.experts_per_rank;
@@ -178,6 +187,39 @@ MOE_HD void pack_row(const PackParams& p, int64_t j, int64_t dest, Lanes l) {
     }
     meta[k] = m;
   }
+}
+
+// A quantizing pack (API.md "FP8 on the wire"): each 128-element block of a slot's row is
+// quantized by a group of kFp8GroupLanes lanes (a warp on the GPU, which shares the block's
+// amax by shuffles; the CPU backend emulates the group), lane g taking elements
+// [128 b + 4 g, 128 b + 4 g + 4). The amax is a max, so the order the lanes meet in does not
+// change it.
+constexpr int kFp8GroupLanes = 32;
+constexpr int64_t kFp8PerLane = kFp8Block / kFp8GroupLanes;
+
+// Lane g's part of block b's amax in send slot j: max |x| over its elements (0: unused slot).
+template <typename E>
+MOE_HD float fp8_amax_part(const PackParams& p, int64_t j, int64_t b, int g) {
+  const int64_t t = p.send_token[j];
+  if (t < 0) return 0.0f;
+  const auto* x = reinterpret_cast<const typename E::Storage*>(p.src + t * p.src_stride);
+  const int64_t first = b * kFp8Block + g * kFp8PerLane, hidden = p.fmt.payload_bytes;
+  float amax = 0.0f;
+  for (int64_t h = first; h < first + kFp8PerLane && h < hidden; ++h) amax = nan_max(amax, fabsf(E::load(x[h])));
+  return amax;
+}
+
+// Lane g's elements of block b as e4m3, with the block's amax; lane 0 also stores its scale.
+template <typename E>
+MOE_HD void fp8_store_part(const PackParams& p, int64_t j, int64_t b, int g, float amax) {
+  const int64_t t = p.send_token[j];
+  if (t < 0) return;
+  const auto* x = reinterpret_cast<const typename E::Storage*>(p.src + t * p.src_stride);
+  uint8_t* out = p.dst + j * p.fmt.row_bytes;
+  const int64_t first = b * kFp8Block + g * kFp8PerLane, hidden = p.fmt.payload_bytes;
+  const float ratio = fp8_ratio(amax);
+  for (int64_t h = first; h < first + kFp8PerLane && h < hidden; ++h) out[h] = float_to_e4m3(E::load(x[h]) * ratio);
+  if (g == 0) store_f32(out + p.fmt.scale_offset + b * int64_t(sizeof(float)), fp8_scale(amax));
 }
 
 // out[0, n) = w * in[0, n) in element type E, rounded once: V elements per 16-byte vector
@@ -202,6 +244,23 @@ MOE_HD void scale_elements(uint8_t* out, const uint8_t* in, int64_t n, float w, 
   for (int64_t h = done + l.id; h < n; h += l.count) d[h] = E::store(w * E::load(s[h]));
 }
 
+// An FP8 row (e4m3 bytes, then its scales at p.fp8_scale_offset) into expert row `row`: as it
+// is, with its scales (pre-quantized input), or dequantized, q.float() * scale in E.
+template <typename E>
+MOE_HD void fp8_expand_row(const ScatterParams& p, const uint8_t* in, int64_t row, Lanes l) {
+  const uint8_t* scales = in + p.fp8_scale_offset;
+  if (p.scales_dst) {
+    copy_bytes(p.dst + row * p.dst_stride, in, p.hidden, l);
+    copy_bytes(p.scales_dst + row * p.scales_dst_stride, scales, fp8_scale_count(p.hidden) * int64_t(sizeof(float)),
+               l);
+    return;
+  }
+  auto* out = reinterpret_cast<typename E::Storage*>(p.dst + row * p.dst_stride);
+  for (int64_t h = l.id; h < p.hidden; h += l.count) {
+    out[h] = E::store(e4m3_to_float(in[h]) * load_word<float>(scales + (h / kFp8Block) * int64_t(sizeof(float))));
+  }
+}
+
 // Source row i into every expert row it feeds: dst[row_map[i, k]] = weight[i, k] * src[i].
 template <typename E>
 MOE_HD void scatter_row(const ScatterParams& p, int64_t i, Lanes l) {
@@ -210,7 +269,9 @@ MOE_HD void scatter_row(const ScatterParams& p, int64_t i, Lanes l) {
     const int64_t row = p.row_map[i * p.topk + k];
     if (row < 0) continue;
     uint8_t* out = p.dst + row * p.dst_stride;
-    if (!p.weights) {
+    if (p.fp8_scale_offset >= 0) {
+      fp8_expand_row<E>(p, in, row, l);
+    } else if (!p.weights) {
       copy_bytes(out, in, p.hidden * int64_t(sizeof(typename E::Storage)), l);
     } else {
       scale_elements<E>(out, in, p.hidden, p.weights[i * p.topk + k], l);
