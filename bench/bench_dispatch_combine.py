@@ -30,6 +30,7 @@ from presets import PRESETS  # noqa: E402
 from timing import sample_seconds  # noqa: E402
 
 import moe_comm  # noqa: E402
+from moe_comm import reference  # noqa: E402
 from moe_comm.launch import init_distributed  # noqa: E402
 from moe_comm.plan import link_rows  # noqa: E402
 from moe_comm.validation import expert_capacity  # noqa: E402
@@ -109,6 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--static", action="store_true",
                    help="Buffer(max_tokens_per_rank=the largest --tokens): with --pad-to-capacity on a flat Buffer, "
                         "the static mode (fixed-size exchanges, no host wait; README: Static mode)")
+    p.add_argument("--wire-dtype", choices=["native", "fp8"], default="native",
+                   help="fp8: dispatch rows cross as e4m3 with a float32 scale per 128 elements "
+                        "(wire_dtype=torch.float8_e4m3fn); combine and the baseline stay in --dtype")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per op")
     p.add_argument("--iters", type=int, default=30, help="timed calls per op")
     p.add_argument("--sweep-tokens", metavar="N,N,...", help="measure at each of these tokens per rank")
@@ -309,8 +313,17 @@ def timed(fn, args, group, device):
 
 
 def capacity_kwargs(args):
+    """moe_comm.dispatch's keyword arguments of this run: capacity, padding and the wire dtype."""
     return dict(capacity_factor=args.capacity_factor, drop_policy=args.drop_policy,
-                expert_alignment=args.expert_alignment, pad_to_capacity=args.pad_to_capacity)
+                expert_alignment=args.expert_alignment, pad_to_capacity=args.pad_to_capacity,
+                wire_dtype=torch.float8_e4m3fn if args.wire_dtype == "fp8" else None)
+
+
+def dispatch_row_bytes(args, x) -> int:
+    """Payload bytes of one dispatch row on moe_comm's wire (as handle.stats counts them)."""
+    if args.wire_dtype == "fp8":
+        return args.hidden + 4 * -(-args.hidden // 128)
+    return args.hidden * x.element_size()
 
 
 def kept_routing(args, idx, weights):
@@ -329,7 +342,9 @@ def check_against_baseline(x, idx, kept, weights, buf, experts, args):
     """Same results first: the baseline is only a baseline if it computes the same thing (with
     capacity: the baseline dispatches the kept routing). -> (moe_comm's results, the baseline's)."""
     ours = moe_comm.dispatch(x, idx, weights, buf, **capacity_kwargs(args))
-    theirs = baseline.dispatch(x, kept, weights, experts)
+    # FP8 rows: the baseline, given x as the FP8 wire delivers it, must give the same rows.
+    theirs = baseline.dispatch(reference.over_fp8_wire([x])[0] if args.wire_dtype == "fp8" else x, kept, weights,
+                               experts)
     # Our padding rows (--expert-alignment) aside, the rows are the same.
     real = torch.cat([torch.arange(int(p)) < int(r) for p, r in zip(ours[2], theirs[2].cpu())]).to(x.device)
     if args.pad_to_capacity:  # padding inside every block: the real rows are those with a weight
@@ -373,6 +388,7 @@ def gbps(nbytes, world, seconds, op):
 
 def make_record(args, buf, world, impl, op, s, wire, logical):
     median = statistics.median(s)
+    wire = wire.get(op, (0, 0))
     topo = buf.topology
     return dict(
         impl=impl, op=op, median_us=median * 1e6, p10_us=s[len(s) // 10] * 1e6,
@@ -385,7 +401,8 @@ def make_record(args, buf, world, impl, op, s, wire, logical):
         world_size=world, preset=args.preset, tokens=args.tokens, hidden=args.hidden,
         experts=args.experts, topk=args.topk, dtype=args.dtype, backend=buf.backend, device=buf.device.type,
         nodes=topo.num_nodes, ranks_per_node=topo.ranks_per_node, hierarchical=buf.hierarchical,
-        max_nodes=args.max_nodes, skew=args.skew, static=bool(buf.static_tokens(args.pad_to_capacity)))
+        max_nodes=args.max_nodes, skew=args.skew, static=bool(buf.static_tokens(args.pad_to_capacity)),
+        wire_dtype=args.wire_dtype if impl == "moe_comm" else "native")
 
 
 def peak_memory(buf):
@@ -409,13 +426,15 @@ def measure(args, buf, world):
     assert int(ours[3].stats["pairs_dropped"]) == dropped
     dropped, routed = _sum_over_ranks([dropped, int((idx >= 0).sum())], buf)
     row_bytes = args.hidden * x.element_size()
-    ours_wire = moe_comm_wire_bytes(kept, buf, row_bytes)
+    rows_sent = moe_comm_wire_bytes(kept, buf, 1)
     if buf.static_tokens(args.pad_to_capacity):  # fixed blocks: the wire carries B rows per peer
         stats = ours[3].stats
-        ours_wire = tuple(n * row_bytes for n in _sum_over_ranks(
-            [stats["rows_sent_intra_node"], stats["rows_sent_inter_node"]], buf))
-    wire = {"moe_comm": ours_wire,
-            "torch_baseline": baseline_wire_bytes(theirs[3], buf, row_bytes)}
+        rows_sent = tuple(_sum_over_ranks([stats["rows_sent_intra_node"], stats["rows_sent_inter_node"]], buf))
+    # Dispatch rows may be FP8 (--wire-dtype); combine's are in x's dtype.
+    ours_wire = {"dispatch": tuple(n * dispatch_row_bytes(args, x) for n in rows_sent),
+                 "combine": tuple(n * row_bytes for n in rows_sent)}
+    theirs_wire = baseline_wire_bytes(theirs[3], buf, row_bytes)
+    wire = {"moe_comm": ours_wire, "torch_baseline": {"dispatch": theirs_wire, "combine": theirs_wire}}
     logical = logical_bytes(kept, buf, row_bytes)
     records = []
     for impl, by_op in make_ops(x, idx, kept, weights, buf, args.experts, ours, theirs, args).items():
@@ -474,10 +493,11 @@ def print_table(records):
               f"{r['speedup_vs_baseline']:>8.2f}x")
 
 
-BYTES_ROWS = [  # (label, record key prefix, impl or None for both)
-    ("on-wire, moe_comm (= handle.stats)", "bytes_wire", "moe_comm"),
-    ("on-wire, torch_baseline (a row per (token, expert))", "bytes_wire", "torch_baseline"),
-    ("logical (a rank's own rows included; both impls)", "bytes_logical", None),
+BYTES_ROWS = [  # (label, record key prefix, impl or None for both, op)
+    ("on-wire, moe_comm dispatch (= handle.stats)", "bytes_wire", "moe_comm", "dispatch"),
+    ("on-wire, moe_comm combine", "bytes_wire", "moe_comm", "combine"),
+    ("on-wire, torch_baseline (a row per (token, expert))", "bytes_wire", "torch_baseline", "dispatch"),
+    ("logical (a rank's own rows included; both impls)", "bytes_logical", None, "dispatch"),
 ]
 
 
@@ -486,11 +506,11 @@ def print_bytes(records):
           "on-wire bytes (rows a rank sends itself excluded); logical GB/s: logical bytes (DeepEP's\n"
           "definitions, own rows included). Definitions: bench/README.md.")
     for tokens in sorted({r["tokens"] for r in records}):
-        at = {r["impl"]: r for r in records if r["tokens"] == tokens}
-        title = f"bytes per dispatch at {tokens} tokens/rank, summed over ranks:"
+        at = {(r["impl"], r["op"]): r for r in records if r["tokens"] == tokens}
+        title = f"bytes per call at {tokens} tokens/rank, summed over ranks:"
         print(f"{title:<64} {'intra-node':>12} {'inter-node':>12}")
-        for label, key, impl in BYTES_ROWS:
-            r = at[impl or "moe_comm"]
+        for label, key, impl, op in BYTES_ROWS:
+            r = at[(impl or "moe_comm", op)]
             print(f"  {label:<62} {fmt_bytes(r[key + '_intra']):>12} {fmt_bytes(r[key + '_inter']):>12}")
 
 
@@ -511,7 +531,8 @@ def report(args, buf, world, records):
         r["run"] = run
     print(f"moe_comm {moe_comm.__version__} ({(run['git_commit'] or 'no git')[:10]}), torch {torch.__version__} | "
           f"{args.preset}: {world} ranks, hidden {args.hidden}, "
-          f"{args.experts} experts, top-{args.topk}, {args.dtype}, {buf.backend}/{buf.device}"
+          f"{args.experts} experts, top-{args.topk}, {args.dtype}"
+          f"{' (dispatch rows in FP8)' if args.wire_dtype == 'fp8' else ''}, {buf.backend}/{buf.device}"
           f"{f' ({buf.cpu_transport} wire)' if buf.cpu_transport else ''}, "
           f"{topo.num_nodes}x{topo.ranks_per_node} nodes x ranks{', hierarchical' if buf.hierarchical else ''}"
           f"{f', max {args.max_nodes} nodes/token' if args.max_nodes else ''}"
