@@ -32,7 +32,7 @@ from timing import sample_seconds  # noqa: E402
 import moe_comm  # noqa: E402
 from moe_comm import reference  # noqa: E402
 from moe_comm.launch import init_distributed  # noqa: E402
-from moe_comm.plan import link_rows  # noqa: E402
+from moe_comm.plan import dispatch_row_bytes as plan_row_bytes, link_rows  # noqa: E402
 from moe_comm.validation import expert_capacity  # noqa: E402
 
 C = moe_comm.C
@@ -321,9 +321,7 @@ def capacity_kwargs(args):
 
 def dispatch_row_bytes(args, x) -> int:
     """Payload bytes of one dispatch row on moe_comm's wire (as handle.stats counts them)."""
-    if args.wire_dtype == "fp8":
-        return args.hidden + 4 * -(-args.hidden // 128)
-    return args.hidden * x.element_size()
+    return plan_row_bytes(args.hidden, x.element_size(), args.wire_dtype)
 
 
 def kept_routing(args, idx, weights):

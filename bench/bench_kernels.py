@@ -7,6 +7,7 @@ measured in the same run (issue: each should reach >= 80% of the copy's bandwidt
 Kernels, with the bytes they must read and write (the "moved" bytes; GB/s = moved / time):
   copy     x -> clone of x                                   2 * T * H * e
   pack     x -> send rows, one per (token, destination rank) T*H*e + n_send * row_bytes
+  pack_fp8 the same, quantized to FP8 rows (e4m3 + per-128 scales) T*H*e + n_send * fp8_row_bytes
   expand   arrived rows -> expert-major recv_x (plan + scatter) n_send * row_bytes + R * H * e
   reduce   expert rows -> one weighted float32 sum per token   R * H * e + n_send * H * e
 The packed rows of all `--ranks` destinations are expanded as if one rank received them, so
@@ -76,6 +77,8 @@ def main(argv=None):
     send_token = send_token[:n_send]
     row_bytes = C.row_format(H, e, K, SLOT_META_BYTES)[3]
     rows = torch.empty((n_send, row_bytes), dtype=torch.uint8, device=device)
+    fp8_row_bytes = C.fp8_row_format(H, K, SLOT_META_BYTES)[3]
+    fp8_rows = torch.empty((n_send, fp8_row_bytes), dtype=torch.uint8, device=device)
     C.pack_rows(x, send_token, offsets, idx, weights, E // W, rows, stream)
     recv_x, _, counts, row_map, slot_weights = C.expand_rows(rows, H, dtype, K, E // W, None, None, stream)
     R = recv_x.shape[0]
@@ -86,6 +89,8 @@ def main(argv=None):
         "copy": (lambda: copy_dst.copy_(x), 2 * T * H * e),
         "pack": (lambda: C.pack_rows(x, send_token, offsets, idx, weights, E // W, rows, stream),
                  T * H * e + n_send * row_bytes),
+        "pack_fp8": (lambda: C.pack_rows(x, send_token, offsets, idx, weights, E // W, fp8_rows, stream, True),
+                     T * H * e + n_send * fp8_row_bytes),
         "expand": (lambda: C.expand_rows(rows, H, dtype, K, E // W, None, counts, stream),
                    n_send * row_bytes + R * H * e),
         "reduce": (lambda: C.reduce_rows(recv_x, row_map, slot_weights, out, stream), R * H * e + n_send * H * e),

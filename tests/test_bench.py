@@ -55,6 +55,25 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_benchmark_with_fp8_dispatch_rows(tmp_path):
+    """--wire-dtype fp8: moe_comm's dispatch rows cross as H + 4 ceil(H / 128) bytes, its combine
+    rows and the baseline's stay in --dtype (float32 here: 4 H bytes)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "bench", "bench_dispatch_combine.py"), "--tokens", "33", "--hidden", "24",
+           "--experts", "4", "--topk", "2", "--warmup", "1", "--iters", "2", "--wire-dtype", "fp8",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(dispatch rows in FP8)" in proc.stdout and "on-wire, moe_comm combine" in proc.stdout
+    at = {(r["impl"], r["op"]): r for r in json.loads(out.read_text())}
+    ours_d, ours_c = at[("moe_comm", "dispatch")], at[("moe_comm", "combine")]
+    assert ours_d["wire_dtype"] == "fp8" and at[("torch_baseline", "dispatch")]["wire_dtype"] == "native"
+    assert ours_d["bytes_wire_intra"] > 0 and ours_d["bytes_wire_intra"] * 96 == ours_c["bytes_wire_intra"] * 28
+    assert ours_d["bytes_logical_intra"] == ours_c["bytes_logical_intra"]
+
+
 def test_training_example_runs_and_learns(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "examples", "train_tiny_moe.py"), "--steps", "25", "--tokens", "64",
@@ -76,7 +95,7 @@ def test_kernel_benchmark_runs_and_reports(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert [r["kernel"] for r in records] == ["copy", "pack", "expand", "reduce"]
+    assert [r["kernel"] for r in records] == ["copy", "pack", "pack_fp8", "expand", "reduce"]
     for r in records:
         assert r["median_us"] > 0 and r["gbps"] > 0 and r["fraction_of_copy"] > 0
     assert "of copy" in proc.stdout

@@ -107,6 +107,35 @@ def test_pack_then_expand_equals_reference(dtype, W, H, lanes):
         assert sorted(row_map[row_map >= 0].tolist()) == list(range(recv_x.shape[0]))
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("H,strided", [(13, False), (128, False), (300, True), (129, True)])
+def test_quantizing_pack_writes_quantize_fp8s_rows(dtype, H, strided, lanes):
+    """FP8 rows: e4m3 bytes, then at a 16-byte offset one float32 scale per 128 elements, then
+    the SlotMeta block; equal to moe_comm.quantize_fp8 of the token, every other byte zero."""
+    T, K, E, W = 37, 3, 12, 3
+    dt = DTYPES[dtype]
+    idx = _routing(T, K, E, seed=H)
+    base = torch.randn(T, H + 1).to(dt) * torch.logspace(-6, 3, T).unsqueeze(1).to(dt)
+    x = base[:, 1:] if strided else base[:, :H].contiguous()  # strided: rows not 16-aligned
+    x[0] = 0  # the amax floor
+    w = torch.rand(T, K)
+    _, _, offsets, send_token, _, _ = C.plan_send(idx, E, W)
+    payload, meta_offset, meta_bytes, row_bytes, scale_offset, scale_bytes = C.fp8_row_format(H, K, SLOT_META_BYTES)
+    assert payload == H and scale_offset % 16 == 0 and meta_offset % 16 == 0 and scale_bytes == 4 * -(-H // 128)
+    rows = torch.full((send_token.numel(), row_bytes), 0xAB, dtype=torch.uint8)  # poisoned
+    C.pack_rows(x, send_token, offsets, idx, w, E // W, rows, quantize=True)
+    q, s = moe_comm.quantize_fp8(x)
+    assert torch.equal(rows[:, :H], q.view(torch.uint8)[send_token])
+    assert torch.equal(rows[:, scale_offset:scale_offset + scale_bytes].contiguous().view(torch.float32), s[send_token])
+    assert not rows[:, H:scale_offset].any() and not rows[:, scale_offset + scale_bytes:meta_offset].any()
+    assert not rows[:, meta_offset + meta_bytes:].any()
+    plain = torch.empty((send_token.numel(), C.row_format(H, x.element_size(), K, SLOT_META_BYTES)[3]),
+                        dtype=torch.uint8)
+    C.pack_rows(x, send_token, offsets, idx, w, E // W, plain)
+    plain_meta = C.row_format(H, x.element_size(), K, SLOT_META_BYTES)[1]
+    assert torch.equal(rows[:, meta_offset:meta_offset + meta_bytes], plain[:, plain_meta:plain_meta + meta_bytes])
+
+
 def test_expand_follows_row_order():
     """Rows expand in the given order: the order decides each expert's row sequence, the row
     map still indexes arrival rows."""

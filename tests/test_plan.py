@@ -120,6 +120,9 @@ def test_fp8_wire_shrinks_dispatch_rows_only():
     # DeepSeek-V3's hidden size: 7168 + 4 * 56 bytes a row, against 14336 in bf16.
     assert plan.dispatch_row_bytes(7168, 2, "fp8") == 7392 and plan.dispatch_row_bytes(7168, 2) == 14336
     assert plan.dispatch_row_bytes(129, 4, "fp8") == 129 + 8
+    for hidden in (1, 128, 129, 7168):  # the engine's FP8 rows: payload, then the scales
+        payload, _, _, _, scale_offset, scale_bytes = moe_comm.C.fp8_row_format(hidden, 8, 8)
+        assert plan.dispatch_row_bytes(hidden, 2, "fp8") == payload + scale_bytes and scale_offset >= payload
     with pytest.raises(ValueError, match="wire_dtype"):
         plan.dispatch_row_bytes(128, 2, "fp4")
     cluster = plan.Cluster(nodes=2, gpus_per_node=4)

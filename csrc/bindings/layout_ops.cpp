@@ -13,6 +13,11 @@ py::tuple row_format(int64_t hidden, int64_t elem_size, int64_t topk, int64_t me
   return py::make_tuple(f.payload_bytes, f.meta_offset, f.meta_bytes, f.row_bytes);
 }
 
+py::tuple fp8_row_format(int64_t hidden, int64_t topk, int64_t meta_bytes_per_slot) {
+  const RowFormat f = make_fp8_row_format(hidden, topk, meta_bytes_per_slot);
+  return py::make_tuple(f.payload_bytes, f.meta_offset, f.meta_bytes, f.row_bytes, f.scale_offset, f.scale_bytes);
+}
+
 // -> topk_idx [T, topk] int64 on scores' device: node-limited selection on float32 scores [T, E].
 Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes, int64_t max_nodes,
                            int64_t node_score_topk, int64_t stream) {
@@ -48,6 +53,8 @@ Tensor node_limited_select(const Tensor& scores, int64_t topk, int64_t num_nodes
 
 void register_layout_ops(py::module_& m) {
   m.def("row_format", &row_format, "(payload_bytes, meta_offset, meta_bytes, row_bytes)");
+  m.def("fp8_row_format", &fp8_row_format,
+        "FP8 dispatch rows: (payload_bytes, meta_offset, meta_bytes, row_bytes, scale_offset, scale_bytes)");
   m.def("node_limited_select", &node_limited_select, py::arg("scores"), py::arg("topk"), py::arg("num_nodes"),
         py::arg("max_nodes"), py::arg("node_score_topk"), py::arg("stream") = 0);
 }

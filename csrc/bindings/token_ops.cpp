@@ -9,10 +9,11 @@ namespace {
 
 // Packs src rows (one per send slot) into uint8 rows `out` (a reused workspace); with topk_idx
 // the dispatch SlotMeta block follows each payload. The row format comes from src's width and
-// dtype and topk_idx's K. CPU or CUDA, by out's device.
+// dtype and topk_idx's K; quantize: FP8 rows (e4m3 and per-128 scales) quantized from src. CPU
+// or CUDA, by out's device.
 void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_offsets,
                const std::optional<Tensor>& topk_idx, const std::optional<Tensor>& topk_weights,
-               int64_t experts_per_rank, const Tensor& out, int64_t stream) {
+               int64_t experts_per_rank, const Tensor& out, int64_t stream, bool quantize) {
   const c10::Device dev = out.device();
   const RowView in = row_view(src, "src", dev);
   expect(send_token, "send_token", torch::kInt64, 1, dev);
@@ -28,7 +29,10 @@ void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_o
     p.topk = topk_idx->size(1);
     p.topk_weights = optional_weights(topk_weights, in.rows, p.topk, "topk_weights", dev);
   }
-  p.fmt = make_row_format(in.cols, dtype_size(in.dtype), p.topk, sizeof(SlotMeta));
+  p.fmt = quantize ? make_fp8_row_format(in.cols, p.topk, sizeof(SlotMeta))
+                   : make_row_format(in.cols, dtype_size(in.dtype), p.topk, sizeof(SlotMeta));
+  p.quantize = quantize;
+  p.quantize_from = in.dtype;
   expect(out, "out", torch::kUInt8, 2, dev);
   MOE_HOST_ASSERT(out.size(0) == p.num_rows && out.size(1) == p.fmt.row_bytes,
                   "out must be [" << p.num_rows << ", " << p.fmt.row_bytes << "], got " << out.sizes());
@@ -139,7 +143,7 @@ void register_token_ops(py::module_& m) {
   // `stream` (a cudaStream_t as int) only matters on CUDA.
   m.def("pack_rows", &pack_rows, py::arg("src"), py::arg("send_token"), py::arg("send_offsets"),
         py::arg("topk_idx"), py::arg("topk_weights"), py::arg("experts_per_rank"), py::arg("out"),
-        py::arg("stream") = 0);
+        py::arg("stream") = 0, py::arg("quantize") = false);
   m.def("scatter_rows", &scatter_rows, py::arg("src"), py::arg("row_map"), py::arg("weights"), py::arg("dst"),
         py::arg("stream") = 0);
   m.def("reduce_rows", &reduce_rows, py::arg("src"), py::arg("map"), py::arg("weights"), py::arg("dst"),

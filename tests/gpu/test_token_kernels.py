@@ -59,6 +59,15 @@ def test_pack_rows(dtype, T, H, K, E, W, strided):
                     w.cuda() if meta else None, E // W, gpu, stream=_stream())
         torch.cuda.synchronize()
         assert torch.equal(gpu.cpu(), cpu)
+    # FP8 rows: the warps' quantization (shuffled amax) gives the CPU's emulated groups' bytes.
+    fp8_cols = C.fp8_row_format(H, K, SLOT_META_BYTES)[3]
+    cpu = torch.full((send_token.numel(), fp8_cols), 0xAB, dtype=torch.uint8)
+    C.pack_rows(x, send_token, offsets, idx, w, E // W, cpu, quantize=True)
+    gpu = torch.full_like(cpu, 0xCD).cuda()
+    C.pack_rows(x.cuda(), send_token.cuda(), offsets.cuda(), idx.cuda(), w.cuda(), E // W, gpu, stream=_stream(),
+                quantize=True)
+    torch.cuda.synchronize()
+    assert torch.equal(gpu.cpu(), cpu)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
