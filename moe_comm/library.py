@@ -91,14 +91,15 @@ class OpHandle(NamedTuple):
 @torch.library.custom_op("moe_comm::dispatch", mutates_args=())
 def dispatch_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tensor, topk_weights: Optional[Tensor],
                 buffer_key: str, capacity_factor: Optional[float], drop_policy: str, expert_alignment: int,
-                pad_to_capacity: bool, fp8_wire: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> recv_x, recv_scales (x_scales given: of recv_x's e4m3 rows; else empty [0]),
-    recv_weights, tokens_per_expert, token, pairs_dropped (0-d int64)."""
+                pad_to_capacity: bool, wire_dtype: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """wire_dtype: "" (None) or str() of dispatch's (any value: the op checks it, on every rank).
+    -> recv_x, recv_scales (x_scales given: of recv_x's e4m3 rows; else empty [0]), recv_weights,
+    tokens_per_expert, token, pairs_dropped (0-d int64)."""
     from .ops import dispatch_now  # ops imports this module
     buffer = buffer_of(buffer_key)
     recv_x, recv_scales, recv_weights, counts, handle = dispatch_now(
         x if x_scales is None else (x, x_scales), topk_idx, topk_weights, buffer, capacity_factor, drop_policy,
-        expert_alignment, pad_to_capacity, torch.float8_e4m3fn if fp8_wire else None)
+        expert_alignment, pad_to_capacity, _WIRE_DTYPES.get(wire_dtype, wire_dtype))
     dropped = handle.stats["pairs_dropped"]
     # The static mode's count is a word of the engine's: the graph gets a copy it may reuse.
     dropped = dropped.clone() if isinstance(dropped, Tensor) else torch.tensor(dropped, dtype=torch.int64)
@@ -106,9 +107,12 @@ def dispatch_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tensor, topk_we
     return recv_x, recv_scales, recv_weights, counts, token_of(handle), dropped
 
 
+_WIRE_DTYPES = {"": None, str(torch.float8_e4m3fn): torch.float8_e4m3fn}  # what the op's string stands for
+
+
 @dispatch_op.register_fake
 def _dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer_key, capacity_factor, drop_policy, expert_alignment,
-                   pad_to_capacity, fp8_wire):
+                   pad_to_capacity, wire_dtype):
     buffer = buffer_of(buffer_key)
     rows = fixed_recv_rows(buffer, topk_idx.shape[-1], capacity_factor, expert_alignment, pad_to_capacity)
     if rows is None:
@@ -260,7 +264,7 @@ def dispatch(x, topk_idx, topk_weights, buffer, capacity_factor, drop_policy, ex
     x_rows, x_scales = fp8_parts(x)
     recv_x, recv_scales, recv_weights, counts, token, dropped = dispatch_op(
         x_rows, x_scales, topk_idx, topk_weights, buffer.op_key, capacity_factor, drop_policy, expert_alignment,
-        pad_to_capacity, wire_dtype is not None or x_scales is not None)
+        pad_to_capacity, "" if wire_dtype is None else str(wire_dtype))
     handle = OpHandle(token, x_rows.shape[0], topk_idx.shape[1], buffer, topk_weights, dropped)
     return (recv_x, recv_scales) if x_scales is not None else recv_x, recv_weights, counts, handle
 

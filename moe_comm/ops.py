@@ -101,7 +101,8 @@ class _Dispatch(torch.autograd.Function):
         # back in the same rows.
         want_w = ctx.needs_input_grad[2]
         grad_x, grad_w = dispatch_backward_now(ctx.handle, grad_recv_x, grad_recv_weights if want_w else None)
-        return (grad_x if ctx.needs_input_grad[0] else None), None, grad_w, None, None, None, None
+        wants_x = ctx.needs_input_grad[0] and not ctx.handle.prequantized  # FP8 rows moved as bits: none
+        return (grad_x if wants_x else None), None, grad_w, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):

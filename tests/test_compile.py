@@ -57,21 +57,21 @@ def _opcheck_worker(rank, world_size, ranks_per_node):
     buf = moe_comm.Buffer(num_experts=E, ranks_per_node=ranks_per_node, timeout=120)
     x, idx, w = _inputs(rank, world_size, E)
     T = x.shape[0]
-    args = (x, None, idx, w, buf.op_key, None, "probs", 1, False, False)
+    args = (x, None, idx, w, buf.op_key, None, "probs", 1, False, "")
     # Every dispatch returns a new token, so "the same call twice gives equal outputs" cannot
     # hold for it: opcheck's AOT test is replaced by compiling the op and comparing the rest.
     _opcheck(torch.ops.moe_comm.dispatch.default, args, ALL_TESTS[:3])
     # FP8 rows: quantized in the pack, and pre-quantized (x_fp8, x_scales). torch's own test code
     # cannot take every float8 input (its schema test multiplies the inputs; its input clone
     # fails on an empty one): no schema test, and a token on every rank for the pre-quantized.
-    _opcheck(torch.ops.moe_comm.dispatch.default, args[:-1] + (True,), ALL_TESTS[:3])
+    _opcheck(torch.ops.moe_comm.dispatch.default, args[:-1] + (str(torch.float8_e4m3fn),), ALL_TESTS[:3])
     xq, idxq, wq = _inputs(rank, world_size, E, tokens=(6, 2, 9, 3))
     _opcheck(torch.ops.moe_comm.dispatch.default,
-             (*moe_comm.quantize_fp8(xq.detach()), idxq, wq, buf.op_key, None, "probs", 1, False, True), ALL_TESTS[1:3])
+             (*moe_comm.quantize_fp8(xq.detach()), idxq, wq, buf.op_key, None, "probs", 1, False, ""), ALL_TESTS[1:3])
 
     def dispatch_outputs(x, w):
         recv_x, _, recv_w, counts, _token, dropped = library.dispatch_op(x, None, idx, w, buf.op_key, None, "probs", 1,
-                                                                        False, False)
+                                                                        False, "")
         return recv_x, recv_w, counts, dropped
 
     for fn in (dispatch_outputs, torch.compile(dispatch_outputs, backend="aot_eager", fullgraph=True, dynamic=True)):
@@ -138,7 +138,7 @@ def _op_errors_worker(rank, world_size):
     x, idx, w = _inputs(rank, world_size, 4, tokens=(5,))
     seen = []
     for bad_shape in (False, True):
-        recv_x, _, _, _, token, _ = library.dispatch_op(x, None, idx, w, buf.op_key, None, "probs", 1, False, False)
+        recv_x, _, _, _, token, _ = library.dispatch_op(x, None, idx, w, buf.op_key, None, "probs", 1, False, "")
         expert_y = recv_x
         if rank == 1:  # dispatch's weights changed since (in place), and perhaps expert_y's shape too
             with torch.no_grad():
@@ -149,7 +149,7 @@ def _op_errors_worker(rank, world_size):
         seen.append(str(error.value))
         w = w.detach().clone().requires_grad_(True)
     # The Buffer still works.
-    recv_x, _, _, _, token, _ = library.dispatch_op(x, None, idx, w, buf.op_key, None, "probs", 1, False, False)
+    recv_x, _, _, _, token, _ = library.dispatch_op(x, None, idx, w, buf.op_key, None, "probs", 1, False, "")
     y, _ = library.combine_op(recv_x, token, w, x.shape[0], True)
     buf.close()
     return seen

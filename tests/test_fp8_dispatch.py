@@ -80,6 +80,7 @@ def _step(rank, case, buf, **kwargs):
 
     # Pre-quantized: the rows and scales move bit for bit, and dequantize to the FP8 wire's recv_x.
     quantized = [moe_comm.quantize_fp8(r) for r in xs]
+    quantized[rank] = moe_comm.quantize_fp8(xs[rank].clone().requires_grad_(True))  # parts that track gradients
     wq = ws[rank].clone().requires_grad_(True)
     (recv_q, recv_s), recv_wq, counts_q, handle_q = moe_comm.dispatch(quantized[rank], idxs[rank], wq, buf, **kwargs)
     assert recv_q.dtype == FP8 and recv_s.dtype == torch.float32 and recv_s.shape == (recv_q.shape[0], _scales(H))
@@ -113,6 +114,25 @@ def _flat_worker(rank, world_size, lanes):
 @pytest.mark.parametrize("lanes", [1, 7])
 def test_fp8_dispatch_flat_equals_the_reference_bit_for_bit(lanes):
     assert sum(run_distributed(3, _flat_worker, lanes)) > 0
+
+
+def _every_code_worker(rank, world_size):
+    """Every finite e4m3 value, in blocks whose amax is 448 (a ratio and scale of exactly 1):
+    quantize and dequantize must give each value back, through both conversions."""
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    values = codes[~codes.isnan()]  # 254 values, +-0 included
+    x = torch.cat([values, values.new_full((2,), 448.0)]).view(2, 128)  # each block holds 448
+    x[1, -1] = -448.0
+    idx = torch.tensor([[0], [1]])
+    buf = moe_comm.Buffer(num_experts=2, ranks_per_node=world_size)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # every e4m3 value fits each
+        recv_x, _, _, _ = moe_comm.dispatch(x.to(dtype), idx, None, buf, wire_dtype=FP8)
+        assert torch.equal(recv_x, x.to(dtype)), dtype
+    return values.numel()
+
+
+def test_every_e4m3_value_crosses_the_wire_unchanged():
+    assert run_distributed(1, _every_code_worker) == [254]
 
 
 def _hier_worker(rank, world_size):
@@ -180,6 +200,13 @@ def _bad_worker(rank, world_size):
     else:
         with pytest.raises(RuntimeError, match=r"rank 0 rejected its argument 'expert_y'"):
             moe_comm.combine(recv_q.to(torch.bfloat16), handle, w)
+    # The torch-op path (torch.compile) checks wire_dtype the same way, on every rank.
+    if rank == 1:
+        with pytest.raises(ValueError, match=r"^wire_dtype: must be None"):
+            moe_comm.library.dispatch(x, idx, w, buf, None, "probs", 1, False, torch.float16)
+    else:
+        with pytest.raises(RuntimeError, match=r"rank 1 rejected its argument 'wire_dtype'"):
+            moe_comm.library.dispatch(x, idx, w, buf, None, "probs", 1, False, FP8)
     return len(bad)
 
 

@@ -31,7 +31,7 @@ void pack_rows(const Tensor& src, const Tensor& send_token, const Tensor& send_o
   }
   p.fmt = quantize ? make_fp8_row_format(in.cols, p.topk, sizeof(SlotMeta))
                    : make_row_format(in.cols, dtype_size(in.dtype), p.topk, sizeof(SlotMeta));
-  p.quantize = quantize;
+  p.quantize = quantize && p.fmt.fp8();  // H = 0: nothing to quantize
   p.quantize_from = in.dtype;
   expect(out, "out", torch::kUInt8, 2, dev);
   MOE_HOST_ASSERT(out.size(0) == p.num_rows && out.size(1) == p.fmt.row_bytes,

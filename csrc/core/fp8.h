@@ -16,13 +16,14 @@ constexpr float kFp8AmaxFloor = 1e-4f;  // a block's amax is at least this (zero
 
 MOE_HD int64_t fp8_scale_count(int64_t hidden) { return (hidden + kFp8Block - 1) / kFp8Block; }
 
-// float32 -> e4m3, round to nearest even, as torch's cast: NaN for NaN and for |f| >= 480
-// (past 448 by more than half an ulp; e4m3fn has no infinity).
+// float32 -> e4m3, round to nearest even: torch's cast for every |f| <= 464, which holds every
+// value the block rule casts (|x * 448 / amax| <= 448 (1 + 2^-23)). Past 464: NaN (e4m3fn has
+// no infinity; torch 2.13 saturates to 448 there instead).
 MOE_HD uint8_t float_to_e4m3(float f) {
   const uint32_t u = float_bits(f);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs >= 0x43f00000u) return sign | 0x7fu;  // 480 and up, infinities, NaN
+  if (abs >= 0x43f00000u) return sign | 0x7fu;  // 480 and up, infinities, NaN (464-480 round to 0x7f)
   if (abs < 0x3c800000u) {                       // below 2^-6: subnormal or zero
     // In units of the subnormal step 2^-9 (exact: a power-of-two scaling), rounded to nearest
     // even; 8 units is the smallest normal, whose code is 8 as well.
@@ -40,13 +41,14 @@ MOE_HD uint8_t float_to_e4m3(float f) {
 
 MOE_HD float e4m3_to_float(uint8_t q) {
   const uint32_t sign = static_cast<uint32_t>(q & 0x80u) << 24;
-  const uint32_t exp = (q >> 3) & 0xfu, mant = q & 0x7u;
-  if (exp == 0xf && mant == 0x7) return bits_float(sign | 0x7fc00000u);  // NaN
-  if (exp == 0) {  // subnormal: mant * 2^-9, exact
-    const float v = static_cast<float>(mant) * 0.001953125f;
-    return sign ? -v : v;
-  }
-  return bits_float(sign | ((exp + 120u) << 23) | (mant << 20));
+  const uint32_t abs = q & 0x7fu;
+  // Without branches (the expand runs this per element): a normal code rebiases its exponent
+  // (7 -> 127); a subnormal code (exponent 0) read with exponent 1 is 2^-6 (1 + m / 8), which
+  // less 2^-6 is m 2^-9, exactly.
+  const float normal = bits_float((abs << 20) + (120u << 23));
+  const float subnormal = bits_float((abs << 20) | (121u << 23)) - 0.015625f;
+  const uint32_t magnitude = float_bits(abs >= 8 ? normal : subnormal);
+  return bits_float(sign | (abs == 0x7f ? 0x7fc00000u : magnitude));  // 0x7f: NaN
 }
 
 // max(a, b) that keeps a NaN, as torch's amax does (fmaxf would drop it).

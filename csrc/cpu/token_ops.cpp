@@ -37,16 +37,17 @@ void pack_rows(const PackParams& p) {
     }
   }
   if (!p.quantize) return;
-  // The lane groups of the GPU's quantizing pack: each block's amax from the parts of its
-  // kFp8GroupLanes lanes, then each lane's elements.
+  // The GPU's warp per block, as one lane per block (the same bits: see fp8_amax_part); with
+  // emulated lanes, as many lanes as the GPU's warp, their parts met as its shuffles meet them.
+  const int group = emulated_lanes() > 1 ? bodies::kFp8WarpLanes : 1;
   with_dtype(p.quantize_from, [&](auto elem) {
     using E = decltype(elem);
     const int64_t blocks = fp8_scale_count(p.fmt.payload_bytes);
     for (int64_t j = 0; j < p.num_rows; ++j) {
       for (int64_t b = 0; b < blocks; ++b) {
         float amax = 0.0f;
-        for (int g = 0; g < bodies::kFp8GroupLanes; ++g) amax = nan_max(amax, bodies::fp8_amax_part<E>(p, j, b, g));
-        for (int g = 0; g < bodies::kFp8GroupLanes; ++g) bodies::fp8_store_part<E>(p, j, b, g, amax);
+        for (int g = 0; g < group; ++g) amax = nan_max(amax, bodies::fp8_amax_part<E>(p, j, b, g, group));
+        for (int g = 0; g < group; ++g) bodies::fp8_store_part<E>(p, j, b, g, group, amax);
       }
     }
   });

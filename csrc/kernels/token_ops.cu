@@ -38,11 +38,11 @@ __global__ void pack_fp8_rows_kernel(PackParams p) {
   for (int64_t j = blockIdx.x; j < p.num_rows; j += gridDim.x) {
     bodies::pack_row(p, j, bodies::rank_of_slot(p.send_offsets, p.num_ranks, j), block_lanes());
     for (int64_t b = warp; b < blocks; b += warps) {
-      float amax = bodies::fp8_amax_part<E>(p, j, b, lane);
+      float amax = bodies::fp8_amax_part<E>(p, j, b, lane, kWarp);
       for (int offset = kWarp / 2; offset > 0; offset /= 2) {
         amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
       }
-      bodies::fp8_store_part<E>(p, j, b, lane, amax);
+      bodies::fp8_store_part<E>(p, j, b, lane, kWarp, amax);
     }
   }
 }
@@ -77,7 +77,7 @@ __global__ void row_dots_kernel(DotParams p) {
 }  // namespace
 
 cudaError_t launch_pack_rows(const PackParams& p, cudaStream_t stream) {
-  static_assert(bodies::kFp8GroupLanes == kWarp, "a warp quantizes one FP8 block");
+  static_assert(bodies::kFp8WarpLanes == kWarp, "a warp quantizes one FP8 block");
   if (p.num_rows == 0) return cudaSuccess;
   if (!p.quantize) {
     pack_rows_kernel<<<grid_for(p.num_rows), kThreads, 0, stream>>>(p);

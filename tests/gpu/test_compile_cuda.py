@@ -46,12 +46,12 @@ def _worker(rank, world_size, static):
     idx = torch.rand(x.shape[0], 8, device="cuda").argsort(dim=1)[:, :2]
     w = torch.rand(idx.shape, device="cuda", requires_grad=True)
     xb = x.to(torch.bfloat16).requires_grad_(True)
-    args = (xb, None, idx, w, buf.op_key, None, "probs", 1, False, False)
+    args = (xb, None, idx, w, buf.op_key, None, "probs", 1, False, "")
     result = torch.library.opcheck(torch.ops.moe_comm.dispatch.default, args,
                                    test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     assert set(result.values()) == {"SUCCESS"}, result
     # FP8 rows, quantized and pre-quantized (torch's schema test cannot take a float8 input).
-    for fp8 in (args[:-1] + (True,), (*moe_comm.quantize_fp8(xb.detach()), *args[2:-1], True)):
+    for fp8 in (args[:-1] + (str(torch.float8_e4m3fn),), (*moe_comm.quantize_fp8(xb.detach()), *args[2:])):
         result = torch.library.opcheck(torch.ops.moe_comm.dispatch.default, fp8,
                                        test_utils=("test_autograd_registration", "test_faketensor"))
         assert set(result.values()) == {"SUCCESS"}, result

@@ -190,35 +190,42 @@ MOE_HD void pack_row(const PackParams& p, int64_t j, int64_t dest, Lanes l) {
 }
 
 // A quantizing pack (API.md "FP8 on the wire"): each 128-element block of a slot's row is
-// quantized by a group of kFp8GroupLanes lanes (a warp on the GPU, which shares the block's
-// amax by shuffles; the CPU backend emulates the group), lane g taking elements
-// [128 b + 4 g, 128 b + 4 g + 4). The amax is a max, so the order the lanes meet in does not
-// change it.
-constexpr int kFp8GroupLanes = 32;
-constexpr int64_t kFp8PerLane = kFp8Block / kFp8GroupLanes;
+// quantized by a group of lanes (on the GPU a warp of 32, which shares the block's amax by
+// shuffles; on the CPU one lane), lane g of `group` taking elements
+// [128 b + g 128 / group, 128 b + (g + 1) 128 / group). The amax is a max and the cast is
+// per element, so how the block is split does not change a bit.
+constexpr int kFp8WarpLanes = 32;
 
-// Lane g's part of block b's amax in send slot j: max |x| over its elements (0: unused slot).
+// Lane g's part of block b's amax in send slot j: max |x| over its elements (0: unused slot;
+// NaN when one is NaN, as torch's amax).
 template <typename E>
-MOE_HD float fp8_amax_part(const PackParams& p, int64_t j, int64_t b, int g) {
+MOE_HD float fp8_amax_part(const PackParams& p, int64_t j, int64_t b, int g, int group) {
   const int64_t t = p.send_token[j];
   if (t < 0) return 0.0f;
   const auto* x = reinterpret_cast<const typename E::Storage*>(p.src + t * p.src_stride);
-  const int64_t first = b * kFp8Block + g * kFp8PerLane, hidden = p.fmt.payload_bytes;
+  const int64_t per_lane = kFp8Block / group, first = b * kFp8Block + g * per_lane;
+  const int64_t end = first + per_lane < p.fmt.payload_bytes ? first + per_lane : p.fmt.payload_bytes;
   float amax = 0.0f;
-  for (int64_t h = first; h < first + kFp8PerLane && h < hidden; ++h) amax = nan_max(amax, fabsf(E::load(x[h])));
-  return amax;
+  bool nan = false;
+  for (int64_t h = first; h < end; ++h) {  // a plain max in the loop (it vectorizes), NaN aside
+    const float a = fabsf(E::load(x[h]));
+    amax = a > amax ? a : amax;
+    nan = nan || a != a;
+  }
+  return nan ? bits_float(0x7fc00000u) : amax;
 }
 
 // Lane g's elements of block b as e4m3, with the block's amax; lane 0 also stores its scale.
 template <typename E>
-MOE_HD void fp8_store_part(const PackParams& p, int64_t j, int64_t b, int g, float amax) {
+MOE_HD void fp8_store_part(const PackParams& p, int64_t j, int64_t b, int g, int group, float amax) {
   const int64_t t = p.send_token[j];
   if (t < 0) return;
   const auto* x = reinterpret_cast<const typename E::Storage*>(p.src + t * p.src_stride);
   uint8_t* out = p.dst + j * p.fmt.row_bytes;
-  const int64_t first = b * kFp8Block + g * kFp8PerLane, hidden = p.fmt.payload_bytes;
+  const int64_t per_lane = kFp8Block / group, first = b * kFp8Block + g * per_lane;
+  const int64_t end = first + per_lane < p.fmt.payload_bytes ? first + per_lane : p.fmt.payload_bytes;
   const float ratio = fp8_ratio(amax);
-  for (int64_t h = first; h < first + kFp8PerLane && h < hidden; ++h) out[h] = float_to_e4m3(E::load(x[h]) * ratio);
+  for (int64_t h = first; h < end; ++h) out[h] = float_to_e4m3(E::load(x[h]) * ratio);
   if (g == 0) store_f32(out + p.fmt.scale_offset + b * int64_t(sizeof(float)), fp8_scale(amax));
 }
 
