@@ -251,34 +251,50 @@ MOE_HD void scale_elements(uint8_t* out, const uint8_t* in, int64_t n, float w, 
   for (int64_t h = done + l.id; h < n; h += l.count) d[h] = E::store(w * E::load(s[h]));
 }
 
-// An FP8 row (e4m3 bytes, then its scales at p.fp8_scale_offset) into expert row `row`: as it
-// is, with its scales (pre-quantized input), or dequantized, q.float() * scale in E.
+// FP8 row i (e4m3 bytes, then its scales at p.fp8_scale_offset) into every expert row it
+// feeds: as it is, with its scales (pre-quantized input), or dequantized, q.float() * scale in
+// E. A row feeding several local experts is dequantized once, into the first; the others copy
+// that, each lane the elements it wrote itself (so on the GPU no lane reads another's writes).
 template <typename E>
-MOE_HD void fp8_expand_row(const ScatterParams& p, const uint8_t* in, int64_t row, Lanes l) {
+MOE_HD void fp8_expand_row(const ScatterParams& p, int64_t i, Lanes l) {
+  using T = typename E::Storage;
+  const uint8_t* in = p.src + i * p.src_stride;
   const uint8_t* scales = in + p.fp8_scale_offset;
-  if (p.scales_dst) {
-    copy_bytes(p.dst + row * p.dst_stride, in, p.hidden, l);
-    copy_bytes(p.scales_dst + row * p.scales_dst_stride, scales, fp8_scale_count(p.hidden) * int64_t(sizeof(float)),
-               l);
-    return;
-  }
-  auto* out = reinterpret_cast<typename E::Storage*>(p.dst + row * p.dst_stride);
-  for (int64_t h = l.id; h < p.hidden; h += l.count) {
-    out[h] = E::store(e4m3_to_float(in[h]) * load_word<float>(scales + (h / kFp8Block) * int64_t(sizeof(float))));
+  const T* first = nullptr;
+  for (int64_t k = 0; k < p.topk; ++k) {
+    const int64_t row = p.row_map[i * p.topk + k];
+    if (row < 0) continue;
+    if (p.scales_dst) {
+      copy_bytes(p.dst + row * p.dst_stride, in, p.hidden, l);
+      copy_bytes(p.scales_dst + row * p.scales_dst_stride, scales,
+                 fp8_scale_count(p.hidden) * int64_t(sizeof(float)), l);
+      continue;
+    }
+    T* out = reinterpret_cast<T*>(p.dst + row * p.dst_stride);
+    if (first) {
+      for (int64_t h = l.id; h < p.hidden; h += l.count) out[h] = first[h];
+      continue;
+    }
+    for (int64_t h = l.id; h < p.hidden; h += l.count) {
+      out[h] = E::store(e4m3_to_float(in[h]) * load_word<float>(scales + (h / kFp8Block) * int64_t(sizeof(float))));
+    }
+    first = out;
   }
 }
 
 // Source row i into every expert row it feeds: dst[row_map[i, k]] = weight[i, k] * src[i].
 template <typename E>
 MOE_HD void scatter_row(const ScatterParams& p, int64_t i, Lanes l) {
+  if (p.fp8_scale_offset >= 0) {
+    fp8_expand_row<E>(p, i, l);
+    return;
+  }
   const uint8_t* in = p.src + i * p.src_stride;
   for (int64_t k = 0; k < p.topk; ++k) {
     const int64_t row = p.row_map[i * p.topk + k];
     if (row < 0) continue;
     uint8_t* out = p.dst + row * p.dst_stride;
-    if (p.fp8_scale_offset >= 0) {
-      fp8_expand_row<E>(p, in, row, l);
-    } else if (!p.weights) {
+    if (!p.weights) {
       copy_bytes(out, in, p.hidden * int64_t(sizeof(typename E::Storage)), l);
     } else {
       scale_elements<E>(out, in, p.hidden, p.weights[i * p.topk + k], l);
