@@ -34,6 +34,17 @@ MOE_HD float bits_float(uint32_t u) {
 #endif
 }
 
+// A subnormal of a narrow float type, |f| in units of its subnormal step (f * 2^k, exact: a
+// power-of-two scaling), rounded to the nearest integer, ties to even, with the float unit
+// (exact: far fewer than 24 significant bits above the rounding point).
+MOE_HD uint32_t subnormal_units(float abs_f, float step_inverse) {
+  const float units = abs_f * step_inverse;
+  uint32_t m = static_cast<uint32_t>(units);
+  const float rem = units - static_cast<float>(m);
+  if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
+  return m;
+}
+
 MOE_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 MOE_HD uint16_t float_to_bf16(float f) {
@@ -62,14 +73,7 @@ MOE_HD uint16_t float_to_fp16(float f) {
   if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
   if (abs < 0x38800000u) {                        // below 2^-14: subnormal or zero
-    // Scale so that one fp16 subnormal ulp (2^-24) becomes 1.0, then round to nearest even
-    // with the float unit (exact: the scaled value has far fewer than 24 significant bits
-    // above the rounding point).
-    const float scaled = bits_float(abs) * 16777216.0f;  // 2^24
-    uint32_t m = static_cast<uint32_t>(scaled);
-    const float rem = scaled - static_cast<float>(m);
-    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
-    return sign | static_cast<uint16_t>(m);
+    return sign | static_cast<uint16_t>(subnormal_units(bits_float(abs), 16777216.0f));  // step 2^-24
   }
   // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
   uint32_t v = abs - (112u << 23);

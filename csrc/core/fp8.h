@@ -25,13 +25,8 @@ MOE_HD uint8_t float_to_e4m3(float f) {
   const uint32_t abs = u & 0x7fffffffu;
   if (abs >= 0x43f00000u) return sign | 0x7fu;  // 480 and up, infinities, NaN (464-480 round to 0x7f)
   if (abs < 0x3c800000u) {                       // below 2^-6: subnormal or zero
-    // In units of the subnormal step 2^-9 (exact: a power-of-two scaling), rounded to nearest
-    // even; 8 units is the smallest normal, whose code is 8 as well.
-    const float units = bits_float(abs) * 512.0f;
-    uint32_t m = static_cast<uint32_t>(units);
-    const float rem = units - static_cast<float>(m);
-    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
-    return sign | static_cast<uint8_t>(m);
+    // Steps of 2^-9; 8 steps (rounded up from below) is the smallest normal, whose code is 8.
+    return sign | static_cast<uint8_t>(subnormal_units(bits_float(abs), 512.0f));
   }
   // Normal: rebias the exponent (127 -> 7), round the 20 dropped mantissa bits to nearest even.
   uint32_t v = abs - (120u << 23);
