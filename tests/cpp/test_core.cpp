@@ -11,6 +11,7 @@
 #include "core/backoff.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/fp8.h"
 #include "core/layout.h"
 #include "cpu/cpu_device.h"
 #include "engine/device.h"
@@ -114,6 +115,22 @@ void test_conversions() {
     CHECK(float_to_fp16(fp16_to_float(static_cast<uint16_t>(h))) == h);
     if (moe_comm_test::failures) break;
   }
+  // e4m3 (float8_e4m3fn): every code but NaN round-trips; ties go to the even code.
+  for (uint32_t q = 0; q < 256; ++q) {
+    if ((q & 0x7f) == 0x7f) {
+      CHECK(std::isnan(e4m3_to_float(static_cast<uint8_t>(q))));
+    } else {
+      CHECK(float_to_e4m3(e4m3_to_float(static_cast<uint8_t>(q))) == q);
+    }
+  }
+  CHECK(e4m3_to_float(0x7e) == 448.0f && e4m3_to_float(0x01) == 0.001953125f && e4m3_to_float(0x08) == 0.015625f);
+  CHECK(float_to_e4m3(1.0625f) == 0x38);          // tie between 1 and 1.125: to 1 (even)
+  CHECK(float_to_e4m3(1.1875f) == 0x3a);          // tie between 1.125 and 1.25: to 1.25 (even)
+  CHECK(float_to_e4m3(0.0009765625f) == 0x00);    // half the smallest subnormal: to 0 (even)
+  CHECK(float_to_e4m3(0.0029296875f) == 0x02);    // 1.5 subnormal steps: to 2 (even)
+  CHECK(float_to_e4m3(464.0f) == 0x7e);           // tie between 448 and 480: to 448
+  CHECK(float_to_e4m3(-0.0f) == 0x80 && float_to_e4m3(500.0f) == 0x7f);
+  CHECK(fp8_ratio(0.0f) == 448.0f / 1e-4f && fp8_scale(896.0f) == 2.0f);
 }
 
 void test_pack_expand_reduce() {
