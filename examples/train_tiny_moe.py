@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    p.add_argument("--fp8-dispatch", action="store_true",
+                   help="send the dispatch rows in FP8 (e4m3 with per-128 scales; README: FP8 on the wire)")
     return p.parse_args(argv)
 
 
@@ -61,7 +63,8 @@ class TinyMoEModel(nn.Module):
         super().__init__()
         self.moe = MoELayer(args.hidden, args.ffn_hidden, args.experts, args.topk, buffer,
                             max_nodes=args.max_nodes, aux_loss_coef=args.aux_loss,
-                            bias_update_rate=args.bias_rate)
+                            bias_update_rate=args.bias_rate,
+                            wire_dtype=torch.float8_e4m3fn if args.fp8_dispatch else None)
         self.head = nn.Linear(args.hidden, args.hidden)
 
     def forward(self, x):

@@ -32,13 +32,15 @@ class MoELayer(nn.Module):
     dispatch (the experts then also run on the zero padding rows, which combine ignores).
     pad_to_capacity: static expert segments, as in dispatch (the Buffer needs a
     max_tokens_per_rank unless every rank has the same number of tokens).
+    wire_dtype: torch.float8_e4m3fn sends the dispatch rows in FP8 (as dispatch's; the experts
+    get them back in x's dtype, gradients straight through).
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, topk: int, buffer, *,
                  score_func: str = "softmax", max_nodes: Optional[int] = None, normalize: bool = False,
                  scaling_factor: float = 1.0, aux_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  capacity_factor: Optional[float] = None, drop_policy: str = "probs", expert_alignment: int = 1,
-                 pad_to_capacity: bool = False):
+                 pad_to_capacity: bool = False, wire_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if num_experts != buffer.num_experts:
             raise ValueError(f"num_experts: {num_experts} but the Buffer was built for {buffer.num_experts}")
@@ -49,6 +51,7 @@ class MoELayer(nn.Module):
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.expert_alignment, self.pad_to_capacity = expert_alignment, pad_to_capacity
+        self.wire_dtype = wire_dtype
         self._drop_counts = (0, 0)  # (pairs dropped, pairs routed) in the last forward
         self._routing_bias = None  # the expert bias the last forward routed with
         local = buffer.experts_per_rank
@@ -96,7 +99,8 @@ class MoELayer(nn.Module):
                                                         capacity_factor=self.capacity_factor,
                                                         drop_policy=self.drop_policy,
                                                         expert_alignment=self.expert_alignment,
-                                                        pad_to_capacity=self.pad_to_capacity)
+                                                        pad_to_capacity=self.pad_to_capacity,
+                                                        wire_dtype=self.wire_dtype)
         y = combine(self.run_experts(recv_x, tokens_per_expert), handle, weights)
         routed = idx >= 0
         self._drop_counts = (handle.pairs_dropped, routed.sum())  # read by drop_rate, not here

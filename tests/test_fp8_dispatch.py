@@ -247,3 +247,29 @@ def _compiled_worker(rank, world_size):
 
 def test_fp8_dispatch_compiles_and_equals_eager():
     assert sum(run_distributed(2, _compiled_worker)) > 0
+
+
+def _layer_worker(rank, world_size):
+    """MoELayer(wire_dtype=float8_e4m3fn): the same layer as without, within FP8's rounding
+    (e4m3 keeps 3 mantissa bits), and not bit-equal to it (the rows did cross in FP8)."""
+    from moe_comm.nn import MoELayer
+    buf = moe_comm.Buffer(num_experts=4, ranks_per_node=world_size)
+    torch.manual_seed(0)
+    plain = MoELayer(64, 32, 4, 2, buf)
+    fp8 = MoELayer(64, 32, 4, 2, buf, wire_dtype=FP8)
+    fp8.load_state_dict(plain.state_dict())
+    x = torch.randn(24 + 8 * rank, 64, generator=torch.Generator().manual_seed(rank))
+    outs = []
+    for layer in (plain, fp8):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.square().sum().backward()
+        outs.append((y.detach(), xg.grad, layer.w_up.grad))
+    for a, b in zip(*outs):
+        assert not torch.equal(a, b)
+        assert (a - b).norm() <= 0.1 * a.norm(), (a - b).norm() / a.norm()
+    return True
+
+
+def test_moe_layer_with_fp8_dispatch_rows():
+    assert run_distributed(2, _layer_worker) == [True, True]
