@@ -14,7 +14,7 @@ from .nccl_comm import create_nccl_communicator
 from .overlap import InOrder
 from .library import register_buffer
 from .groups import buffer_key, connect_gloo_group, default_store
-from .shared_memory import shared_memory_token
+from .shared_memory import network_namespaces, shared_memory_token
 from .stages import Stage, flat_stages, hierarchical_stages
 from .streams import stream_of
 from .topology import Topology, resolve_topology
@@ -83,8 +83,10 @@ class Buffer:
 
     cpu_transport: how a CPU Buffer's rows move. "shm": through shared memory (every rank on
     one host, csrc/cpu/shm_transport); "gloo": over the Buffer's gloo groups (any hosts);
-    "auto" (default): shm when every rank sees rank 0's /dev/shm, else gloo. buf.cpu_transport
-    says which was chosen.
+    "auto" (default): shm for each stage whose ranks see rank 0's /dev/shm and share a network
+    namespace, gloo for the others (ranks in different network namespaces stand for different
+    nodes: bench/cluster.py's emulated cluster). buf.cpu_transport says which was chosen: "shm",
+    "gloo", or "shm+gloo" (the intra-node stage on shm, the stages across nodes on gloo).
 
     combine_status: how a bad combine input on one rank reaches the others, so that every rank
     raises and the Buffer keeps working. The status travels in-band either way, one int64 per
@@ -185,14 +187,22 @@ class Buffer:
 
     def _choose_cpu_transport(self, wanted: str) -> Optional[str]:
         """"shm", "gloo", or None (a CUDA Buffer, or a single rank). Collective over the group."""
-        self._shm_token = None
+        self._shm_token, self._shm_stages = None, set()
         if self.device.type != "cpu" or self.world_size == 1 or wanted == "gloo":
             return "gloo" if self.device.type == "cpu" and self.world_size > 1 else None
         self._shm_token = shared_memory_token(self.all_ranks_group)
         if self._shm_token is None and wanted == "shm":
             raise RuntimeError("cpu_transport='shm': the ranks of this group do not share /dev/shm (several hosts "
                                "or containers); use cpu_transport='gloo' or 'auto'")
-        return "shm" if self._shm_token is not None else "gloo"
+        if self._shm_token is None:
+            return "gloo"
+        self._shm_stages = {stage.name for stage in self.stages}
+        if wanted == "auto":  # a network namespace is a node's boundary: its rows cross the network
+            spaces = network_namespaces(self.all_ranks_group)  # by Buffer rank: the group is all ranks
+            self._shm_stages = {stage.name for stage in self.stages
+                                if len({spaces[r] for r in stage.global_ranks}) == 1}
+        on_shm = [stage.name in self._shm_stages for stage in self.stages if stage.size > 1]
+        return "shm" if all(on_shm) else "gloo" if not any(on_shm) else "shm+gloo"
 
     def _engine_stages(self) -> list:
         """The stages as the engine takes them: name, size, index, experts per destination,
@@ -201,7 +211,7 @@ class Buffer:
         return [(stage.name, stage.size, stage.index, stage.experts_per_dest, stage.global_ranks,
                  [stage.crosses_nodes and topo.node_of(r) != topo.node for r in stage.global_ranks],
                  (stage.comm if self.device.type == "cuda" else stage.group._get_backend(torch.device("cpu")))
-                 if stage.size > 1 else None, self._shm_token)
+                 if stage.size > 1 else None, self._shm_token if stage.name in self._shm_stages else None)
                 for stage in self.stages]
 
     def stage_members(self, stage_name: str) -> List[int]:

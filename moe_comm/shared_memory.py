@@ -6,7 +6,7 @@ Buffer's segments, so nothing collides with another job or a stale run."""
 
 import os
 import secrets
-from typing import Optional
+from typing import List, Optional
 
 import _posixshmem  # CPython's shm_open/shm_unlink (what multiprocessing.shared_memory uses)
 import torch
@@ -50,3 +50,16 @@ def shared_memory_token(group) -> Optional[str]:
     if rank == 0:
         _posixshmem.shm_unlink(_probe_name(token))
     return token if int(flag) == 1 else None
+
+
+def network_namespaces(group) -> List[int]:
+    """Collective over `group` (a Buffer's gloo group): every rank's network namespace (its inode
+    in /proc), by group rank. Ranks in different ones are on different nodes, emulated ones
+    included (bench/cluster.py), whatever memory they share."""
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+    except OSError:  # no /proc: one namespace as far as we can tell
+        mine = 0
+    spaces = [torch.zeros(1, dtype=torch.int64) for _ in range(group.size())]
+    group.allgather([spaces], [torch.tensor([mine], dtype=torch.int64)]).wait()
+    return [int(s) for s in spaces]

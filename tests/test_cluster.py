@@ -1,0 +1,97 @@
+"""bench/cluster.py, the emulated cluster (issue #17): 2 nodes x 2 ranks in network namespaces
+with a shaped inter-node link. Dispatch and combine over it equal the reference, flat (every
+stage over the network) and hierarchical (the intra-node stage on shared memory); a rank killed
+before a dispatch makes every other rank raise CommError naming it within the Buffer's timeout;
+nothing is left behind. Skips, saying why, where namespaces cannot be made (not root, no ip)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import cluster  # noqa: E402
+
+
+def _namespaces_work() -> str:
+    """'' when this machine can make a namespace with a veth in it, else why not."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces need it"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "no ip/tc (iproute2)"
+    probe = f"{cluster.PREFIX}{os.getpid()}probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    try:
+        veth = subprocess.run(["ip", "-n", probe, "link", "add", "a0", "type", "veth", "peer", "name", "b0"],
+                              capture_output=True, text=True)
+        tbf = subprocess.run(["tc", "-n", probe, "qdisc", "add", "dev", "a0", "root", "tbf", "rate", "100mbit",
+                              "burst", "64kb", "latency", "400ms"], capture_output=True, text=True)
+        if veth.returncode != 0 or tbf.returncode != 0:
+            return f"veth or tbf unavailable: {(veth.stderr or tbf.stderr).strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ""
+
+
+WHY_NOT = _namespaces_work()
+pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
+
+
+def _ours() -> set:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(cluster.PREFIX)}
+
+
+def _run(tmp_path, fault: str):
+    before = _ours()
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "cluster.py"), "--nodes", "2", "--ranks-per-node", "2",
+           "--inter-node-rate", "200mbit", "--timeout", "240", "--", sys.executable,
+           os.path.join(ROOT, "tests", "cluster_rank.py"), str(tmp_path), fault]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _ours() == before  # every namespace it made is gone
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes left behind: {leftover}"
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+def test_dispatch_over_the_emulated_cluster_equals_the_reference(tmp_path):
+    seen = _run(tmp_path, "none")
+    assert [s["node"] for s in seen] == [0, 0, 1, 1]
+    for s in seen:
+        flat, hier = s["hierarchical=False"], s["hierarchical=True"]
+        assert flat["ok"] and hier["ok"]
+        assert flat["transport"] == "gloo" and hier["transport"] == "shm+gloo"  # shm inside a node only
+    # Hierarchical: each token crosses the network once per destination node.
+    inter = lambda key: sum(s[key]["stats"]["rows_sent_inter_node"] for s in seen)  # noqa: E731
+    assert 0 < inter("hierarchical=True") < inter("hierarchical=False")
+
+
+def test_a_rank_killed_before_a_dispatch_ends_every_other_rank_in_comm_error(tmp_path):
+    """Rank 3 dies. Every other rank raises CommError within its timeout (20 s), naming its stage
+    and the rank it waited for: its rail peer (rank 1) or its node peer (rank 2) names rank 3;
+    rank 0 names rank 1, which was itself waiting for rank 3."""
+    seen = _run(tmp_path, "kill")
+    named = {}
+    for s in seen[:3]:
+        match = re.search(r"rank (\d) of 4 failed in stage '[^']+' (.*)", s["fault"])
+        assert match and int(match.group(1)) == s["rank"] and s["fault_seconds"] < 60, s["fault"]
+        named[s["rank"]] = {int(r) for r in re.findall(r"rank (\d)", match.group(2))} - {s["rank"]}
+    assert all(named.values()) and 3 in named[1] and 3 in named[2], named
+
+
+def test_cluster_refuses_clearly_without_root_or_tools(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(cluster.ClusterError, match="run it as root"):
+        cluster.preflight()
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    with pytest.raises(cluster.ClusterError, match="needs ip and tc"):
+        cluster.preflight()
