@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 SUBNET = "10.213.0"  # node n is SUBNET.(n + 1); only inside the namespaces this script makes
 PREFIX = "mcl"
@@ -156,10 +156,12 @@ def rank_env(cluster: Cluster, node: int, local: int, ranks_per_node: int, port:
 
 
 def launch(cluster: Cluster, ranks_per_node: int, command: List[str], port: int = 29500,
-           timeout: Optional[float] = None) -> List[int]:
+           timeout: Optional[float] = None, link_down: Optional[Tuple[int, float]] = None) -> List[int]:
     """The command once per rank, in its node's namespace; waits for all. A rank that fails
-    ends the others (as torchrun does). -> exit codes by rank."""
+    ends the others (as torchrun does). link_down: (node, seconds): that node's link goes down
+    that long after the start (a fault). -> exit codes by rank."""
     procs = []
+    started = time.monotonic()
     try:
         for n in range(cluster.nodes):
             for local in range(ranks_per_node):
@@ -168,6 +170,10 @@ def launch(cluster: Cluster, ranks_per_node: int, command: List[str], port: int 
                                               start_new_session=True))
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
+            if link_down is not None and time.monotonic() - started >= link_down[1]:
+                print(f"bench/cluster.py: node {link_down[0]}'s link down", file=sys.stderr, flush=True)
+                cluster.link(link_down[0], up=False)
+                link_down = None
             if any(p.returncode not in (None, 0) for p in procs):
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -199,6 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--loss", help="packet loss on every node's link, e.g. 0.1%%")
     p.add_argument("--port", type=int, default=29500, help="MASTER_PORT")
     p.add_argument("--timeout", type=float, help="seconds before the ranks still running are ended")
+    p.add_argument("--link-down", metavar="NODE:SECONDS", help="a fault: that node's link goes down that long "
+                                                                  "after the start")
     p.add_argument("--cleanup", action="store_true", help="remove namespaces a killed run left, then exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every rank runs")
     args = p.parse_args(argv)
@@ -219,7 +227,11 @@ def main(argv=None) -> int:
         # SIGTERM ends like Ctrl-C: through the finally clauses that end the ranks and the namespaces.
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         with Cluster(args.nodes, args.inter_node_rate, args.inter_node_delay, args.loss) as cluster:
-            codes = launch(cluster, args.ranks_per_node, args.command, args.port, args.timeout)
+            fault = None
+            if args.link_down:
+                node, seconds = args.link_down.split(":")
+                fault = (int(node), float(seconds))
+            codes = launch(cluster, args.ranks_per_node, args.command, args.port, args.timeout, fault)
     except ClusterError as exc:
         print(f"bench/cluster.py: {exc}", file=sys.stderr)
         return 2
