@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 SUBNET = "10.213.0"  # node n is SUBNET.(n + 1); only inside the namespaces this script makes
 PREFIX = "mcl"
@@ -156,10 +156,11 @@ def rank_env(cluster: Cluster, node: int, local: int, ranks_per_node: int, port:
 
 
 def launch(cluster: Cluster, ranks_per_node: int, command: List[str], port: int = 29500,
-           timeout: Optional[float] = None, link_down: Optional[Tuple[int, float]] = None) -> List[int]:
+           timeout: Optional[float] = None,
+           link_down: Optional[Tuple[int, Union[float, Callable[[], bool]]]] = None) -> List[int]:
     """The command once per rank, in its node's namespace; waits for all. A rank that fails
-    ends the others (as torchrun does). link_down: (node, seconds): that node's link goes down
-    that long after the start (a fault). -> exit codes by rank."""
+    ends the others (as torchrun does). link_down: (node, when): that node's link goes down
+    `when` seconds after the start, or once `when()` is true (a fault). -> exit codes by rank."""
     procs = []
     started = time.monotonic()
     try:
@@ -170,7 +171,8 @@ def launch(cluster: Cluster, ranks_per_node: int, command: List[str], port: int 
                                               start_new_session=True))
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
-            if link_down is not None and time.monotonic() - started >= link_down[1]:
+            when = None if link_down is None else link_down[1]
+            if when is not None and (when() if callable(when) else time.monotonic() - started >= when):
                 print(f"bench/cluster.py: node {link_down[0]}'s link down", file=sys.stderr, flush=True)
                 cluster.link(link_down[0], up=False)
                 link_down = None

@@ -13,7 +13,7 @@ from .errors import call_engine, static_problem_error
 from .nccl_comm import create_nccl_communicator
 from .overlap import InOrder
 from .library import register_buffer
-from .groups import buffer_key, connect_gloo_group, default_store
+from .groups import buffer_key, connect_gloo_group, default_store, roll_call_store
 from .shared_memory import network_namespaces, shared_memory_token
 from .stages import Stage, flat_stages, hierarchical_stages
 from .streams import stream_of
@@ -152,6 +152,7 @@ class Buffer:
         # Numbered per rank list, so the members of this group name it alike (groups.py); the
         # roll call of a failed collective keys its store entries by it too.
         self.uid = buffer_key(default_ranks)
+        roll_call_store()  # its own store connection, made while the network is healthy (roll_call.py)
         self._closed = False
         # Our own gloo groups, connected by this group's ranks alone, carrying our timeout:
         # "all" (flat rows and headers on CPU, combine's status, NCCL bootstrap), and in the

@@ -41,6 +41,30 @@ def default_store():
         return None
 
 
+_ROLL_STORE = [None, None]  # [the default store it was cloned from, the clone]
+
+
+def roll_call_store():
+    """A client of the default store on its own connection, for the roll call (roll_call.py),
+    so that an operation of it stuck on a dead network wedges that client only, never the
+    default store torch itself uses. The default store where it cannot be cloned; None without
+    one. forget_roll_call_store() drops a wedged one (the next call connects anew)."""
+    store = default_store()
+    if store is None:
+        return None
+    if _ROLL_STORE[0] is not store:
+        try:
+            clone = store.clone()
+        except Exception:  # noqa: BLE001 - a store type without clone()
+            clone = store
+        _ROLL_STORE[:] = [store, clone]
+    return _ROLL_STORE[1]
+
+
+def forget_roll_call_store() -> None:
+    _ROLL_STORE[:] = [None, None]
+
+
 def connect_gloo_group(buffer_name: str, purpose: str, global_ranks: List[int], timeout_s: float):
     """-> a gloo ProcessGroup over `global_ranks` (this rank among them) whose collectives
     time out after `timeout_s`. Collective over those ranks only."""

@@ -15,7 +15,10 @@ for unskewed synthetic routing). Taking the max over GPUs of small noisy samples
 overstates the busiest GPU (by 3-37% with 256 tokens per GPU at DeepSeek-V3's shape).
 
 Time model, per stage: latency + the busiest GPU's bytes (sent or received, whichever is
-larger) / that link's bandwidth. Flat mode's NVLink and network traffic overlap (one stage:
+larger) / that link's bandwidth. Timed bytes are wire rows: the payload, then per top-k slot
+8 bytes of metadata (dispatch), padded to 16 bytes (csrc/core/row_format.h); the bytes printed
+are the payload. With --nic-per node one NIC serves a whole node (the emulated cluster of
+bench/cluster.py, or nodes with a single NIC): the busiest node's bytes cross it. Flat mode's NVLink and network traffic overlap (one stage:
 the slower of the two); hierarchical mode's two stages run one after the other.
 Bandwidths are achieved all-to-all rates in GB/s (gigabytes, 1e9 bytes, per second), per GPU
 and direction, not line rates; sources in bench/README.md.
@@ -55,6 +58,7 @@ class Cluster:
     nic_gbytes_per_s: float = DEFAULT_NIC_GBYTES_PER_S        # per GPU, per direction, achieved
     nvlink_latency_us: float = 5.0
     nic_latency_us: float = 15.0
+    nic_per_node: bool = False  # one NIC shared by the node's GPUs (nic_gbytes_per_s is then the node's)
 
     @property
     def gpus(self) -> int:
@@ -165,21 +169,42 @@ class Prediction:
     nvlink_bytes_per_gpu: float
     dispatch_us: float
     combine_us: float
+    nic_wire_bytes: float = 0.0   # what the busiest NIC carries per dispatch: wire rows (GPU or node)
 
 
 def busiest_gpu_bytes(rows: Dict[str, torch.Tensor], link: str, row_bytes: int) -> float:
     return float(torch.maximum(rows[f"{link}_sent"], rows[f"{link}_recv"]).max()) * row_bytes
 
 
-def predict(cluster: Cluster, rows: Dict[str, torch.Tensor], row_bytes: int, hierarchical: bool,
-            scenario: str, combine_row_bytes: Optional[int] = None) -> Prediction:
-    """row_bytes: a dispatch row's; combine_row_bytes: a combine row's (default the same; FP8
-    dispatch rows are smaller, combine's stay in the activations' dtype)."""
-    nic = busiest_gpu_bytes(rows, "inter", row_bytes)
-    nvl = busiest_gpu_bytes(rows, "intra", row_bytes)
-    scale = (combine_row_bytes if combine_row_bytes is not None else row_bytes) / row_bytes if row_bytes else 1.0
-    return Prediction(scenario, cluster.gpus, cluster.nodes, nic, nvl, _stage_time(cluster, nic, nvl, hierarchical),
-                      _stage_time(cluster, nic * scale, nvl * scale, hierarchical))
+def busiest_nic_rows(cluster: Cluster, rows: Dict[str, torch.Tensor]) -> float:
+    """Rows through the busiest NIC, sent or received: a GPU's own, or with nic_per_node its
+    node's (the sum over the node's GPUs)."""
+    sent, recv = rows["inter_sent"], rows["inter_recv"]
+    if cluster.nic_per_node:
+        sent, recv = (t.view(cluster.nodes, cluster.gpus_per_node).sum(1) for t in (sent, recv))
+    return float(torch.maximum(sent, recv).max())
+
+
+@dataclass
+class RowBytes:
+    """Bytes of one row: its payload (what handle.stats counts) and on the wire, dispatch and
+    combine (FP8 dispatch rows are smaller; combine's stay in the activations' dtype)."""
+    dispatch: int
+    dispatch_wire: int
+    combine_wire: int
+
+
+def predict(cluster: Cluster, rows: Dict[str, torch.Tensor], row: RowBytes, hierarchical: bool,
+            scenario: str) -> Prediction:
+    nic_rows = busiest_nic_rows(cluster, rows)
+    nvl_rows = busiest_gpu_bytes(rows, "intra", 1)
+
+    def time_us(wire: int) -> float:
+        return _stage_time(cluster, nic_rows * wire, nvl_rows * wire, hierarchical)
+
+    return Prediction(scenario, cluster.gpus, cluster.nodes, busiest_gpu_bytes(rows, "inter", row.dispatch),
+                      nvl_rows * row.dispatch, time_us(row.dispatch_wire), time_us(row.combine_wire),
+                      nic_rows * row.dispatch_wire)
 
 
 def _stage_time(cluster: Cluster, nic: float, nvl: float, hierarchical: bool) -> float:
@@ -199,6 +224,22 @@ def dispatch_row_bytes(hidden: int, elem_bytes: int, wire_dtype: str = "native")
     return hidden * elem_bytes
 
 
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def _row(n: int) -> int:
+    return max(_align16(n), 16)  # an empty row still takes 16 bytes (row_format.h)
+
+
+def wire_row_bytes(hidden: int, elem_bytes: int, topk: int, wire_dtype: str = "native") -> RowBytes:
+    """A row's bytes as csrc/core/row_format.h lays it out: payload (FP8: then its scales, each
+    part 16-aligned), then 8 bytes of metadata per top-k slot (dispatch), padded to 16."""
+    payload = dispatch_row_bytes(hidden, elem_bytes, wire_dtype)
+    front = (_align16(hidden) + _align16(payload - hidden)) if wire_dtype == "fp8" else _align16(payload)
+    return RowBytes(payload, _row(front + 8 * topk), _row(hidden * elem_bytes))
+
+
 def plan(cluster: Cluster, tokens: int, hidden: int, experts: int, topk: int, elem_bytes: int,
          max_nodes: Optional[int], skew: float = 0.0, sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
          topk_idx: Optional[torch.Tensor] = None, wire_dtype: str = "native") -> List[Prediction]:
@@ -208,8 +249,7 @@ def plan(cluster: Cluster, tokens: int, hidden: int, experts: int, topk: int, el
     wire_dtype: "native" (x's dtype, elem_bytes) or "fp8" dispatch rows."""
     if experts % cluster.gpus:
         raise ValueError(f"experts: {experts} do not split over {cluster.gpus} GPUs")
-    row_bytes = dispatch_row_bytes(hidden, elem_bytes, wire_dtype)
-    combine_bytes = hidden * elem_bytes
+    row = wire_row_bytes(hidden, elem_bytes, topk, wire_dtype)
     if topk_idx is not None:
         routings = [("", topk_idx, False)]
     else:
@@ -218,12 +258,11 @@ def plan(cluster: Cluster, tokens: int, hidden: int, experts: int, topk: int, el
             routings.append((f"+node-limited({max_nodes})",
                              synthetic_routing(cluster, sample_tokens, experts, topk, max_nodes, skew), skew == 0))
     _, idx, symmetric = routings[0]
-    out = [predict(cluster, expected_rows(cluster, idx, experts, tokens, False, symmetric), row_bytes, False, "flat",
-                   combine_bytes)]
+    out = [predict(cluster, expected_rows(cluster, idx, experts, tokens, False, symmetric), row, False, "flat")]
     if cluster.nodes > 1:
         for suffix, idx, symmetric in routings:
             rows = expected_rows(cluster, idx, experts, tokens, True, symmetric)
-            out.append(predict(cluster, rows, row_bytes, True, "hierarchical" + suffix, combine_bytes))
+            out.append(predict(cluster, rows, row, True, "hierarchical" + suffix))
     return out
 
 
@@ -266,6 +305,8 @@ def _parser() -> argparse.ArgumentParser:
                            ("--nic-gbps", "nic_gbytes_per_s", "--nic-GBps")):
         p.add_argument(old, dest=dest, type=float, action=_DeprecatedBandwidth, replacement=new,
                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--nic-per", choices=["gpu", "node"], default="gpu",
+                   help="a NIC per GPU, or one per node shared by its GPUs (then --nic-GBps is the node's)")
     p.add_argument("--nvlink-latency-us", type=float, default=5.0, help="per intra-node stage")
     p.add_argument("--nic-latency-us", type=float, default=15.0, help="per network stage")
     for name in ("tokens", "hidden", "experts", "topk", "max-nodes"):
@@ -304,8 +345,8 @@ def main(argv=None) -> int:
     print(f"moe_comm plan | {args.preset}: {shape['tokens']} tokens/GPU, hidden {shape['hidden']}, "
           f"{shape['experts']} experts, top-{shape['topk']}, {shape['elem_bytes']} B/element, dispatch rows "
           f"{dispatch_row_bytes(shape['hidden'], shape['elem_bytes'], args.wire_dtype)} B ({args.wire_dtype}) | "
-          f"NVLink {args.nvlink_gbytes_per_s:g} GB/s, NIC {args.nic_gbytes_per_s:g} GB/s per GPU and direction "
-          f"(achieved, gigabytes/s)")
+          f"NVLink {args.nvlink_gbytes_per_s:g} GB/s, NIC {args.nic_gbytes_per_s:g} GB/s per {args.nic_per} and "
+          f"direction (achieved, gigabytes/s)")
     print(f"{'GPUs':>5} {'nodes':>5}  {'scenario':<28} {'NIC MB/GPU':>11} {'NVLink MB/GPU':>14} "
           f"{'dispatch us':>12} {'combine us':>11}")
     for gpus in _cluster_sizes(args):
@@ -315,7 +356,7 @@ def main(argv=None) -> int:
                   f"of {per_node} per node)")
             continue
         cluster = Cluster(gpus // per_node, per_node, args.nvlink_gbytes_per_s, args.nic_gbytes_per_s,
-                          args.nvlink_latency_us, args.nic_latency_us)
+                          args.nvlink_latency_us, args.nic_latency_us, args.nic_per == "node")
         for r in plan(cluster, shape["tokens"], shape["hidden"], shape["experts"], shape["topk"],
                       shape["elem_bytes"], shape["max_nodes"], args.skew, args.sample_tokens, saved, args.wire_dtype):
             records.append(asdict(r))

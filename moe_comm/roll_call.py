@@ -5,14 +5,50 @@ that never reached it (dead, hung, or elsewhere in their program). A peer that a
 but is stuck too has signed long before anyone's timeout ends, so it is never named. Nothing
 is written on the happy path; each rank numbers the collectives of each stage in the same
 order, so the roll of one collective never mixes with another's (keys carry the Buffer's
-uid, which names its group's ranks)."""
+uid, which names its group's ranks).
 
+Every store operation here runs on a helper thread and is given up after STORE_ANSWER_S: a
+store client's timeout does not bound its replies (a `check` on a dead link waited for the
+process group's 30 minutes), and a rank cut off from the store's host must still raise within
+its own timeout and a few seconds, its error saying the store did not answer. Signing from
+C++ (gloo_transport.cpp) is a store `set`, which sends and never waits for a reply."""
+
+import threading
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from .groups import default_store as _store  # None: the errors then name no ranks
+from .groups import default_store, forget_roll_call_store, roll_call_store
 
 GRACE_S = 1.5  # how long the first rank to fail waits for its stuck peers to sign
+STORE_ANSWER_S = 3.0  # how long one roll-call store operation may take
+
+
+class StoreUnreachable(RuntimeError):
+    """The roll call's store did not answer: this rank may be cut off from the store's host."""
+
+
+def _bounded(op: Callable, seconds: float = STORE_ANSWER_S):
+    """op(store) on a helper thread, given up after `seconds` (StoreUnreachable; the client it
+    is stuck in is dropped). -> op's result, or None without a default store."""
+    if default_store() is None:
+        return None
+    done = {}
+
+    def run():
+        try:
+            done["value"] = op(roll_call_store())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            done["error"] = exc
+
+    helper = threading.Thread(target=run, name="moe_comm-roll-call", daemon=True)
+    helper.start()
+    helper.join(seconds)
+    if helper.is_alive():
+        forget_roll_call_store()
+        raise StoreUnreachable(f"the store did not answer within {seconds:g}s")
+    if "error" in done:
+        raise StoreUnreachable(str(done["error"]).splitlines()[0] or type(done["error"]).__name__)
+    return done.get("value")
 
 
 def _roll_prefix(buffer, name: str, seq: int) -> str:
@@ -21,33 +57,27 @@ def _roll_prefix(buffer, name: str, seq: int) -> str:
 
 def sign_roll(buffer, name: str, seq: int) -> None:
     """This rank reached collective `seq` of `name` (best effort)."""
-    store = _store()
-    if store is None:
-        return
     try:
-        store.set(_roll_prefix(buffer, name, seq) + str(buffer.rank), "arrived")
-    except Exception:  # noqa: BLE001 - the store may be gone with failed peers
+        _bounded(lambda store: store.set(_roll_prefix(buffer, name, seq) + str(buffer.rank), "arrived"))
+    except StoreUnreachable:  # the store may be gone with failed peers
         pass
 
 
 def missing_ranks(buffer, members: List[int], name: str, seq: int) -> Optional[List[int]]:
     """-> the Buffer-group ranks among `members` that did not sign the roll of collective `seq`
-    of `name`, or None when the store cannot tell."""
-    store = _store()
-    if store is None:
-        return None
+    of `name`, or None without a store. Raises StoreUnreachable when the store did not answer."""
     prefix = _roll_prefix(buffer, name, seq)
-    try:
+
+    def roll(store):
         store.set(prefix + str(buffer.rank), "stuck")
         deadline = time.monotonic() + GRACE_S
         while True:
             signed = {r for r in members if store.check([prefix + str(r)])}
             if len(signed) == len(members) or time.monotonic() > deadline:
-                break
+                return [r for r in members if r not in signed]
             time.sleep(0.05)
-    except Exception:  # noqa: BLE001 - the store itself may be gone with the failed peers
-        return None
-    return [r for r in members if r not in signed]
+
+    return _bounded(roll, GRACE_S + STORE_ANSWER_S)
 
 
 def _reason_key(buffer, rank: int, call: str) -> str:
@@ -59,22 +89,16 @@ def post_reason(buffer, reason: str) -> None:
     own), for its peers' errors to quote. Keyed by the call (`buffer.call`: every rank numbers
     its calls alike), so a later call never quotes it and nothing needs clearing; written only
     on that error path."""
-    store = _store()
-    if store is None:
-        return
     try:
-        store.set(_reason_key(buffer, buffer.rank, buffer.call), reason)
-    except Exception:  # noqa: BLE001 - best effort: the peers' error then names the rank only
+        _bounded(lambda store: store.set(_reason_key(buffer, buffer.rank, buffer.call), reason))
+    except StoreUnreachable:  # best effort: the peers' error then names the rank only
         pass
 
 
 def posted_reason(buffer, rank: int, call: Optional[str] = None) -> Optional[str]:
     """What `rank` posted in `call` (default: the call this rank is in), if anything."""
-    store = _store()
-    if store is None:
-        return None
+    key = _reason_key(buffer, rank, call or buffer.call)
     try:
-        key = _reason_key(buffer, rank, call or buffer.call)
-        return store.get(key).decode() if store.check([key]) else None
-    except Exception:  # noqa: BLE001
+        return _bounded(lambda store: store.get(key).decode() if store.check([key]) else None)
+    except StoreUnreachable:
         return None

@@ -6,7 +6,7 @@ signs the roll call through roll_call.sign_roll, as the shared-memory wire does)
 
 from typing import List
 
-from .roll_call import missing_ranks, posted_reason
+from .roll_call import StoreUnreachable, missing_ranks, posted_reason
 
 
 class CommError(RuntimeError):
@@ -23,8 +23,15 @@ def comm_error(buffer, members: List[int], name: str, seq: int, exc: Exception) 
     """The error of collective `seq` of stage `name` that failed with `exc`: names this rank, the
     stage and, from the roll call, the members (Buffer-group ranks) that never arrived."""
     timeout = f"{buffer.timeout:g}s"
-    missing = missing_ranks(buffer, members, name, seq) if seq >= 0 else None  # -1: nobody signs (CUDA)
-    if missing:
+    unreachable = False
+    try:
+        missing = missing_ranks(buffer, members, name, seq) if seq >= 0 else None  # -1: nobody signs (CUDA)
+    except StoreUnreachable:
+        missing, unreachable = None, True
+    if unreachable:
+        who = (f"a peer did not answer within {timeout}, nor did the store at MASTER_ADDR: this rank may be cut "
+               f"off from the network, or the store's host is down")
+    elif missing:
         ranks = ", ".join(map(str, missing))
         who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
         reasons = [(r, posted_reason(buffer, r)) for r in missing]

@@ -1,7 +1,9 @@
 """One rank of tests/test_cluster.py, run by bench/cluster.py inside an emulated node: a flat
 and a hierarchical dispatch/combine checked against the reference over the shaped links, then
-(fault mode) the last rank dies before the next dispatch and the others must raise CommError
-naming it. Writes what it saw to $OUT/rank<r>.json."""
+(fault "kill") the last rank dies before the next dispatch and the others must raise CommError
+naming it, or (fault "link") every rank dispatches until node 1's link goes down (the test pulls
+it once every rank has written ready<r>) and must raise CommError, then exit on its own. Writes
+what it saw to $OUT/rank<r>.json."""
 
 import json
 import os
@@ -47,6 +49,22 @@ def main(out_dir: str, fault: str) -> None:
         except moe_comm.CommError as exc:
             seen["fault"] = str(exc)
         seen["fault_seconds"] = time.monotonic() - started
+    if fault == "link":
+        open(os.path.join(out_dir, f"ready{rank}"), "w").close()
+        seen["fault"], calls, last = "no error within 120 s", 0, time.monotonic()
+        give_up = last + 120
+        while time.monotonic() < give_up:
+            try:
+                recv_x, recv_w, counts, handle = moe_comm.dispatch(xs[rank], idxs[rank], ws[rank], buf)
+                moe_comm.combine(recv_x, handle, ws[rank])
+                calls, last = calls + 1, time.monotonic()
+            except moe_comm.CommError as exc:
+                seen["fault"] = str(exc)
+                break
+        seen["fault_seconds"], seen["calls"] = time.monotonic() - last, calls
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(seen, f)
+        return  # a normal exit: nothing may hang on the way out
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)
     os._exit(0)  # no teardown collective with a dead peer

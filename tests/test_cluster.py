@@ -2,7 +2,8 @@
 with a shaped inter-node link. Dispatch and combine over it equal the reference, flat (every
 stage over the network) and hierarchical (the intra-node stage on shared memory); a rank killed
 before a dispatch makes every other rank raise CommError naming it within the Buffer's timeout;
-nothing is left behind. Skips, saying why, where namespaces cannot be made (not root, no ip)."""
+a node whose link goes down mid-dispatch makes every rank on both sides raise CommError within
+its timeout and exit on its own; nothing is left behind. Skips, saying why, where namespaces cannot be made (not root, no ip)."""
 
 import json
 import os
@@ -86,6 +87,37 @@ def test_a_rank_killed_before_a_dispatch_ends_every_other_rank_in_comm_error(tmp
         assert match and int(match.group(1)) == s["rank"] and s["fault_seconds"] < 60, s["fault"]
         named[s["rank"]] = {int(r) for r in re.findall(r"rank (\d)", match.group(2))} - {s["rank"]}
     assert all(named.values()) and 3 in named[1] and 3 in named[2], named
+
+
+def test_a_node_cut_off_mid_dispatch_ends_every_rank_in_comm_error(tmp_path):
+    """Node 1's link goes down while every rank is dispatching in a loop. Node 0's ranks name the
+    rank they waited for (one of them a rank of node 1); node 1's ranks cannot reach the store either (it lives on node 0) and say
+    so. Every rank raises within its timeout (20 s) plus the roll call's few seconds, then exits
+    on its own (the launcher ends nobody)."""
+    argv = [sys.executable, os.path.join(ROOT, "tests", "cluster_rank.py"), str(tmp_path), "link"]
+    ready = lambda: all((tmp_path / f"ready{r}").exists() for r in range(4))  # noqa: E731
+    before = _ours()
+    env_before = dict(os.environ)
+    os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    try:
+        with cluster.Cluster(2, rate="200mbit") as made:
+            codes = cluster.launch(made, 2, argv, port=29517, timeout=240, link_down=(1, ready))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    assert codes == [0, 0, 0, 0], codes  # each ended on its own, none was killed
+    assert _ours() == before
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    named = set()
+    for s in seen:
+        match = re.search(r"rank (\d) of 4 failed in stage '([^']+)' \((.*)\)", s["fault"])
+        assert match and int(match.group(1)) == s["rank"], s["fault"]
+        assert s["fault_seconds"] < 20 + 15, s
+        if s["node"] == 0:  # the rank it waited for: across the cut, or its node peer waiting there
+            named |= {int(r) for r in re.findall(r"rank (\d) did not arrive", match.group(3))}
+        else:
+            assert "nor did the store" in match.group(3), s["fault"]
+    assert named & {2, 3}, [s["fault"] for s in seen]
 
 
 def test_cluster_refuses_clearly_without_root_or_tools(monkeypatch):

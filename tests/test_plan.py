@@ -134,3 +134,24 @@ def test_fp8_wire_shrinks_dispatch_rows_only():
         assert b.dispatch_us < a.dispatch_us and b.combine_us == pytest.approx(a.combine_us)
     assert plan.main(["--preset", "deepseek-v3", "--nodes", "2", "--gpus-per-node", "4", "--wire-dtype", "fp8",
                       "--sample-tokens", "256"]) == 0
+
+
+@pytest.mark.parametrize("hidden,elem,topk,wire", [(256, 2, 8, "native"), (7168, 2, 8, "fp8"), (41, 4, 3, "native"),
+                                                    (130, 2, 1, "fp8"), (0, 2, 0, "native")])
+def test_wire_rows_are_the_engines(hidden, elem, topk, wire):
+    from moe_comm._native import C
+    row = plan.wire_row_bytes(hidden, elem, topk, wire)
+    fmt = C.fp8_row_format(hidden, topk, 8) if wire == "fp8" else C.row_format(hidden, elem, topk, 8)
+    assert row.dispatch_wire == fmt[3] and row.dispatch == plan.dispatch_row_bytes(hidden, elem, wire)
+    assert row.combine_wire == C.row_format(hidden, elem, 0, 0)[3]
+
+
+def test_a_nic_per_node_carries_the_whole_nodes_rows():
+    per_gpu = plan.Cluster(nodes=2, gpus_per_node=4, nic_gbytes_per_s=1.0, nic_latency_us=0)
+    per_node = plan.Cluster(nodes=2, gpus_per_node=4, nic_gbytes_per_s=1.0, nic_latency_us=0, nic_per_node=True)
+    a, b = (plan.plan(c, 256, 256, 64, 8, 2, None) for c in (per_gpu, per_node))
+    for x, y in zip(a, b):
+        assert y.nic_wire_bytes == pytest.approx(4 * x.nic_wire_bytes)  # 4 GPUs share the node's NIC
+        assert y.nic_bytes_per_gpu == x.nic_bytes_per_gpu  # the busiest GPU's payload, as before
+        assert y.dispatch_us > 3 * x.dispatch_us
+    assert plan.main(["--preset", "tiny", "--nodes", "2", "--gpus-per-node", "4", "--nic-per", "node"]) == 0
