@@ -1,6 +1,6 @@
 """A multi-node cluster on one Linux machine (issue #17): each node a network namespace, its NIC
 a veth pair into a switch namespace (a bridge), the inter-node links shaped with tc (rate,
-delay, loss); inside a node, ranks talk over the node's own address, which the kernel delivers
+delay, loss: netem, or nftables where the kernel has no netem); inside a node, ranks talk over the node's own address, which the kernel delivers
 locally: the fast intra-node link. Runs a command once per rank with torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and always tears
 everything down: on success, failure, Ctrl-C or SIGTERM. Needs root, `ip` and `tc`.
@@ -55,6 +55,8 @@ class Cluster:
                  loss: Optional[str] = None, tag: Optional[str] = None):
         if nodes < 1 or nodes > 200:
             raise ClusterError(f"--nodes must be in [1, 200], got {nodes}")
+        if loss:
+            parse_loss(loss)  # before anything is made
         self.nodes, self.rate, self.delay, self.loss = nodes, rate, delay, loss
         self.tag = tag or f"{PREFIX}{os.getpid()}"
         self.made: List[str] = []
@@ -110,19 +112,39 @@ class Cluster:
         rate, delay, loss = rate or self.rate, delay or self.delay, loss or self.loss
         for ns, dev in ((self.node_ns(n), "eth0"), (self.switch_ns, f"p{n}")):
             run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
+            run("ip", "netns", "exec", ns, "nft", "delete", "table", "netdev", f"{PREFIX}_loss_{dev}", check=False)
             parent = ["root"]
             if delay or loss:
                 netem = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem"]
                 netem += (["delay", delay] if delay else []) + (["loss", loss] if loss else [])
                 netem += ["limit", "100000"]
-                if run(*netem, check=False).returncode != 0:
-                    raise ClusterError("this kernel has no netem qdisc (module sch_netem): --inter-node-delay and "
-                                       "--loss need it; --inter-node-rate alone uses tbf")
-                parent = ["parent", "1:1"]
+                if run(*netem, check=False).returncode == 0:
+                    parent = ["parent", "1:1"]
+                elif delay:
+                    raise ClusterError("this kernel has no netem qdisc (module sch_netem): --inter-node-delay needs "
+                                       "it; --inter-node-rate alone uses tbf, --loss falls back to nftables")
+                else:
+                    self._drop_at_random(ns, dev, loss)
             if rate:
                 # A token bucket: the burst one timer tick needs at this rate, at least 64 KB.
                 run("tc", "-n", ns, "qdisc", "add", "dev", dev, *parent, "handle", "10:", "tbf", "rate", rate,
                     "burst", "64kb", "latency", "400ms")
+
+    @staticmethod
+    def _drop_at_random(ns: str, dev: str, loss: str) -> None:
+        """Loss without netem: an nftables rule dropping that fraction of the packets arriving
+        on dev (on the node's eth0: what it receives; on its switch port: what it sends)."""
+        if shutil.which("nft") is None:
+            raise ClusterError("--loss needs the kernel's netem qdisc or nftables, and this machine has neither "
+                               "(Debian: apt install nftables)")
+        per_million = round(parse_loss(loss) * 1e4)
+        rules = (f"table netdev {PREFIX}_loss_{dev} {{\n  chain ingress {{\n"
+                 f'    type filter hook ingress device "{dev}" priority 0; policy accept;\n'
+                 f"    numgen random mod 1000000 < {per_million} counter drop\n  }}\n}}\n")
+        proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise ClusterError(f"--loss: nft could not add its rule: {proc.stderr.strip()}")
 
     def link(self, n: int, up: bool) -> None:
         """Node n's NIC up or down (a fault: a cable pulled)."""
@@ -132,6 +154,17 @@ class Cluster:
         for name in reversed(self.made):
             run("ip", "netns", "del", name, check=False)
         self.made.clear()
+
+
+def parse_loss(loss: str) -> float:
+    """'0.1%' or '0.1' -> 0.1 (percent of packets)."""
+    try:
+        value = float(loss.rstrip("%"))
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 100.0:
+        raise ClusterError(f"--loss must be a percentage in [0, 100], e.g. 0.1%, got {loss!r}")
+    return value
 
 
 def cleanup_stale() -> List[str]:
@@ -157,10 +190,11 @@ def rank_env(cluster: Cluster, node: int, local: int, ranks_per_node: int, port:
 
 def launch(cluster: Cluster, ranks_per_node: int, command: List[str], port: int = 29500,
            timeout: Optional[float] = None,
-           link_down: Optional[Tuple[int, Union[float, Callable[[], bool]]]] = None) -> List[int]:
+           link_down: Optional[Tuple[int, Union[float, Callable[[], bool]]]] = None, output=None) -> List[int]:
     """The command once per rank, in its node's namespace; waits for all. A rank that fails
     ends the others (as torchrun does). link_down: (node, when): that node's link goes down
-    `when` seconds after the start, or once `when()` is true (a fault). -> exit codes by rank."""
+    `when` seconds after the start, or once `when()` is true (a fault). output: a file for the
+    ranks' stdout and stderr (default: this process's). -> exit codes by rank."""
     procs = []
     started = time.monotonic()
     try:
@@ -168,7 +202,8 @@ def launch(cluster: Cluster, ranks_per_node: int, command: List[str], port: int 
             for local in range(ranks_per_node):
                 argv = ["ip", "netns", "exec", cluster.node_ns(n), *command]
                 procs.append(subprocess.Popen(argv, env=rank_env(cluster, n, local, ranks_per_node, port),
-                                              start_new_session=True))
+                                              start_new_session=True, stdout=output,
+                                              stderr=None if output is None else subprocess.STDOUT))
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             when = None if link_down is None else link_down[1]
@@ -204,7 +239,7 @@ def parse_args(argv=None):
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--inter-node-rate", help="tc rate of every node's link, e.g. 100mbit (default: unshaped)")
     p.add_argument("--inter-node-delay", help="one-way delay added to every node's link, e.g. 1ms")
-    p.add_argument("--loss", help="packet loss on every node's link, e.g. 0.1%%")
+    p.add_argument("--loss", help="packet loss on every node's link, both ways, e.g. 0.1%% (netem, else nftables)")
     p.add_argument("--port", type=int, default=29500, help="MASTER_PORT")
     p.add_argument("--timeout", type=float, help="seconds before the ranks still running are ended")
     p.add_argument("--link-down", metavar="NODE:SECONDS", help="a fault: that node's link goes down that long "

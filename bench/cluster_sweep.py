@@ -75,13 +75,18 @@ def achieved_rate(cluster: harness.Cluster, seconds: float = 2.0) -> float:
     return float(out.strip())
 
 
+LOG = [None]  # the file the ranks' output goes to (OUT.log)
+
+
 def run_bench(cluster: harness.Cluster, per_node: int, flags: List[str], bench_args: List[str]) -> List[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.json")
-        codes = harness.launch(cluster, per_node, [sys.executable, BENCH, *bench_args, *flags, "--json", path],
-                               timeout=900)
+        command = [sys.executable, BENCH, *bench_args, *flags, "--json", path]
+        print(f"$ {' '.join(command)}", file=LOG[0], flush=True)
+        codes = harness.launch(cluster, per_node, command, timeout=900, output=LOG[0])
         if any(codes):
-            raise harness.ClusterError(f"the benchmark failed (exit codes by rank: {codes})")
+            raise harness.ClusterError(f"the benchmark failed (exit codes by rank: {codes}; its output: "
+                                       f"{LOG[0].name})")
         with open(path) as f:
             return json.load(f)
 
@@ -119,9 +124,10 @@ def predict(nodes, per_node, rate, m) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def sweep_shape(nodes: int, per_node: int, rates: List[str], modes: List[str], bench_args: List[str]) -> List[dict]:
+def sweep_shape(nodes: int, per_node: int, rates: List[str], modes: List[str], bench_args: List[str],
+                loss: str = None) -> List[dict]:
     rows = []
-    with harness.Cluster(nodes) as cluster:
+    with harness.Cluster(nodes, loss=loss) as cluster:
         fixed = {mode: measure(cluster, per_node, mode, bench_args) for mode in modes}  # unshaped links
         for mode, m in fixed.items():
             rows.append(dict(shape=f"{nodes}x{per_node}", rate="unshaped", achieved_Bps=None, mode=mode, **m))
@@ -182,7 +188,7 @@ def plot(rows: List[dict], path: str) -> None:
                     continue
                 rate = [r["achieved_Bps"] * 8 / 1e6 for r in pts]
                 ax.plot(rate, [r[f"{op}_ms"] for r in pts], "-o", color=color, label=f"{mode} measured")
-                ax.plot(rate, [r[f"predicted_{op}_ms"] for r in pts], "--", color=color, label=f"{mode} planner")
+                ax.plot(rate, [r[f"predicted_{op}_ms"] for r in pts], "x--", color=color, label=f"{mode} planner")
             ax.set(xscale="log", yscale="log", xlabel="inter-node link, achieved Mbit/s", ylabel=f"{op} ms (median)",
                    title=f"{shape} (nodes x ranks): {op}")
             ax.grid(True, which="both", alpha=0.3)
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="2x4,4x2", help="NODESxRANKS,... ")
     p.add_argument("--rates", default="50mbit,100mbit,200mbit", help="tc rates of the inter-node links")
     p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
-    p.add_argument("--out", default="cluster_sweep", help="writes OUT.json and OUT.png")
+    p.add_argument("--loss", help="packet loss on every link, e.g. 0.5%% (bench/cluster.py --loss), unshaped runs too")
+    p.add_argument("--out", default="cluster_sweep", help="writes OUT.json, OUT.png and OUT.log (the ranks' output)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="-- then bench_dispatch_combine.py's flags (default: tiny preset in bf16, top-8 of 64 "
                         "experts, 8 iterations)")
@@ -207,12 +214,13 @@ def main(argv=None) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
+    LOG[0] = open(args.out + ".log", "w")
     try:
         harness.preflight()
         rows = []
         for shape in args.shapes.split(","):
             nodes, per_node = (int(v) for v in shape.split("x"))
-            rows += sweep_shape(nodes, per_node, args.rates.split(","), modes, bench_args)
+            rows += sweep_shape(nodes, per_node, args.rates.split(","), modes, bench_args, args.loss)
     except harness.ClusterError as exc:
         print(f"bench/cluster_sweep.py: {exc}", file=sys.stderr)
         return 2

@@ -27,11 +27,13 @@ class StoreUnreachable(RuntimeError):
     """The roll call's store did not answer: this rank may be cut off from the store's host."""
 
 
-def _bounded(op: Callable, seconds: float = STORE_ANSWER_S):
-    """op(store) on a helper thread, given up after `seconds` (StoreUnreachable; the client it
-    is stuck in is dropped). -> op's result, or None without a default store."""
+def _bounded(op: Callable, seconds: Optional[float] = None):
+    """op(store) on a helper thread, given up after `seconds` (default STORE_ANSWER_S) with
+    StoreUnreachable, the client it is stuck in dropped. -> op's result, or None without a
+    default store."""
     if default_store() is None:
         return None
+    seconds = STORE_ANSWER_S if seconds is None else seconds
     done = {}
 
     def run():

@@ -1,7 +1,7 @@
 """What a failed exchange becomes: a CommError naming this rank, the stage it was in and, from
 a roll call in the process group's store, the ranks that never arrived. The exchanges
 themselves are the engine's (csrc/engine; its CPU wire is csrc/bindings/gloo_transport, which
-signs the roll call through roll_call.sign_roll, as the shared-memory wire does).
+signs the roll call in the store as roll_call.py reads it, and so does the shared-memory wire).
 """
 
 from typing import List

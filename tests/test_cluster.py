@@ -1,6 +1,6 @@
 """bench/cluster.py, the emulated cluster (issue #17): 2 nodes x 2 ranks in network namespaces
-with a shaped inter-node link. Dispatch and combine over it equal the reference, flat (every
-stage over the network) and hierarchical (the intra-node stage on shared memory); a rank killed
+with a shaped inter-node link. Dispatch and combine over it equal the reference (also with 2%
+of the packets lost), flat (every stage over the network) and hierarchical (the intra-node stage on shared memory); a rank killed
 before a dispatch makes every other rank raise CommError naming it within the Buffer's timeout;
 a node whose link goes down mid-dispatch makes every rank on both sides raise CommError within
 its timeout and exit on its own; nothing is left behind. Skips, saying why, where namespaces cannot be made (not root, no ip)."""
@@ -41,7 +41,22 @@ def _namespaces_work() -> str:
     return ""
 
 
+def _loss_works() -> str:
+    """'' when bench/cluster.py can make a link lossy here (netem, or nftables), else why not."""
+    if WHY_NOT or shutil.which("nft"):
+        return WHY_NOT
+    probe = f"{cluster.PREFIX}{os.getpid()}probe"
+    subprocess.run(["ip", "netns", "add", probe], capture_output=True)
+    try:
+        netem = subprocess.run(["tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "loss", "1%"],
+                               capture_output=True, text=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return "" if netem.returncode == 0 else "no netem qdisc and no nftables (apt install nftables): no lossy links"
+
+
 WHY_NOT = _namespaces_work()
+WHY_NO_LOSS = _loss_works()
 pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
 
 
@@ -50,10 +65,10 @@ def _ours() -> set:
     return {line.split()[0] for line in out.splitlines() if line.startswith(cluster.PREFIX)}
 
 
-def _run(tmp_path, fault: str):
+def _run(tmp_path, fault: str, link=()):
     before = _ours()
     cmd = [sys.executable, os.path.join(ROOT, "bench", "cluster.py"), "--nodes", "2", "--ranks-per-node", "2",
-           "--inter-node-rate", "200mbit", "--timeout", "240", "--", sys.executable,
+           "--inter-node-rate", "200mbit", *link, "--timeout", "240", "--", sys.executable,
            os.path.join(ROOT, "tests", "cluster_rank.py"), str(tmp_path), fault]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
@@ -64,8 +79,12 @@ def _run(tmp_path, fault: str):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
 
 
-def test_dispatch_over_the_emulated_cluster_equals_the_reference(tmp_path):
-    seen = _run(tmp_path, "none")
+@pytest.mark.parametrize("link", [(), ("--loss", "2%")], ids=["shaped", "lossy"])
+def test_dispatch_over_the_emulated_cluster_equals_the_reference(tmp_path, link):
+    """Bit-identical to the reference on a slow link, and on a lossy one (TCP resends)."""
+    if link and WHY_NO_LOSS:
+        pytest.skip(WHY_NO_LOSS)
+    seen = _run(tmp_path, "none", link)
     assert [s["node"] for s in seen] == [0, 0, 1, 1]
     for s in seen:
         flat, hier = s["hierarchical=False"], s["hierarchical=True"]
@@ -120,6 +139,29 @@ def test_a_node_cut_off_mid_dispatch_ends_every_rank_in_comm_error(tmp_path):
     assert named & {2, 3}, [s["fault"] for s in seen]
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path, signal_name):
+    """Ctrl-C or a kill of the harness mid-run: its ranks and its namespaces are gone after."""
+    import signal
+    import time
+    before = _ours()
+    marker = tmp_path / "started"
+    rank = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(300)  # {tmp_path}"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "cluster.py"), "--nodes", "2",
+                             "--ranks-per-node", "2", "--", sys.executable, "-c", rank],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists() and _ours() - before, "the cluster never came up"
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert _ours() == before
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes left behind: {leftover}"
+
+
 def test_cluster_refuses_clearly_without_root_or_tools(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(cluster.ClusterError, match="run it as root"):
@@ -127,3 +169,5 @@ def test_cluster_refuses_clearly_without_root_or_tools(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     with pytest.raises(cluster.ClusterError, match="needs ip and tc"):
         cluster.preflight()
+    with pytest.raises(cluster.ClusterError, match="--loss must be a percentage"):
+        cluster.Cluster(2, loss="lots")
