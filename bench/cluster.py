@@ -138,6 +138,8 @@ class Cluster:
             raise ClusterError("--loss needs the kernel's netem qdisc or nftables, and this machine has neither "
                                "(Debian: apt install nftables)")
         per_million = round(parse_loss(loss) * 1e4)
+        if per_million == 0 and parse_loss(loss) > 0:
+            raise ClusterError(f"--loss {loss}: below the rule's resolution (0.0001%)")
         rules = (f"table netdev {PREFIX}_loss_{dev} {{\n  chain ingress {{\n"
                  f'    type filter hook ingress device "{dev}" priority 0; policy accept;\n'
                  f"    numgen random mod 1000000 < {per_million} counter drop\n  }}\n}}\n")
@@ -239,7 +241,8 @@ def parse_args(argv=None):
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--inter-node-rate", help="tc rate of every node's link, e.g. 100mbit (default: unshaped)")
     p.add_argument("--inter-node-delay", help="one-way delay added to every node's link, e.g. 1ms")
-    p.add_argument("--loss", help="packet loss on every node's link, both ways, e.g. 0.1%% (netem, else nftables)")
+    p.add_argument("--loss", help="packet loss on every node's link, both ways, e.g. 0.1%% (netem, else nftables); "
+                                  "a packet between two nodes crosses two such links: about twice that")
     p.add_argument("--port", type=int, default=29500, help="MASTER_PORT")
     p.add_argument("--timeout", type=float, help="seconds before the ranks still running are ended")
     p.add_argument("--link-down", metavar="NODE:SECONDS", help="a fault: that node's link goes down that long "

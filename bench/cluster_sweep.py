@@ -40,8 +40,8 @@ RATE_PROBE_PORT = 29990
 # Runs in a node's namespace: receives one TCP stream and prints its bytes per second.
 _RECEIVER = """
 import socket, sys, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); c, _ = s.accept()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.settimeout(30)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); c, _ = s.accept(); c.settimeout(30)
 got, first = 0, None
 while True:
     b = c.recv(1 << 20)
@@ -68,11 +68,15 @@ def achieved_rate(cluster: harness.Cluster, seconds: float = 2.0) -> float:
     addr = cluster.address(0)
     receiver = subprocess.Popen(["ip", "netns", "exec", cluster.node_ns(0), sys.executable, "-c", _RECEIVER, addr,
                                  str(RATE_PROBE_PORT)], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
-    harness.run("ip", "netns", "exec", cluster.node_ns(1), sys.executable, "-c", _SENDER, addr,
-                str(RATE_PROBE_PORT), str(seconds))
-    out, _ = receiver.communicate(timeout=30)
-    return float(out.strip())
+    try:
+        time.sleep(0.3)
+        harness.run("ip", "netns", "exec", cluster.node_ns(1), sys.executable, "-c", _SENDER, addr,
+                    str(RATE_PROBE_PORT), str(seconds))
+        out, _ = receiver.communicate(timeout=30)
+        return float(out.strip())
+    finally:  # a receiver left in accept() would keep node 0's namespace alive after its teardown
+        receiver.kill()
+        receiver.wait()
 
 
 LOG = [None]  # the file the ranks' output goes to (OUT.log)
@@ -105,7 +109,7 @@ def measure(cluster, per_node, mode, bench_args) -> Dict[str, float]:
                 baseline_combine_ms=theirs("combine")["median_us"] / 1e3,
                 inter_bytes=shape["bytes_wire_inter"], intra_bytes=shape["bytes_wire_intra"],
                 tokens=shape["tokens"], hidden=shape["hidden"], experts=shape["experts"], topk=shape["topk"],
-                dtype=shape["dtype"])
+                dtype=shape["dtype"], wire_dtype=shape.get("wire_dtype", "native"))
 
 
 def predict(nodes, per_node, rate, m) -> Dict[str, Dict[str, float]]:
@@ -114,13 +118,13 @@ def predict(nodes, per_node, rate, m) -> Dict[str, Dict[str, float]]:
     busiest node's wire bytes and the link's milliseconds."""
     model = planner.Cluster(nodes, per_node, nvlink_gbytes_per_s=1e9, nic_gbytes_per_s=rate / 1e9,
                             nvlink_latency_us=0.0, nic_latency_us=0.0, nic_per_node=True)
-    out = {}
-    for p in planner.plan(model, m["tokens"], m["hidden"], m["experts"], m["topk"], ELEM_BYTES[m["dtype"]], 1):
-        payload = p.nic_wire_bytes / planner.wire_row_bytes(m["hidden"], ELEM_BYTES[m["dtype"]], m["topk"]).dispatch_wire
+    out, elem, wire = {}, ELEM_BYTES[m["dtype"]], m["wire_dtype"]
+    row = planner.wire_row_bytes(m["hidden"], elem, m["topk"], wire)
+    for p in planner.plan(model, m["tokens"], m["hidden"], m["experts"], m["topk"], elem, 1, wire_dtype=wire):
+        rows_per_node = p.nic_wire_bytes / row.dispatch_wire
         out[p.scenario] = dict(link_dispatch_ms=p.dispatch_us / 1e3, link_combine_ms=p.combine_us / 1e3,
                                node_wire_bytes=p.nic_wire_bytes,
-                               predicted_inter_bytes=payload * planner.dispatch_row_bytes(m["hidden"], ELEM_BYTES[m["dtype"]])
-                               * nodes)
+                               predicted_inter_bytes=rows_per_node * row.dispatch * nodes)
     return out
 
 
@@ -157,7 +161,8 @@ def print_summary(rows: List[dict]) -> None:
     for r in rows:
         if r["rate"] == "unshaped":
             continue
-        flat = next(f for f in rows if f["shape"] == r["shape"] and f["rate"] == r["rate"] and f["mode"] == "flat")
+        flat = next((f for f in rows if f["shape"] == r["shape"] and f["rate"] == r["rate"] and f["mode"] == "flat"),
+                    r)  # without a flat run the column reads 1.00x
         err = lambda a, b: f"{100 * (b / a - 1):+4.0f}%"  # noqa: E731
         print(f"{r['shape']:<6} {r['rate']:<9} {r['mode']:<13} {r['dispatch_ms']:10.1f} {r['predicted_dispatch_ms']:6.1f} "
               f"{err(r['dispatch_ms'], r['predicted_dispatch_ms'])} {r['combine_ms']:10.1f} "
@@ -224,9 +229,9 @@ def main(argv=None) -> int:
     except harness.ClusterError as exc:
         print(f"bench/cluster_sweep.py: {exc}", file=sys.stderr)
         return 2
-    print_summary(rows)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
+    print_summary(rows)
     plot(rows, args.out + ".png")
     print(f"wrote {args.out}.json and {args.out}.png")
     return 0

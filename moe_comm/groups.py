@@ -41,28 +41,32 @@ def default_store():
         return None
 
 
-_ROLL_STORE = [None, None]  # [the default store it was cloned from, the clone]
+_ROLL_STORE = (None, None)  # (the default store it was cloned from, the clone): swapped whole
 
 
 def roll_call_store():
     """A client of the default store on its own connection, for the roll call (roll_call.py),
     so that an operation of it stuck on a dead network wedges that client only, never the
-    default store torch itself uses. The default store where it cannot be cloned; None without
-    one. forget_roll_call_store() drops a wedged one (the next call connects anew)."""
+    default store torch itself and the engine's signing use. None without a default store, or
+    where it cannot be cloned (no roll call then: a stuck operation on torch's own client could
+    hang the engine). forget_roll_call_store() drops a wedged one (the next call connects anew)."""
+    global _ROLL_STORE
     store = default_store()
     if store is None:
         return None
-    if _ROLL_STORE[0] is not store:
+    source, clone = _ROLL_STORE
+    if source is not store:
         try:
             clone = store.clone()
         except Exception:  # noqa: BLE001 - a store type without clone()
-            clone = store
-        _ROLL_STORE[:] = [store, clone]
-    return _ROLL_STORE[1]
+            clone = None
+        _ROLL_STORE = (store, clone)
+    return clone
 
 
 def forget_roll_call_store() -> None:
-    _ROLL_STORE[:] = [None, None]
+    global _ROLL_STORE
+    _ROLL_STORE = (None, None)
 
 
 def connect_gloo_group(buffer_name: str, purpose: str, global_ranks: List[int], timeout_s: float):

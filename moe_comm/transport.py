@@ -6,7 +6,7 @@ signs the roll call in the store as roll_call.py reads it, and so does the share
 
 from typing import List
 
-from .roll_call import StoreUnreachable, missing_ranks, posted_reason
+from .roll_call import StoreUnreachable, missing_ranks, posted_reason, waiting_in
 
 
 class CommError(RuntimeError):
@@ -29,13 +29,16 @@ def comm_error(buffer, members: List[int], name: str, seq: int, exc: Exception) 
     except StoreUnreachable:
         missing, unreachable = None, True
     if unreachable:
-        who = (f"a peer did not answer within {timeout}, nor did the store at MASTER_ADDR: this rank may be cut "
-               f"off from the network, or the store's host is down")
+        who = ("the collective failed, and the process group's store did not answer either: this rank may be cut "
+               "off from the network, or the store's host is down")
     elif missing:
         ranks = ", ".join(map(str, missing))
         who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
         reasons = [(r, posted_reason(buffer, r)) for r in missing]
         who += "".join(f"; rank {r} reported: {why}" for r, why in reasons if why)
+        elsewhere = [(r, waiting_in(buffer, r)) for r in missing if not dict(reasons).get(r)]
+        who += "".join(f"; rank {r} was itself stuck in stage '{stage}'" for r, stage in elsewhere
+                       if stage and stage != name)
     elif missing == []:
         who = "every peer arrived; the collective itself failed"
     else:

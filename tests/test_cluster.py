@@ -100,7 +100,7 @@ def test_dispatch_over_the_emulated_cluster_equals_the_reference(tmp_path, link)
 def test_a_rank_killed_before_a_dispatch_ends_every_other_rank_in_comm_error(tmp_path):
     """Rank 3 dies. Every other rank raises CommError within its timeout (10 s), naming its stage
     and the rank it waited for: its rail peer (rank 1) or its node peer (rank 2) names rank 3;
-    rank 0 names rank 1, which was itself waiting for rank 3."""
+    rank 0 names rank 1, and that rank 1 was itself stuck in another stage (waiting for rank 3)."""
     seen = _run(tmp_path, "kill")
     named = {}
     for s in seen[:3]:
@@ -108,6 +108,8 @@ def test_a_rank_killed_before_a_dispatch_ends_every_other_rank_in_comm_error(tmp
         assert match and int(match.group(1)) == s["rank"] and s["fault_seconds"] < 10 + 15, s["fault"]
         named[s["rank"]] = {int(r) for r in re.findall(r"rank (\d)", match.group(2))} - {s["rank"]}
     assert all(named.values()) and 3 in named[1] and 3 in named[2], named
+    if 1 in named[0]:  # rank 1 failed in its inter-node stage first, and rank 0's error says so
+        assert "rank 1 was itself stuck in stage 'dispatch/inter_node" in seen[0]["fault"], seen[0]["fault"]
 
 
 def _loop_until_a_fault(tmp_path, fault, link_down=None):
@@ -150,8 +152,10 @@ def test_a_node_cut_off_mid_dispatch_ends_every_rank_in_comm_error(tmp_path):
         if s["node"] == 0:  # the rank it waited for: across the cut, or its node peer waiting there
             named |= {int(r) for r in re.findall(r"rank (\d) did not arrive", why)}
         else:
-            assert "nor did the store" in why, s["fault"]
-    assert named & {2, 3}, [s["fault"] for s in seen]
+            assert "store did not answer either" in why, s["fault"]
+    # Node 0 names a rank across the cut, unless node 1's ranks had signed that very collective
+    # (a call slower than a second on a busy machine) before their link went.
+    assert named & {2, 3} or any("every peer arrived" in s["fault"] for s in seen[:2]), [s["fault"] for s in seen]
 
 
 def test_a_rank_dying_mid_dispatch_ends_every_other_rank_in_comm_error(tmp_path):

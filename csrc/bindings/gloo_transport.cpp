@@ -28,10 +28,17 @@ int64_t total(const std::vector<int64_t>& v) {
 void sign_roll(const RollCall& roll_call, const std::string& stage, int64_t seq) {
   if (!roll_call.store) return;
   try {
-    const std::string key = "moe_comm/roll/" + roll_call.buffer_uid + "/" + stage + "/" + std::to_string(seq) + "/" +
-                            std::to_string(roll_call.rank);
+    const std::string rank = std::to_string(roll_call.rank);
+    const std::string key = "moe_comm/roll/" + roll_call.buffer_uid + "/" + stage + "/" + std::to_string(seq) + "/" + rank;
     const std::string value = "arrived";
     roll_call.store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+    // Where this rank is stuck, and since when (Unix ms): a peer that names it as missing from
+    // another stage can say it was itself waiting here (roll_call.waiting_in).
+    const auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::system_clock::now().time_since_epoch()).count();
+    const std::string where = stage + "@" + std::to_string(now_ms);
+    roll_call.store->set("moe_comm/waiting/" + roll_call.buffer_uid + "/" + rank,
+                         std::vector<uint8_t>(where.begin(), where.end()));
   } catch (const std::exception&) {  // best effort: the store may be gone with failed peers
   }
 }
