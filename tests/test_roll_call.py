@@ -28,13 +28,18 @@ class _DeadStore:
         self.forever.wait()
 
 
+def _use(monkeypatch, store):
+    """The roll call talks to `store`, which has not failed yet."""
+    monkeypatch.setattr(roll_call, "default_store", lambda: store)
+    monkeypatch.setattr(roll_call, "roll_call_store", lambda: store)
+    monkeypatch.setattr(roll_call, "_STORE_DEAD_UNTIL", [0.0])
+
+
 @pytest.fixture
 def dead_store(monkeypatch):
     store = _DeadStore()
-    monkeypatch.setattr(roll_call, "default_store", lambda: store)
-    monkeypatch.setattr(roll_call, "roll_call_store", lambda: store)
+    _use(monkeypatch, store)
     monkeypatch.setattr(roll_call, "STORE_ANSWER_S", 0.5)
-    monkeypatch.setattr(roll_call, "_STORE_DEAD_UNTIL", [0.0])
     yield store
     store.forever.set()  # lets the helper threads end
 
@@ -69,9 +74,7 @@ class _BrokenStore(_DeadStore):
 
 def test_a_store_error_without_a_message_is_still_a_comm_error(monkeypatch):
     store = _BrokenStore()
-    monkeypatch.setattr(roll_call, "default_store", lambda: store)
-    monkeypatch.setattr(roll_call, "roll_call_store", lambda: store)
-    monkeypatch.setattr(roll_call, "_STORE_DEAD_UNTIL", [0.0])
+    _use(monkeypatch, store)
     err = transport.comm_error(_buffer(), [0, 1], "combine/intra_node", 1, RuntimeError("x"))
     assert isinstance(err, transport.CommError) and "did not answer either" in str(err)
     assert roll_call.posted_reason(_buffer(), 0) is None
@@ -80,9 +83,7 @@ def test_a_store_error_without_a_message_is_still_a_comm_error(monkeypatch):
 def test_a_healthy_store_still_names_the_missing_rank(monkeypatch):
     import torch.distributed as dist
     store = dist.HashStore()
-    monkeypatch.setattr(roll_call, "_STORE_DEAD_UNTIL", [0.0])
-    monkeypatch.setattr(roll_call, "default_store", lambda: store)
-    monkeypatch.setattr(roll_call, "roll_call_store", lambda: store)
+    _use(monkeypatch, store)
     monkeypatch.setattr(roll_call, "GRACE_S", 0.2)
     buf = _buffer()
     roll_call.sign_roll(types.SimpleNamespace(**{**vars(buf), "rank": 2}), "combine/intra_node", 7)
@@ -92,9 +93,7 @@ def test_a_healthy_store_still_names_the_missing_rank(monkeypatch):
 def test_a_missing_rank_stuck_elsewhere_is_said_to_be(monkeypatch):
     import torch.distributed as dist
     store = dist.HashStore()
-    monkeypatch.setattr(roll_call, "_STORE_DEAD_UNTIL", [0.0])
-    monkeypatch.setattr(roll_call, "default_store", lambda: store)
-    monkeypatch.setattr(roll_call, "roll_call_store", lambda: store)
+    _use(monkeypatch, store)
     monkeypatch.setattr(roll_call, "GRACE_S", 0.2)
     me, peer, stale = _buffer(), types.SimpleNamespace(**{**vars(_buffer()), "rank": 0}), time.time() - 60
     roll_call.sign_roll(peer, "dispatch/inter_node", 2)  # rank 0 is stuck there, since now
@@ -114,9 +113,7 @@ class _SlowStore(_DeadStore):
 
 def test_a_slow_store_is_not_called_dead(monkeypatch):
     store = _SlowStore()
-    monkeypatch.setattr(roll_call, "default_store", lambda: store)
-    monkeypatch.setattr(roll_call, "roll_call_store", lambda: store)
-    monkeypatch.setattr(roll_call, "_STORE_DEAD_UNTIL", [0.0])
+    _use(monkeypatch, store)
     monkeypatch.setattr(roll_call, "GRACE_S", 0.1)
     monkeypatch.setattr(roll_call, "STORE_ANSWER_S", 0.3)
     # Past the roll's deadline with members left to check: the ones the store said had not
