@@ -8,17 +8,12 @@ from torch._dynamo.utils import counters
 
 import moe_comm
 from moe_comm import library
-from moe_comm.nccl_comm import nccl_available
 from moe_comm.nn import MoELayer
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
+from tests.gpu import marks
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-    pytest.mark.skipif(not nccl_available(), reason="built without NCCL"),
-]
+pytestmark = marks.EXCHANGES
 
 
 def _grads(layer, call, x):

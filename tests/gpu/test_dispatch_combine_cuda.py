@@ -8,19 +8,14 @@ import pytest
 import torch
 
 import moe_comm
-from moe_comm.nccl_comm import nccl_available
 from tests.cases import Case, all_inputs, grid
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
 from tests.test_dispatch_combine import check_case
 from tests.test_errors import BAD_COMBINE_INPUTS, _good, combine_one_bad_rank, combine_one_bad_rank_deferred
+from tests.gpu import marks
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-    pytest.mark.skipif(not nccl_available(), reason="built without NCCL"),
-]
+pytestmark = marks.EXCHANGES
 
 
 def _grid_worker(rank, world_size, ranks_per_node, hierarchical, every):

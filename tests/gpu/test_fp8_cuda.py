@@ -7,17 +7,12 @@ import torch
 
 import moe_comm
 from moe_comm import reference
-from moe_comm.nccl_comm import nccl_available
 from tests.cases import Case, all_inputs
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
+from tests.gpu import marks
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-    pytest.mark.skipif(not nccl_available(), reason="built without NCCL"),
-]
+pytestmark = marks.EXCHANGES
 
 FP8 = torch.float8_e4m3fn
 CASES = [

@@ -1,21 +1,15 @@
 """MoELayer trains the same on CUDA (our kernels + NCCL) as on the CPU path: a few steps of
 expert-parallel training on 2 ranks sharing one GPU (own NCCL_HOSTID each)."""
 
-import pytest
 import torch
 
 import moe_comm
-from moe_comm.nccl_comm import nccl_available
 from moe_comm.nn import MoELayer, allreduce_replicated_grads
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
+from tests.gpu import marks
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-    pytest.mark.skipif(not nccl_available(), reason="built without NCCL"),
-]
+pytestmark = marks.EXCHANGES
 
 
 def _train(buf, rank, steps=5):

@@ -6,15 +6,12 @@ import time
 import pytest
 import torch
 
-from moe_comm.nccl_comm import create_nccl_communicator, nccl_available
+from moe_comm.nccl_comm import create_nccl_communicator
 from tests.distributed import run_distributed
 from tests.gpu.one_gpu import become_own_host
+from tests.gpu import marks
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not nccl_available(), reason="built without NCCL"),
-]
+pytestmark = marks.NCCL_ONLY
 
 
 def _exchange_worker(rank, world_size):

@@ -5,13 +5,10 @@ import pytest
 import torch
 
 import moe_comm
+from tests.gpu import marks
 
 C = moe_comm.C
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-]
+pytestmark = marks.KERNELS
 
 
 def _routing(T, K, E, seed):

@@ -6,13 +6,10 @@ import torch
 
 import moe_comm
 from moe_comm import reference
+from tests.gpu import marks
 
 C = moe_comm.C
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-]
+pytestmark = marks.KERNELS
 
 
 @pytest.mark.parametrize("T,E,N,M,NK,K", [(0, 8, 2, 1, 1, 2), (1, 1, 1, 1, 1, 1), (4096, 256, 8, 4, 2, 8),

@@ -10,13 +10,10 @@ from moe_comm._native import C as _C
 
 SLOT_META_BYTES = _C.SLOT_META_BYTES
 from tests.cases import DTYPES
+from tests.gpu import marks
 
 C = moe_comm.C
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not moe_comm.build_info()["cuda"], reason="built without CUDA"),
-]
+pytestmark = marks.KERNELS
 
 
 def _stream():
