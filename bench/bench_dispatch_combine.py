@@ -32,7 +32,7 @@ from timing import sample_seconds  # noqa: E402
 import moe_comm  # noqa: E402
 from moe_comm import reference  # noqa: E402
 from moe_comm.launch import init_distributed  # noqa: E402
-from moe_comm.plan import dispatch_row_bytes as plan_row_bytes, link_rows  # noqa: E402
+from moe_comm.plan import dispatch_row_bytes as plan_row_bytes, link_rows, wire_row_bytes  # noqa: E402
 from moe_comm.validation import expert_capacity  # noqa: E402
 
 C = moe_comm.C
@@ -144,10 +144,6 @@ WORKSPACE_KINDS = 4
 WORKSPACE_HEADROOM = 1.25
 
 
-def align16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
 def estimate_rank_bytes(tokens: int, hidden: int, elem: int, topk: int, world: int, stages: int,
                         on_cuda: bool) -> int:
     """Bytes one rank needs at its peak, for balanced routing (the host total holds for any
@@ -155,7 +151,7 @@ def estimate_rank_bytes(tokens: int, hidden: int, elem: int, topk: int, world: i
     row, f32_row = hidden * elem, hidden * 4
     token_rows = tokens * min(topk, world)  # at most one row per (token, destination rank)
     pairs = tokens * topk                   # expanded rows: one per (token, expert)
-    wire_row = align16(row) + align16(topk * 8)
+    wire_row = wire_row_bytes(hidden, elem, topk).dispatch_wire
     workspaces = WORKSPACE_KINDS * stages * 2 * token_rows * wire_row * WORKSPACE_HEADROOM
     held = 3 * tokens * row + 2 * pairs * row  # x, both combines' y, both dispatches' recv_x
     # The largest transient: the baseline's roundtrip (per-pair copies of x, received and

@@ -137,8 +137,9 @@ class Cluster:
         if shutil.which("nft") is None:
             raise ClusterError("--loss needs the kernel's netem qdisc or nftables, and this machine has neither "
                                "(Debian: apt install nftables)")
-        per_million = round(parse_loss(loss) * 1e4)
-        if per_million == 0 and parse_loss(loss) > 0:
+        percent = parse_loss(loss)
+        per_million = round(percent * 1e4)
+        if per_million == 0 and percent > 0:
             raise ClusterError(f"--loss {loss}: below the rule's resolution (0.0001%)")
         rules = (f"table netdev {PREFIX}_loss_{dev} {{\n  chain ingress {{\n"
                  f'    type filter hook ingress device "{dev}" priority 0; policy accept;\n'

@@ -107,10 +107,22 @@ def missing_ranks(buffer, members: List[int], name: str, seq: int) -> Optional[L
         return [r for r in members if r in checked and r not in signed]
 
 
+def _waiting_key(buffer, rank: int) -> str:
+    return f"moe_comm/waiting/{buffer.uid}/{rank}"  # as gloo_transport.cpp sign_roll writes it
+
+
 def _stuck_in(store, buffer, name: str) -> None:
     """Where this rank is stuck (or failed), and since when, in Unix ms; the C++ transports
     write the same key when they sign."""
-    store.set(f"moe_comm/waiting/{buffer.uid}/{buffer.rank}", f"{name}@{int(time.time() * 1000)}")
+    store.set(_waiting_key(buffer, buffer.rank), f"{name}@{int(time.time() * 1000)}")
+
+
+def _read(key: str) -> Optional[str]:
+    """The store's value of `key`, or None when it has none or did not answer."""
+    try:
+        return _bounded(lambda store: store.get(key).decode() if store.check([key]) else None)
+    except StoreUnreachable:
+        return None
 
 
 def waiting_in(buffer, rank: int) -> Optional[str]:
@@ -118,12 +130,7 @@ def waiting_in(buffer, rank: int) -> Optional[str]:
     said so within this Buffer's timeout and a few seconds: a rank missing from one stage
     because it was waiting for someone in another. (Its age compares two hosts' clocks: a skew
     of seconds can add or hide this hint, never change what the error names.)"""
-    key = f"moe_comm/waiting/{buffer.uid}/{rank}"
-    try:
-        value = _bounded(lambda store: store.get(key).decode() if store.check([key]) else None)
-    except StoreUnreachable:
-        return None
-    stage, _, since_ms = (value or "").rpartition("@")
+    stage, _, since_ms = (_read(_waiting_key(buffer, rank)) or "").rpartition("@")
     try:
         age_s = time.time() - int(since_ms) / 1000
     except ValueError:
@@ -148,8 +155,4 @@ def post_reason(buffer, reason: str) -> None:
 
 def posted_reason(buffer, rank: int, call: Optional[str] = None) -> Optional[str]:
     """What `rank` posted in `call` (default: the call this rank is in), if anything."""
-    key = _reason_key(buffer, rank, call or buffer.call)
-    try:
-        return _bounded(lambda store: store.get(key).decode() if store.check([key]) else None)
-    except StoreUnreachable:
-        return None
+    return _read(_reason_key(buffer, rank, call or buffer.call))

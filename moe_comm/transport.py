@@ -34,9 +34,9 @@ def comm_error(buffer, members: List[int], name: str, seq: int, exc: Exception) 
     elif missing:
         ranks = ", ".join(map(str, missing))
         who = f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive within {timeout}"
-        reasons = [(r, posted_reason(buffer, r)) for r in missing]
-        who += "".join(f"; rank {r} reported: {why}" for r, why in reasons if why)
-        elsewhere = [(r, waiting_in(buffer, r)) for r in missing if not dict(reasons).get(r)]
+        reasons = {r: posted_reason(buffer, r) for r in missing}
+        who += "".join(f"; rank {r} reported: {why}" for r, why in reasons.items() if why)
+        elsewhere = [(r, waiting_in(buffer, r)) for r in missing if not reasons[r]]
         who += "".join(f"; rank {r} was itself stuck in stage '{stage}'" for r, stage in elsewhere
                        if stage and stage != name)
     elif missing == []:
